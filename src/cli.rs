@@ -1,0 +1,237 @@
+//! The command line: `run`, `submit`, `simulate`, `demo`, `check`.
+//!
+//! Parses arguments with clap, loads the layered configuration (a bad value
+//! exits 2 with one line naming the key), sets up logging and dispatches to
+//! the library. It holds no logic of its own beyond turning outcomes into
+//! exit statuses.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    broker,
+    config::Settings,
+    simulator::{EtaMode, Simulator, SimulatorConfig},
+    telemetry, upstream,
+    worker::{self, RunError},
+};
+
+/// Exit status for bad configuration or arguments.
+pub const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vidu-worker",
+    version,
+    about = "Image-to-video requests from RabbitMQ, through Novita's Vidu Q3 Pro, to CloudEvents"
+)]
+struct Cli {
+    /// An extra configuration file (TOML), layered over config/default.toml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the worker until SIGTERM/SIGINT.
+    Run,
+    /// Publish one request; print its request_id (and with --wait its terminal event).
+    Submit(crate::submit::SubmitArgs),
+    /// Run the built-in Novita simulator.
+    Simulate(SimulateArgs),
+    /// Offline end-to-end demo against the local RabbitMQ.
+    Demo(crate::demo::DemoArgs),
+    /// Validate the configuration and reach the broker (and the upstream when a key is set).
+    Check,
+}
+
+#[derive(Args, Debug)]
+struct SimulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    listen: String,
+    /// The only Bearer key accepted (default: any non-empty key).
+    #[arg(long, env = "SIMULATOR_API_KEY")]
+    api_key: Option<String>,
+    /// How long each task takes.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    generation_time: Duration,
+    /// Whether task-result carries an honest `eta`.
+    #[arg(long, default_value = "honest", value_parser = ["honest", "absent"])]
+    eta: String,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match cli.command {
+        Command::Run | Command::Simulate(_) => telemetry::init(settings.log.format),
+        _ => telemetry::init_with_default(settings.log.format, telemetry::QUIET_FILTER),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cli.command, settings))
+}
+
+async fn dispatch(command: Command, settings: Settings) -> ExitCode {
+    match command {
+        Command::Run => run(settings).await,
+        Command::Submit(args) => crate::submit::submit(settings, args).await,
+        Command::Simulate(args) => simulate(args).await,
+        Command::Demo(args) => crate::demo::demo(settings, args).await,
+        Command::Check => check(settings).await,
+    }
+}
+
+/// A token cancelled on SIGTERM or SIGINT.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        trigger.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = ctrl_c.await;
+        }
+        tracing::info!("shutdown requested");
+        trigger.cancel();
+    });
+    token
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    match worker::run(settings, shutdown_on_signals()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(RunError::Config(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "vidu-worker cannot start");
+            eprintln!("vidu-worker: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn simulate(args: SimulateArgs) -> ExitCode {
+    let config = SimulatorConfig {
+        api_key: args.api_key,
+        generation_time: args.generation_time,
+        eta: if args.eta == "absent" {
+            EtaMode::Absent
+        } else {
+            EtaMode::Honest
+        },
+        ..SimulatorConfig::default()
+    };
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("simulate: cannot listen on {}: {e}", args.listen);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(addr = %addr, generation_time = ?config.generation_time, "Novita simulator listening");
+    println!("simulator listening on http://{addr}");
+    match Simulator::new(config)
+        .serve(listener, shutdown_on_signals())
+        .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("simulate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn check(settings: Settings) -> ExitCode {
+    let mut ok = true;
+    println!("ok   configuration");
+    let url = crate::config::redact_url(settings.amqp.url.expose_secret());
+    match broker::connect(&settings, "check").await {
+        Ok(conn) => {
+            println!("ok   broker {url} reachable");
+            let _ = conn.close(200, "check done".into()).await;
+        }
+        Err(e) => {
+            ok = false;
+            println!("FAIL broker {url}: {e}");
+        }
+    }
+    match &settings.upstream.api_key {
+        None => println!("skip upstream: no API key set (NOVITA_API_KEY)"),
+        Some(key) => {
+            let client = upstream::UpstreamClient::new(
+                &settings.upstream,
+                key.clone(),
+                crate::metrics::Metrics::new(),
+            );
+            match client {
+                Err(e) => {
+                    ok = false;
+                    println!("FAIL upstream: {e}");
+                }
+                Ok(client) => match client.task_result(worker::KEY_PROBE_TASK_ID, None).await {
+                    Ok(_) | Err(upstream::UpstreamError::NotFound { .. }) => {
+                        println!(
+                            "ok   upstream {} accepts the API key",
+                            settings.upstream.base_url
+                        );
+                    }
+                    Err(e) => {
+                        ok = false;
+                        println!("FAIL upstream {}: {e}", settings.upstream.base_url);
+                    }
+                },
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,277 @@
+//! The upstream gate: stops work while the operator must fix the API key or
+//! the balance, and reopens by itself when the upstream accepts again.
+//!
+//! A 401/403 or a billing refusal is not the request's fault, so no request
+//! may fail because of it. The gate records the refusal (logging it once),
+//! pauses intake, and lets exactly one caller at a time probe the upstream
+//! after a growing delay; the first success reopens it. It never decides
+//! anything about a particular request.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{metrics::Metrics, retry::RetryPolicy};
+
+/// What the upstream refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The API key (401/403, missing key).
+    Key,
+    /// The balance (400 BILLING_BALANCE_NOT_ENOUGH).
+    Billing,
+}
+
+/// The gate's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateState {
+    /// The upstream accepts our key.
+    Open,
+    /// The upstream refused; probe again at `retry_at`.
+    Closed {
+        /// Key or billing.
+        refusal: Refusal,
+        /// What the upstream said.
+        reason: String,
+        /// When the next probe may run.
+        retry_at: Instant,
+    },
+}
+
+/// What a caller waiting at the gate may do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// The gate is open: go ahead.
+    Go,
+    /// The gate is closed but this caller holds the probe: try once and
+    /// report with [`Gate::open`] or [`Gate::close`].
+    Probe(ProbeClaim),
+    /// The wait reached its deadline.
+    TimedOut,
+    /// Shutdown.
+    Cancelled,
+}
+
+/// Held by the one caller allowed to probe; released on drop.
+#[derive(Debug)]
+pub struct ProbeClaim(Arc<AtomicBool>);
+
+impl PartialEq for ProbeClaim {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for ProbeClaim {}
+
+impl Drop for ProbeClaim {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Shared gate; cheap to clone.
+#[derive(Clone)]
+pub struct Gate {
+    state: Arc<watch::Sender<GateState>>,
+    probing: Arc<AtomicBool>,
+    strikes: Arc<AtomicU32>,
+    policy: RetryPolicy,
+    metrics: Metrics,
+}
+
+impl Gate {
+    /// An open gate whose probe delays follow `policy`.
+    pub fn new(policy: RetryPolicy, metrics: Metrics) -> Self {
+        Self {
+            state: Arc::new(watch::Sender::new(GateState::Open)),
+            probing: Arc::new(AtomicBool::new(false)),
+            strikes: Arc::new(AtomicU32::new(0)),
+            policy,
+            metrics,
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> GateState {
+        self.state.borrow().clone()
+    }
+
+    /// Whether requests may be taken now: open, or closed with a probe due.
+    pub fn accepting(&self) -> bool {
+        match &*self.state.borrow() {
+            GateState::Open => true,
+            GateState::Closed { retry_at, .. } => Instant::now() >= *retry_at,
+        }
+    }
+
+    /// Watches state changes.
+    pub fn subscribe(&self) -> watch::Receiver<GateState> {
+        self.state.subscribe()
+    }
+
+    /// The refusal reason while closed.
+    pub fn refusal(&self) -> Option<String> {
+        match &*self.state.borrow() {
+            GateState::Open => None,
+            GateState::Closed { reason, .. } => Some(reason.clone()),
+        }
+    }
+
+    /// Records a refusal. Logs only when the gate was open.
+    pub fn close(&self, refusal: Refusal, reason: &str) {
+        let strikes = self.strikes.fetch_add(1, Ordering::AcqRel);
+        let delay = self.policy.delay_for_attempt(strikes);
+        let retry_at = Instant::now() + delay;
+        let was_open = matches!(*self.state.borrow(), GateState::Open);
+        self.state.send_replace(GateState::Closed {
+            refusal,
+            reason: reason.to_owned(),
+            retry_at,
+        });
+        self.metrics.set_upstream_refusing_key(true);
+        if was_open {
+            tracing::error!(
+                refusal = ?refusal,
+                reason,
+                "the upstream refuses our {}; pausing intake until it accepts again (requests stay queued)",
+                match refusal {
+                    Refusal::Key => "API key",
+                    Refusal::Billing => "requests for billing (balance)",
+                }
+            );
+        } else {
+            tracing::debug!(reason, next_probe_in = ?delay, "upstream still refusing");
+        }
+    }
+
+    /// Records an accepted call. Logs only when the gate was closed.
+    pub fn open(&self) {
+        if matches!(*self.state.borrow(), GateState::Open) {
+            return;
+        }
+        self.strikes.store(0, Ordering::Release);
+        self.state.send_replace(GateState::Open);
+        self.metrics.set_upstream_refusing_key(false);
+        tracing::info!("the upstream accepts our API key again; resuming intake");
+    }
+
+    /// Claims the probe if the gate is closed and a probe is due.
+    pub fn try_claim_probe(&self) -> Option<ProbeClaim> {
+        let due = match &*self.state.borrow() {
+            GateState::Open => false,
+            GateState::Closed { retry_at, .. } => Instant::now() >= *retry_at,
+        };
+        if due
+            && self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            Some(ProbeClaim(self.probing.clone()))
+        } else {
+            None
+        }
+    }
+
+    /// Waits until the caller may call the upstream, holding the probe if
+    /// the gate is closed, or until `deadline` or `cancel`.
+    pub async fn wait_for_turn(&self, deadline: Instant, cancel: &CancellationToken) -> Turn {
+        let mut rx = self.state.subscribe();
+        loop {
+            let retry_at = match &*rx.borrow_and_update() {
+                GateState::Open => return Turn::Go,
+                GateState::Closed { retry_at, .. } => *retry_at,
+            };
+            if let Some(claim) = self.try_claim_probe() {
+                return Turn::Probe(claim);
+            }
+            if Instant::now() >= deadline {
+                return Turn::TimedOut;
+            }
+            // Someone else may hold the probe: look again shortly after it is due.
+            let wake = retry_at
+                .max(Instant::now() + Duration::from_millis(200))
+                .min(deadline);
+            tokio::select! {
+                () = cancel.cancelled() => return Turn::Cancelled,
+                _ = rx.changed() => {}
+                () = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> Gate {
+        Gate::new(
+            RetryPolicy {
+                initial: Duration::from_millis(100),
+                max: Duration::from_millis(400),
+            },
+            Metrics::new(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_gate_lets_everyone_go() {
+        let g = gate();
+        assert!(g.accepting());
+        let t = g
+            .wait_for_turn(
+                Instant::now() + Duration::from_secs(1),
+                &CancellationToken::new(),
+            )
+            .await;
+        assert_eq!(t, Turn::Go);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_gate_hands_out_one_probe_at_a_time() {
+        let g = gate();
+        g.close(Refusal::Key, "403 INVALID_API_KEY");
+        assert!(!g.accepting());
+        assert_eq!(g.refusal().as_deref(), Some("403 INVALID_API_KEY"));
+        let cancel = CancellationToken::new();
+        let first = g
+            .wait_for_turn(Instant::now() + Duration::from_secs(5), &cancel)
+            .await;
+        assert!(matches!(first, Turn::Probe(_)));
+        // While the probe is held, others wait until their deadline.
+        let second = g
+            .wait_for_turn(Instant::now() + Duration::from_millis(300), &cancel)
+            .await;
+        assert_eq!(second, Turn::TimedOut);
+        drop(first);
+        g.open();
+        assert_eq!(g.wait_for_turn(Instant::now(), &cancel).await, Turn::Go);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_ends_on_cancel() {
+        let g = gate();
+        g.close(Refusal::Billing, "no balance");
+        let _claim = g
+            .wait_for_turn(
+                Instant::now() + Duration::from_secs(5),
+                &CancellationToken::new(),
+            )
+            .await;
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        assert_eq!(
+            g.wait_for_turn(Instant::now() + Duration::from_secs(5), &cancel)
+                .await,
+            Turn::Cancelled
+        );
+    }
+}

@@ -1,0 +1,23 @@
+//! vidu-worker: turns image-to-video requests on a RabbitMQ queue into
+//! Novita Vidu Q3 Pro tasks, tracks them durably in the broker, and publishes
+//! CloudEvents with the video URL.
+#![deny(unsafe_code)]
+#![warn(unreachable_pub, clippy::unwrap_used, missing_docs)]
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod events;
+pub mod gate;
+pub mod intake;
+pub mod metrics;
+pub mod ops;
+pub mod request;
+pub mod retry;
+pub mod simulator;
+pub mod submit;
+pub mod telemetry;
+pub mod tracking;
+pub mod upstream;
+pub mod worker;

@@ -1,0 +1,266 @@
+//! Metrics: the Prometheus counters, gauges and histograms of one worker.
+//!
+//! Every component gets a clone of [`Metrics`] and records what it did; the
+//! operations endpoint renders them in the Prometheus text format with the
+//! `vidu_worker_` prefix. Label values are fixed, low-cardinality strings
+//! (never request ids, task ids, URLs or anything from a message body), and
+//! nothing secret is ever a label.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Labels of `requests_received_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `submitted`, `invalid`, `upstream_rejected`, `handed_back`, `poison`.
+    pub outcome: &'static str,
+}
+
+/// Labels of `upstream_calls_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// `create` or `task_result`.
+    pub endpoint: &'static str,
+    /// HTTP status code, or `timeout`, `connect`, `garbage`, `io`.
+    pub status: &'static str,
+}
+
+/// Labels of `events_published_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabels {
+    /// The CloudEvents type.
+    pub r#type: &'static str,
+}
+
+/// Labels of `polls_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PollLabels {
+    /// `queued`, `processing`, `succeeded`, `failed`, `error`.
+    pub result: &'static str,
+}
+
+/// The worker's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    requests: Family<OutcomeLabels, Counter>,
+    upstream_calls: Family<CallLabels, Counter>,
+    events: Family<TypeLabels, Counter>,
+    polls: Family<PollLabels, Counter>,
+    tasks_tracked: Gauge,
+    in_flight_requests: Gauge,
+    in_flight_tickets: Gauge,
+    ticket_hops: Counter,
+    latency: Histogram,
+    broker_connected: Gauge,
+    upstream_refusing_key: Gauge,
+    untracked_tasks: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vidu_worker");
+        let requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "requests_received",
+            "Request messages handled, by outcome",
+            requests.clone(),
+        );
+        let upstream_calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "upstream_calls",
+            "Calls to the Novita API, by endpoint and HTTP status (or failure kind)",
+            upstream_calls.clone(),
+        );
+        let events = Family::<TypeLabels, Counter>::default();
+        registry.register(
+            "events_published",
+            "Events confirmed by the broker, by type",
+            events.clone(),
+        );
+        let polls = Family::<PollLabels, Counter>::default();
+        registry.register(
+            "polls",
+            "Task-result polls, by what they found",
+            polls.clone(),
+        );
+        let tasks_tracked = Gauge::default();
+        registry.register(
+            "tasks_tracked",
+            "Upstream tasks being tracked by this deployment (tracking tickets in the broker, sampled)",
+            tasks_tracked.clone(),
+        );
+        let in_flight_requests = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Request messages this worker holds right now",
+            in_flight_requests.clone(),
+        );
+        let in_flight_tickets = Gauge::default();
+        registry.register(
+            "in_flight_tickets",
+            "Tracking tickets this worker holds right now",
+            in_flight_tickets.clone(),
+        );
+        let ticket_hops = Counter::default();
+        registry.register(
+            "ticket_hops",
+            "Tracking tickets parked in a wait queue",
+            ticket_hops.clone(),
+        );
+        let latency = Histogram::new([
+            1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0,
+            21600.0, 86400.0,
+        ]);
+        registry.register(
+            "request_to_terminal_seconds",
+            "Seconds from a request's arrival to its terminal event",
+            latency.clone(),
+        );
+        let broker_connected = Gauge::default();
+        registry.register(
+            "broker_connected",
+            "1 while connected to the broker and consuming",
+            broker_connected.clone(),
+        );
+        let upstream_refusing_key = Gauge::default();
+        registry.register(
+            "upstream_refusing_key",
+            "1 while the upstream refuses the API key or the balance",
+            upstream_refusing_key.clone(),
+        );
+        let untracked_tasks = Counter::default();
+        registry.register(
+            "untracked_tasks",
+            "Upstream tasks created whose tracking ticket could not be recorded",
+            untracked_tasks.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                requests,
+                upstream_calls,
+                events,
+                polls,
+                tasks_tracked,
+                in_flight_requests,
+                in_flight_tickets,
+                ticket_hops,
+                latency,
+                broker_connected,
+                upstream_refusing_key,
+                untracked_tasks,
+            }),
+        }
+    }
+
+    /// Renders the Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
+        out
+    }
+
+    /// Counts a request by outcome.
+    pub fn request(&self, outcome: &'static str) {
+        self.inner
+            .requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    /// Counts an upstream call.
+    pub fn upstream_call(&self, endpoint: &'static str, status: &'static str) {
+        self.inner
+            .upstream_calls
+            .get_or_create(&CallLabels { endpoint, status })
+            .inc();
+    }
+
+    /// Counts a confirmed event.
+    pub fn event(&self, r#type: &'static str) {
+        self.inner
+            .events
+            .get_or_create(&TypeLabels { r#type })
+            .inc();
+    }
+
+    /// Counts a poll result.
+    pub fn poll(&self, result: &'static str) {
+        self.inner.polls.get_or_create(&PollLabels { result }).inc();
+    }
+
+    /// Sets the sampled number of tracked tasks.
+    pub fn set_tasks_tracked(&self, n: i64) {
+        self.inner.tasks_tracked.set(n);
+    }
+
+    /// The in-flight request gauge.
+    pub fn in_flight_requests(&self) -> &Gauge {
+        &self.inner.in_flight_requests
+    }
+
+    /// The in-flight ticket gauge.
+    pub fn in_flight_tickets(&self) -> &Gauge {
+        &self.inner.in_flight_tickets
+    }
+
+    /// Counts a ticket parked in a wait queue.
+    pub fn ticket_hop(&self) {
+        self.inner.ticket_hops.inc();
+    }
+
+    /// Records request-to-terminal latency.
+    pub fn observe_latency(&self, seconds: f64) {
+        self.inner.latency.observe(seconds);
+    }
+
+    /// Sets the broker gauge.
+    pub fn set_broker_connected(&self, up: bool) {
+        self.inner.broker_connected.set(i64::from(up));
+    }
+
+    /// Sets the key gauge.
+    pub fn set_upstream_refusing_key(&self, refusing: bool) {
+        self.inner.upstream_refusing_key.set(i64::from(refusing));
+    }
+
+    /// Counts a task created upstream whose ticket was lost.
+    pub fn untracked_task(&self) {
+        self.inner.untracked_tasks.inc();
+    }
+}
+
+/// Increments a gauge for the lifetime of the guard.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` until the guard drops.
+    pub fn new(gauge: &Gauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

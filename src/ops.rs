@@ -1,0 +1,151 @@
+//! Operations endpoint: `/healthz`, `/readyz` and `/metrics`.
+//!
+//! [`Health`] is the one place that knows whether this worker is ready: the
+//! session reports the broker and its consumers, the upstream gate reports a
+//! refused key. The HTTP server only renders that state; it never changes
+//! it, and it never exposes anything secret.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use tokio_util::sync::CancellationToken;
+
+use crate::{gate::Gate, metrics::Metrics};
+
+#[derive(Debug, Clone)]
+struct HealthState {
+    broker: Result<(), String>,
+    consuming: bool,
+    stopping: bool,
+}
+
+/// Readiness as the session and the gate report it. Cheap to clone.
+#[derive(Clone)]
+pub struct Health {
+    state: Arc<Mutex<HealthState>>,
+    gate: Gate,
+}
+
+impl Health {
+    /// Not ready until the first session reports in.
+    pub fn new(gate: Gate) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(HealthState {
+                broker: Err("not connected to the broker yet".into()),
+                consuming: false,
+                stopping: false,
+            })),
+            gate,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut HealthState)) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        f(&mut state);
+    }
+
+    /// The broker connection is up.
+    pub fn broker_up(&self) {
+        self.update(|s| s.broker = Ok(()));
+    }
+
+    /// The broker connection is down, and why.
+    pub fn broker_down(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.update(|s| {
+            s.broker = Err(reason);
+            s.consuming = false;
+        });
+    }
+
+    /// Whether the consumers are running.
+    pub fn set_consuming(&self, consuming: bool) {
+        self.update(|s| s.consuming = consuming);
+    }
+
+    /// Shutdown has begun.
+    pub fn stopping(&self) {
+        self.update(|s| s.stopping = true);
+    }
+
+    /// `Ok` when ready; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let state = self
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if state.stopping {
+            return Err("shutting down".into());
+        }
+        state.broker.map_err(|e| format!("broker: {e}"))?;
+        if let Some(reason) = self.gate.refusal() {
+            return Err(format!("upstream refuses the API key or account: {reason}"));
+        }
+        if !state.consuming {
+            return Err("not consuming the request queue".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+struct Ops {
+    health: Health,
+    metrics: Metrics,
+}
+
+/// The operations router.
+pub fn router(health: Health, metrics: Metrics) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(Ops { health, metrics })
+}
+
+async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
+    match ops.health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}
+
+async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ops.metrics.render(),
+    )
+}
+
+/// Binds the listen address; the error names the key.
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("http.listen: cannot listen on {addr}: {e}"))
+}
+
+/// Serves until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Health,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    let app = router(health, metrics);
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+    {
+        tracing::error!(error = %e, "the operations endpoint stopped");
+    }
+}

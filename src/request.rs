@@ -1,0 +1,570 @@
+//! Request messages: parse and validate what producers publish.
+//!
+//! A delivery's body and AMQP properties go in; a [`GenerationRequest`] that
+//! is valid by construction comes out, or an [`InvalidRequest`] that names
+//! the offending field. Every limit of the Vidu Q3 Pro request body is
+//! checked here, so nothing downstream re-checks and nothing invalid is ever
+//! sent upstream. Bodies are hostile: this module never panics on input,
+//! never reads a body over [`MAX_BODY_BYTES`], and never echoes more than a
+//! short excerpt of bad values back in an error.
+
+use std::{borrow::Cow, collections::HashMap, fmt};
+
+use serde::Serialize;
+use serde_json::{value::RawValue, Map, Value};
+
+/// The only model served today, and the default.
+pub const MODEL: &str = "vidu-q3-pro-i2v";
+/// Largest body read; larger ones are rejected unread.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest `metadata` object, serialized.
+pub const MAX_METADATA_BYTES: usize = 16 * 1024;
+/// Longest `request_id`.
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+/// Longest `input.prompt`, in characters.
+pub const MAX_PROMPT_CHARS: usize = 1500;
+/// Longest URL accepted in `input`.
+pub const MAX_URL_CHARS: usize = 2048;
+
+const IMAGE_EXTENSIONS: [&str; 4] = [".jpg", ".jpeg", ".png", ".webp"];
+const RESOLUTIONS: [&str; 3] = ["540p", "720p", "1080p"];
+const ASPECT_RATIOS: [&str; 5] = ["16:9", "9:16", "4:3", "3:4", "1:1"];
+const STYLES: [&str; 2] = ["general", "anime"];
+const WM_POSITIONS: [&str; 4] = ["top-left", "top-right", "bottom-left", "bottom-right"];
+const TOP_LEVEL_FIELDS: [&str; 4] = ["request_id", "model", "input", "metadata"];
+
+/// A request id: 1–128 characters of `[A-Za-z0-9._:-]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(String);
+
+impl RequestId {
+    /// Checks the id rules.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        if raw.is_empty() || raw.chars().count() > MAX_REQUEST_ID_CHARS {
+            return Err("must be 1 to 128 characters");
+        }
+        if !raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        {
+            return Err("may only contain A-Z a-z 0-9 . _ : -");
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// A fresh random id, for requests that name none.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::new_v4().to_string())
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The AMQP properties of a delivery that matter for parsing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MessageProps<'a> {
+    /// `message_id`, the fallback request id.
+    pub message_id: Option<&'a str>,
+    /// `content_type`; only JSON or none is accepted.
+    pub content_type: Option<&'a str>,
+    /// `content_encoding`; only none or identity is accepted.
+    pub content_encoding: Option<&'a str>,
+}
+
+/// The validated Vidu Q3 Pro request body, serialized as the upstream wants it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ViduInput {
+    /// Exactly one image URL.
+    pub images: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Motion description.
+    pub prompt: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Seconds of video, 1..=16.
+    pub duration: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Random seed, 0..=2147483647.
+    pub seed: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `540p`, `720p` or `1080p`.
+    pub resolution: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Output aspect ratio.
+    pub aspect_ratio: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `general` or `anime`.
+    pub style: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Background music URL.
+    pub audio: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Audio scene matching.
+    pub is_rec: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Off-peak (cheaper, within 48 h) processing.
+    pub off_peak: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Add a watermark.
+    pub watermark: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Watermark image URL.
+    pub wm_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Watermark corner.
+    pub wm_position: Option<String>,
+}
+
+/// A request that passed every check.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// The id events carry as `subject`.
+    pub request_id: RequestId,
+    /// The model; always [`MODEL`] today.
+    pub model: &'static str,
+    /// The upstream request body.
+    pub input: ViduInput,
+    /// The producer's metadata, byte for byte.
+    pub metadata: Option<Box<RawValue>>,
+}
+
+impl GenerationRequest {
+    /// Whether the upstream may take up to 48 h.
+    pub fn off_peak(&self) -> bool {
+        self.input.off_peak.unwrap_or(false)
+    }
+}
+
+/// Why a request was refused, naming the field.
+#[derive(Debug, Clone)]
+pub struct InvalidRequest {
+    /// The best request id that could be found (body, then `message_id`,
+    /// then a generated one), for the `failed` event's subject.
+    pub request_id: RequestId,
+    /// The field at fault (`input.duration`, `body`, `metadata`, ...).
+    pub field: Cow<'static, str>,
+    /// What is wrong with it.
+    pub message: String,
+    /// The producer's metadata when it was readable and valid.
+    pub metadata: Option<Box<RawValue>>,
+}
+
+impl fmt::Display for InvalidRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Parses and validates one delivery.
+pub fn parse(
+    body: &[u8],
+    props: MessageProps<'_>,
+) -> Result<GenerationRequest, Box<InvalidRequest>> {
+    let mut ctx = Ctx {
+        props,
+        request_id: None,
+        metadata: None,
+    };
+    match ctx.parse(body) {
+        Ok(req) => Ok(req),
+        Err((field, message)) => Err(Box::new(InvalidRequest {
+            request_id: ctx.best_request_id(),
+            field,
+            message,
+            metadata: ctx.metadata.take(),
+        })),
+    }
+}
+
+type Problem = (Cow<'static, str>, String);
+
+fn problem(field: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Problem {
+    (field.into(), message.into())
+}
+
+struct Ctx<'p> {
+    props: MessageProps<'p>,
+    request_id: Option<RequestId>,
+    metadata: Option<Box<RawValue>>,
+}
+
+impl Ctx<'_> {
+    fn best_request_id(&self) -> RequestId {
+        self.request_id
+            .clone()
+            .or_else(|| self.props.message_id.and_then(|m| RequestId::parse(m).ok()))
+            .unwrap_or_else(RequestId::generate)
+    }
+
+    fn parse(&mut self, body: &[u8]) -> Result<GenerationRequest, Problem> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(problem(
+                "body",
+                format!(
+                    "{} bytes is larger than the limit of {MAX_BODY_BYTES} bytes",
+                    body.len()
+                ),
+            ));
+        }
+        check_content_type(self.props)?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(problem("body", "is empty; expected a JSON object"));
+        }
+        let fields: HashMap<Cow<'_, str>, &RawValue> =
+            serde_json::from_slice(body).map_err(|e| problem("body", json_problem(body, &e)))?;
+
+        // Pick up the id and metadata first, so that any later failure can
+        // still be reported under the producer's id with its metadata.
+        let request_id = match fields.get("request_id") {
+            Some(raw) if raw.get() != "null" => match serde_json::from_str::<&str>(raw.get())
+                .ok()
+                .map(Cow::Borrowed)
+                .or_else(|| {
+                    serde_json::from_str::<String>(raw.get())
+                        .ok()
+                        .map(Cow::Owned)
+                }) {
+                Some(s) => {
+                    Some(RequestId::parse(&s).map_err(|m| problem("request_id", m.to_owned()))?)
+                }
+                None => return Err(problem("request_id", "must be a string")),
+            },
+            _ => None,
+        };
+        let request_id = match request_id {
+            Some(id) => id,
+            None => match self.props.message_id {
+                Some(mid) => RequestId::parse(mid)
+                    .map_err(|m| problem("message_id", format!("(used as request_id) {m}")))?,
+                None => RequestId::generate(),
+            },
+        };
+        self.request_id = Some(request_id.clone());
+
+        if let Some(raw) = fields.get("metadata").filter(|r| r.get() != "null") {
+            if !raw.get().starts_with('{') {
+                return Err(problem("metadata", "must be a JSON object"));
+            }
+            if raw.get().len() > MAX_METADATA_BYTES {
+                return Err(problem(
+                    "metadata",
+                    format!(
+                        "is {} bytes serialized, more than the limit of {MAX_METADATA_BYTES}",
+                        raw.get().len()
+                    ),
+                ));
+            }
+            self.metadata = Some((*raw).to_owned());
+        }
+
+        let mut unknown: Vec<&str> = fields
+            .keys()
+            .map(|k| k.as_ref())
+            .filter(|k| !TOP_LEVEL_FIELDS.contains(k))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort_unstable();
+            let name = excerpt(unknown[0]);
+            return Err(problem(
+                name.clone(),
+                format!(
+                    "unknown field {name:?}; allowed fields are request_id, model, input, metadata"
+                ),
+            ));
+        }
+
+        let model = match fields.get("model").filter(|r| r.get() != "null") {
+            None => MODEL,
+            Some(raw) => match serde_json::from_str::<String>(raw.get()) {
+                Ok(m) if m == MODEL => MODEL,
+                Ok(m) => {
+                    return Err(problem(
+                        "model",
+                        format!("unknown model {:?}; the only model is {MODEL}", excerpt(&m)),
+                    ))
+                }
+                Err(_) => return Err(problem("model", "must be a string")),
+            },
+        };
+
+        let input = match fields.get("input").filter(|r| r.get() != "null") {
+            None => return Err(problem("input", "is required")),
+            Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
+                Ok(Value::Object(map)) => parse_input(map)?,
+                Ok(_) => return Err(problem("input", "must be a JSON object")),
+                Err(e) => return Err(problem("input", e.to_string())),
+            },
+        };
+
+        Ok(GenerationRequest {
+            request_id,
+            model,
+            input,
+            metadata: self.metadata.take(),
+        })
+    }
+}
+
+fn check_content_type(props: MessageProps<'_>) -> Result<(), Problem> {
+    if let Some(ct) = props.content_type {
+        let media = ct.split(';').next().unwrap_or("").trim();
+        if !media.eq_ignore_ascii_case("application/json") {
+            return Err(problem(
+                "content_type",
+                format!(
+                    "{:?} is not supported; publish JSON with content type application/json or none",
+                    excerpt(ct)
+                ),
+            ));
+        }
+    }
+    if let Some(enc) = props.content_encoding {
+        if !(enc.is_empty()
+            || enc.eq_ignore_ascii_case("identity")
+            || enc.eq_ignore_ascii_case("utf-8"))
+        {
+            return Err(problem(
+                "content_encoding",
+                format!(
+                    "{:?} is not supported; send the body unencoded",
+                    excerpt(enc)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn json_problem(body: &[u8], err: &serde_json::Error) -> String {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    match (err.classify(), first) {
+        (serde_json::error::Category::Data, Some(b'[')) => {
+            "must be a JSON object, found an array".into()
+        }
+        (serde_json::error::Category::Data, _) => "must be a JSON object".into(),
+        (serde_json::error::Category::Syntax | serde_json::error::Category::Eof, _)
+            if std::str::from_utf8(body).is_err() =>
+        {
+            format!("is not valid UTF-8 JSON ({err})")
+        }
+        _ => format!("is not valid JSON ({err})"),
+    }
+}
+
+/// Shortens untrusted text for error messages.
+fn excerpt(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        s.to_owned()
+    } else {
+        let mut out: String = s.chars().take(MAX).collect();
+        out.push('…');
+        out
+    }
+}
+
+fn parse_input(mut map: Map<String, Value>) -> Result<ViduInput, Problem> {
+    // Null means "not given" for every optional field.
+    map.retain(|_, v| !v.is_null());
+    let mut input = ViduInput {
+        images: Vec::new(),
+        prompt: None,
+        duration: None,
+        seed: None,
+        resolution: None,
+        aspect_ratio: None,
+        style: None,
+        audio: None,
+        is_rec: None,
+        off_peak: None,
+        watermark: None,
+        wm_url: None,
+        wm_position: None,
+    };
+    let mut keys: Vec<String> = map.keys().cloned().collect();
+    keys.sort_unstable();
+    for key in keys {
+        let Some(value) = map.remove(&key) else {
+            continue;
+        };
+        match key.as_str() {
+            "images" => input.images = parse_images(value)?,
+            "prompt" => {
+                let prompt = string(value, "input.prompt")?;
+                let chars = prompt.chars().count();
+                if chars > MAX_PROMPT_CHARS {
+                    return Err(problem(
+                        "input.prompt",
+                        format!("is {chars} characters, more than the limit of {MAX_PROMPT_CHARS}"),
+                    ));
+                }
+                input.prompt = Some(prompt);
+            }
+            "duration" => {
+                input.duration = Some(integer(&value, "input.duration", 1, 16)? as u8);
+            }
+            "seed" => {
+                input.seed = Some(integer(&value, "input.seed", 0, 2_147_483_647)? as u32);
+            }
+            "resolution" => {
+                input.resolution = Some(one_of(value, "input.resolution", &RESOLUTIONS)?)
+            }
+            "aspect_ratio" => {
+                input.aspect_ratio = Some(one_of(value, "input.aspect_ratio", &ASPECT_RATIOS)?)
+            }
+            "style" => input.style = Some(one_of(value, "input.style", &STYLES)?),
+            "wm_position" => {
+                input.wm_position = Some(one_of(value, "input.wm_position", &WM_POSITIONS)?)
+            }
+            "audio" => input.audio = Some(http_url(value, "input.audio")?),
+            "wm_url" => input.wm_url = Some(http_url(value, "input.wm_url")?),
+            "is_rec" => input.is_rec = Some(boolean(&value, "input.is_rec")?),
+            "off_peak" => input.off_peak = Some(boolean(&value, "input.off_peak")?),
+            "watermark" => input.watermark = Some(boolean(&value, "input.watermark")?),
+            other => {
+                let name = excerpt(other);
+                return Err(problem(
+                    format!("input.{name}"),
+                    format!("unknown field {name:?} for {MODEL}"),
+                ));
+            }
+        }
+    }
+    if input.images.is_empty() {
+        return Err(problem(
+            "input.images",
+            "is required: exactly one image URL",
+        ));
+    }
+    Ok(input)
+}
+
+fn parse_images(value: Value) -> Result<Vec<String>, Problem> {
+    let Value::Array(items) = value else {
+        return Err(problem(
+            "input.images",
+            format!(
+                "must be an array with exactly one image URL, found {}",
+                kind(&value)
+            ),
+        ));
+    };
+    if items.len() != 1 {
+        return Err(problem(
+            "input.images",
+            format!("must hold exactly one image URL, found {}", items.len()),
+        ));
+    }
+    let mut items = items;
+    let url = http_url(items.remove(0), "input.images[0]")?;
+    let path = url::Url::parse(&url)
+        .map(|u| u.path().to_ascii_lowercase())
+        .unwrap_or_default();
+    if !IMAGE_EXTENSIONS.iter().any(|ext| path.ends_with(ext)) {
+        return Err(problem(
+            "input.images[0]",
+            "must point to a .jpg, .jpeg, .png or .webp file",
+        ));
+    }
+    Ok(vec![url])
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn string(value: Value, field: &'static str) -> Result<String, Problem> {
+    match value {
+        Value::String(s) => Ok(s),
+        other => Err(problem(
+            field,
+            format!("must be a string, found {}", kind(&other)),
+        )),
+    }
+}
+
+fn boolean(value: &Value, field: &'static str) -> Result<bool, Problem> {
+    value.as_bool().ok_or_else(|| {
+        problem(
+            field,
+            format!("must be true or false, found {}", kind(value)),
+        )
+    })
+}
+
+fn integer(value: &Value, field: &'static str, min: u64, max: u64) -> Result<u64, Problem> {
+    let range = || format!("must be an integer from {min} to {max}");
+    let Value::Number(n) = value else {
+        return Err(problem(
+            field,
+            format!("{}, found {}", range(), kind(value)),
+        ));
+    };
+    match n.as_u64() {
+        Some(v) if (min..=max).contains(&v) => Ok(v),
+        _ => Err(problem(
+            field,
+            format!("{}, found {}", range(), excerpt(&n.to_string())),
+        )),
+    }
+}
+
+fn one_of(value: Value, field: &'static str, allowed: &[&str]) -> Result<String, Problem> {
+    let s = string(value, field)?;
+    if allowed.contains(&s.as_str()) {
+        Ok(s)
+    } else {
+        Err(problem(
+            field,
+            format!("{:?} is not one of {}", excerpt(&s), allowed.join(", ")),
+        ))
+    }
+}
+
+fn http_url(value: Value, field: &'static str) -> Result<String, Problem> {
+    let s = string(value, field)?;
+    if s.chars().count() > MAX_URL_CHARS {
+        return Err(problem(
+            field,
+            format!("is longer than {MAX_URL_CHARS} characters"),
+        ));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(problem(field, "must be a URL without spaces"));
+    }
+    match url::Url::parse(&s) {
+        Ok(u)
+            if matches!(u.scheme(), "http" | "https")
+                && u.host_str().is_some_and(|h| !h.is_empty()) =>
+        {
+            Ok(s)
+        }
+        Ok(u) if !matches!(u.scheme(), "http" | "https") => Err(problem(
+            field,
+            format!(
+                "must be an http(s) URL, found scheme {:?}",
+                excerpt(u.scheme())
+            ),
+        )),
+        _ => Err(problem(
+            field,
+            format!("{:?} is not a valid http(s) URL", excerpt(&s)),
+        )),
+    }
+}

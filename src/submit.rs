@@ -1,0 +1,296 @@
+//! `vidu-worker submit`: publish one request, optionally wait for its end.
+//!
+//! Builds the request from flags and/or a JSON file, validates it with the
+//! same parser the worker uses, declares the topology (so a request can be
+//! queued before any worker runs), publishes it persistent and confirmed,
+//! and prints its `request_id`. With `--wait` it follows the request's
+//! events: live progress on a terminal, plain lines otherwise, then the
+//! terminal event as JSON on stdout. It never talks to the upstream.
+
+use std::{
+    io::{IsTerminal, Write},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::Args;
+use futures_util::StreamExt;
+use lapin::{
+    options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+    BasicProperties,
+};
+use serde_json::{json, Map, Value};
+
+use crate::{
+    broker::{self, Publisher, Topology},
+    cli::EXIT_CONFIG,
+    config::Settings,
+    events,
+    request::{self, MessageProps},
+};
+
+/// Exit status when `--wait` gives up.
+pub const EXIT_TIMEOUT: u8 = 3;
+
+/// Arguments of `submit`.
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// Image URL (http/https, .jpg/.jpeg/.png/.webp).
+    #[arg(long)]
+    image: Option<String>,
+    /// Motion description.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Seconds of video, 1 to 16.
+    #[arg(long)]
+    duration: Option<u8>,
+    /// 540p, 720p or 1080p.
+    #[arg(long)]
+    resolution: Option<String>,
+    /// 16:9, 9:16, 4:3, 3:4 or 1:1.
+    #[arg(long = "aspect-ratio")]
+    aspect_ratio: Option<String>,
+    /// A whole request body (JSON); the flags above override its input fields.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Wait for the terminal event and print it; exit 0 on succeeded, 1 on failed.
+    #[arg(long)]
+    wait: bool,
+    /// How long --wait waits (exit 3 when it runs out).
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+fn build_body(args: &SubmitArgs) -> Result<Map<String, Value>, String> {
+    let mut body = match &args.json {
+        Some(path) => {
+            let text =
+                std::fs::read(path).map_err(|e| format!("--json {}: {e}", path.display()))?;
+            match serde_json::from_slice::<Value>(&text) {
+                Ok(Value::Object(map)) => map,
+                Ok(_) => {
+                    return Err(format!(
+                        "--json {}: must hold a JSON object",
+                        path.display()
+                    ))
+                }
+                Err(e) => return Err(format!("--json {}: {e}", path.display())),
+            }
+        }
+        None => Map::new(),
+    };
+    let input = body
+        .entry("input")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let Value::Object(input) = input else {
+        return Err("input must be a JSON object".into());
+    };
+    if let Some(image) = &args.image {
+        input.insert("images".into(), json!([image]));
+    }
+    if let Some(prompt) = &args.prompt {
+        input.insert("prompt".into(), json!(prompt));
+    }
+    if let Some(duration) = args.duration {
+        input.insert("duration".into(), json!(duration));
+    }
+    if let Some(resolution) = &args.resolution {
+        input.insert("resolution".into(), json!(resolution));
+    }
+    if let Some(aspect) = &args.aspect_ratio {
+        input.insert("aspect_ratio".into(), json!(aspect));
+    }
+    if !body.contains_key("request_id") {
+        body.insert(
+            "request_id".into(),
+            json!(request::RequestId::generate().as_str()),
+        );
+    }
+    Ok(body)
+}
+
+/// Runs `submit`.
+pub async fn submit(settings: Settings, args: SubmitArgs) -> ExitCode {
+    let body = match build_body(&args) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("submit: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let bytes = match serde_json::to_vec(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("submit: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let parsed = match request::parse(&bytes, MessageProps::default()) {
+        Ok(p) => p,
+        Err(invalid) => {
+            eprintln!("submit: invalid request: {invalid}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match publish_and_wait(&settings, &args, &bytes, parsed.request_id.as_str()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("submit: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn publish_and_wait(
+    settings: &Settings,
+    args: &SubmitArgs,
+    body: &[u8],
+    request_id: &str,
+) -> Result<ExitCode, String> {
+    let topology = Topology::new(settings);
+    let conn = broker::connect(settings, "submit")
+        .await
+        .map_err(|e| e.to_string())?;
+    topology.declare(&conn).await.map_err(|e| e.to_string())?;
+
+    // Listen before publishing, so no event can slip past.
+    let mut events_stream = None;
+    if args.wait {
+        let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                topology.events_exchange.as_str().into(),
+                "video.generation.#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "vidu-worker-submit".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        events_stream = Some(consumer);
+    }
+
+    let publisher = Publisher::open(&conn).await.map_err(|e| e.to_string())?;
+    let properties = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(request_id.into());
+    publisher
+        .publish("", &topology.request_queue, body, properties, true)
+        .await
+        .map_err(|e| format!("could not publish the request: {e}"))?;
+    println!("{request_id}");
+
+    let Some(mut consumer) = events_stream else {
+        let _ = conn.close(200, "submitted".into()).await;
+        return Ok(ExitCode::SUCCESS);
+    };
+    let live = std::io::stdout().is_terminal();
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    let outcome = loop {
+        let next = tokio::time::timeout_at(deadline, consumer.next()).await;
+        let delivery = match next {
+            Err(_) => {
+                if live {
+                    eprintln!();
+                }
+                eprintln!(
+                    "submit: no terminal event within {}",
+                    humantime::format_duration(args.timeout)
+                );
+                break ExitCode::from(EXIT_TIMEOUT);
+            }
+            Ok(None) => return Err("the broker closed the event stream".into()),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Ok(d))) => d,
+        };
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        let Ok(event) = serde_json::from_slice::<Value>(&delivery.data) else {
+            continue;
+        };
+        if event["subject"].as_str() != Some(request_id) {
+            continue;
+        }
+        let kind = event["type"].as_str().unwrap_or_default();
+        let data = &event["data"];
+        match kind {
+            events::SUBMITTED => progress(
+                live,
+                &format!(
+                    "submitted: task {}",
+                    data["task_id"].as_str().unwrap_or("?")
+                ),
+            ),
+            events::PROGRESS => {
+                let pct = data["progress_percent"]
+                    .as_u64()
+                    .map_or("?".to_owned(), |p| format!("{p}%"));
+                let eta = data["eta_seconds"]
+                    .as_u64()
+                    .map_or(String::new(), |e| format!(", about {e}s left"));
+                progress(
+                    live,
+                    &format!(
+                        "{} {pct}{eta}",
+                        data["status"].as_str().unwrap_or("running")
+                    ),
+                );
+            }
+            events::SUCCEEDED | events::FAILED => {
+                if live {
+                    eprintln!();
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&event).unwrap_or_default()
+                    );
+                } else {
+                    println!("{}", serde_json::to_string(&event).unwrap_or_default());
+                }
+                break if kind == events::SUCCEEDED {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                };
+            }
+            _ => {}
+        }
+    };
+    let _ = conn.close(200, "done".into()).await;
+    Ok(outcome)
+}
+
+fn progress(live: bool, line: &str) {
+    if live {
+        let mut err = std::io::stderr();
+        let _ = write!(err, "\r\x1b[2K{line}");
+        let _ = err.flush();
+    } else {
+        eprintln!("{line}");
+    }
+}

@@ -1,0 +1,756 @@
+//! The Novita client: create a Vidu Q3 Pro task, read a task's result.
+//!
+//! One HTTP call per method, with the real JSON shapes, a Bearer key marked
+//! sensitive (never logged, never in an error), per-call timeouts and a
+//! shared rate limit. Every failure is classified once, here, into an
+//! [`UpstreamError`] that says what the caller can do: retry later, stop
+//! because the operator must act (key or balance), or give the request up.
+//! Answers are parsed liberally (numbers as strings, missing or unknown
+//! fields) because a poller that breaks on an odd answer loses a video.
+
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::{
+    header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER},
+    StatusCode,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+use crate::{
+    config::UpstreamSettings,
+    metrics::Metrics,
+    request::ViduInput,
+    retry::{RetryHint, Transient},
+};
+
+/// Path of the create endpoint.
+pub const CREATE_PATH: &str = "/v3/async/vidu-q3-pro-i2v";
+/// Path of the task-result endpoint.
+pub const RESULT_PATH: &str = "/v3/async/task-result";
+/// Longest upstream message kept in errors and events.
+const MAX_MESSAGE_CHARS: usize = 500;
+
+/// What went wrong talking to the upstream, by what the caller can do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// Worth retrying: 429, 5xx, timeouts, connection errors, garbage.
+    #[error("transient upstream error: {detail}")]
+    Transient {
+        /// What happened (status, reason or failure kind).
+        detail: String,
+        /// The server's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// The key is missing, wrong or not allowed (401/403): the operator must act.
+    #[error("upstream refused the API key: HTTP {status} {reason}")]
+    KeyRejected {
+        /// HTTP status.
+        status: u16,
+        /// The upstream's reason code and message.
+        reason: String,
+    },
+    /// The account balance is exhausted: the operator must act.
+    #[error("upstream refused for billing: {reason}")]
+    Billing {
+        /// The upstream's reason and message.
+        reason: String,
+    },
+    /// The upstream refused this particular request (other 4xx).
+    #[error("upstream rejected the request: HTTP {status} {reason}: {message}")]
+    Rejected {
+        /// HTTP status.
+        status: u16,
+        /// Reason code, e.g. `ILLEGAL_PROMPT`.
+        reason: String,
+        /// Human message from the upstream.
+        message: String,
+    },
+    /// The task is unknown upstream (404 on task-result).
+    #[error("upstream does not know the task: {message}")]
+    NotFound {
+        /// Upstream message.
+        message: String,
+    },
+    /// The task-result call reported the task as failed (HTTP 500 `TASK_FAILED`).
+    #[error("upstream task failed: {message}")]
+    TaskFailed {
+        /// Upstream message.
+        message: String,
+    },
+}
+
+impl UpstreamError {
+    /// Whether the operator, not the request, must act (key or balance).
+    pub fn is_operator_problem(&self) -> bool {
+        matches!(self, Self::KeyRejected { .. } | Self::Billing { .. })
+    }
+}
+
+impl Transient for UpstreamError {
+    fn retry_hint(&self) -> RetryHint {
+        match self {
+            Self::Transient { retry_after, .. } => RetryHint::After(*retry_after),
+            _ => RetryHint::Never,
+        }
+    }
+}
+
+/// Upstream task states.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskStatus {
+    /// Waiting to start.
+    Queued,
+    /// Generating.
+    Processing,
+    /// Done, videos ready.
+    Succeeded,
+    /// Ended in failure; see the reason.
+    Failed,
+    /// `TASK_STATUS_UNKNOWN`, a missing status, or a value we do not know:
+    /// treated as not finished.
+    Unknown,
+}
+
+/// One generated video.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Video {
+    /// Where to download it (expires).
+    pub url: String,
+    /// Seconds the URL stays valid; `None` when the upstream did not say
+    /// (a `0` is read as "not said": it has been seen on live URLs).
+    pub ttl_seconds: Option<u64>,
+    /// Container type, e.g. `mp4`.
+    pub kind: Option<String>,
+}
+
+/// A task-result answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskResult {
+    /// Task state.
+    pub status: TaskStatus,
+    /// Failure reason, when failed.
+    pub reason: Option<String>,
+    /// Estimated time left.
+    pub eta: Option<Duration>,
+    /// Progress, 0..=100.
+    pub progress_percent: Option<u8>,
+    /// Videos, once succeeded.
+    pub videos: Vec<Video>,
+}
+
+impl TaskResult {
+    /// Parses a task-result body; `Err` only when it is not a JSON object.
+    pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
+        let raw: RawResult = serde_json::from_slice(body)?;
+        let task = raw.task.unwrap_or_default();
+        let status = match task.status.as_deref().map(str::trim) {
+            Some("TASK_STATUS_QUEUED") => TaskStatus::Queued,
+            Some("TASK_STATUS_PROCESSING") => TaskStatus::Processing,
+            Some("TASK_STATUS_SUCCEED") | Some("TASK_STATUS_SUCCEEDED") => TaskStatus::Succeeded,
+            Some("TASK_STATUS_FAILED") => TaskStatus::Failed,
+            _ => TaskStatus::Unknown,
+        };
+        let videos = raw
+            .videos
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| {
+                let url = v.video_url.filter(|u| !u.trim().is_empty())?;
+                Some(Video {
+                    url,
+                    ttl_seconds: v
+                        .video_url_ttl
+                        .filter(|t| *t >= 1.0 && t.is_finite())
+                        .map(|t| t as u64),
+                    kind: v.video_type.filter(|t| !t.is_empty()),
+                })
+            })
+            .collect();
+        Ok(Self {
+            status,
+            reason: task.reason.filter(|r| !r.trim().is_empty()),
+            eta: task
+                .eta
+                .filter(|e| e.is_finite() && *e >= 0.0)
+                .map(|e| Duration::from_secs_f64(e.min(7.0 * 86400.0))),
+            progress_percent: task
+                .progress_percent
+                .filter(|p| p.is_finite())
+                .map(|p| p.clamp(0.0, 100.0) as u8),
+            videos,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct RawResult {
+    #[serde(default, deserialize_with = "lenient")]
+    task: Option<RawTask>,
+    #[serde(default, deserialize_with = "lenient")]
+    videos: Option<Vec<RawVideo>>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawTask {
+    #[serde(default, deserialize_with = "lenient")]
+    status: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    reason: Option<String>,
+    #[serde(default, deserialize_with = "number")]
+    eta: Option<f64>,
+    #[serde(default, deserialize_with = "number")]
+    progress_percent: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct RawVideo {
+    #[serde(default, deserialize_with = "lenient")]
+    video_url: Option<String>,
+    #[serde(default, deserialize_with = "number")]
+    video_url_ttl: Option<f64>,
+    #[serde(default, deserialize_with = "lenient")]
+    video_type: Option<String>,
+}
+
+/// A field of the wrong shape reads as absent instead of failing the whole answer.
+fn lenient<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let value = serde_json::Value::deserialize(de)?;
+    Ok(serde_json::from_value(value).ok())
+}
+
+/// A number, or a string holding one; anything else reads as absent.
+fn number<'de, D>(de: D) -> Result<Option<f64>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    Ok(match serde_json::Value::deserialize(de)? {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
+        _ => None,
+    })
+}
+
+/// An upstream error body: flat, nested, or neither.
+fn error_body(body: &[u8]) -> (String, String) {
+    #[derive(Deserialize)]
+    struct Flat {
+        #[serde(default, deserialize_with = "lenient")]
+        reason: Option<String>,
+        #[serde(default, deserialize_with = "lenient")]
+        message: Option<String>,
+        #[serde(default, deserialize_with = "lenient")]
+        error: Option<Nested>,
+    }
+    #[derive(Deserialize)]
+    struct Nested {
+        #[serde(default)]
+        code: serde_json::Value,
+        #[serde(default, deserialize_with = "lenient")]
+        message: Option<String>,
+    }
+    if let Ok(flat) = serde_json::from_slice::<Flat>(body) {
+        if flat.reason.is_some() || flat.message.is_some() {
+            return (
+                flat.reason.unwrap_or_default(),
+                flat.message.unwrap_or_default(),
+            );
+        }
+        if let Some(nested) = flat.error {
+            let code = match nested.code {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Null => String::new(),
+                other => other.to_string(),
+            };
+            return (code, nested.message.unwrap_or_default());
+        }
+    }
+    (
+        String::new(),
+        String::from_utf8_lossy(body).trim().to_owned(),
+    )
+}
+
+fn truncate(s: &str) -> String {
+    if s.chars().count() <= MAX_MESSAGE_CHARS {
+        s.to_owned()
+    } else {
+        let mut out: String = s.chars().take(MAX_MESSAGE_CHARS).collect();
+        out.push('…');
+        out
+    }
+}
+
+fn status_label(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200 => "200",
+        201 => "201",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        409 => "409",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        s if s < 300 => "2xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// The Novita API client. Cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    create_url: Arc<str>,
+    result_url: Arc<str>,
+    key: SecretString,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    metrics: Metrics,
+}
+
+impl UpstreamClient {
+    /// Builds the client; fails only on an unusable key or TLS setup.
+    pub fn new(
+        settings: &UpstreamSettings,
+        key: SecretString,
+        metrics: Metrics,
+    ) -> Result<Self, String> {
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
+            .map_err(|_| "the API key contains characters not allowed in a header".to_owned())?;
+        auth.set_sensitive(true);
+        let mut headers = HeaderMap::new();
+        headers.insert(AUTHORIZATION, auth);
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(settings.timeout)
+            .connect_timeout(settings.connect_timeout)
+            .user_agent(concat!("vidu-worker/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let base = settings.base_url.trim_end_matches('/');
+        let limiter = rate_limiter(settings.max_requests_per_second);
+        Ok(Self {
+            http,
+            create_url: format!("{base}{CREATE_PATH}").into(),
+            result_url: format!("{base}{RESULT_PATH}").into(),
+            key,
+            limiter,
+            metrics,
+        })
+    }
+
+    async fn pace(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.until_ready().await;
+        }
+    }
+
+    /// Creates a task; one HTTP call, no retries.
+    pub async fn create(
+        &self,
+        input: &ViduInput,
+        traceparent: Option<&str>,
+    ) -> Result<String, UpstreamError> {
+        self.pace().await;
+        let mut req = self.http.post(&*self.create_url).json(input);
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        let (status, headers, body) = self.send("create", req).await?;
+        if status.is_success() {
+            #[derive(Deserialize)]
+            struct Created {
+                task_id: String,
+            }
+            return match serde_json::from_slice::<Created>(&body) {
+                Ok(c) if !c.task_id.trim().is_empty() => Ok(c.task_id),
+                _ => {
+                    self.metrics.upstream_call("create", "garbage");
+                    Err(UpstreamError::Transient {
+                        detail: format!("create answered HTTP {status} without a task_id"),
+                        retry_after: None,
+                    })
+                }
+            };
+        }
+        Err(self.classify(status, &headers, &body, false))
+    }
+
+    /// Reads a task's state; one HTTP call, no retries.
+    pub async fn task_result(
+        &self,
+        task_id: &str,
+        traceparent: Option<&str>,
+    ) -> Result<TaskResult, UpstreamError> {
+        self.pace().await;
+        let mut req = self
+            .http
+            .get(&*self.result_url)
+            .query(&[("task_id", task_id)]);
+        if let Some(tp) = traceparent {
+            req = req.header("traceparent", tp);
+        }
+        let (status, headers, body) = self.send("task_result", req).await?;
+        if status.is_success() {
+            return TaskResult::parse(&body).map_err(|_| {
+                self.metrics.upstream_call("task_result", "garbage");
+                UpstreamError::Transient {
+                    detail: format!(
+                        "task-result answered HTTP {status} with a body that is not JSON"
+                    ),
+                    retry_after: None,
+                }
+            });
+        }
+        Err(self.classify(status, &headers, &body, true))
+    }
+
+    async fn send(
+        &self,
+        endpoint: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), UpstreamError> {
+        let fail = |e: reqwest::Error| {
+            let kind = if e.is_timeout() {
+                "timeout"
+            } else if e.is_connect() {
+                "connect"
+            } else {
+                "io"
+            };
+            self.metrics.upstream_call(endpoint, kind);
+            UpstreamError::Transient {
+                detail: format!(
+                    "{endpoint}: {kind} ({})",
+                    self.scrub(&e.without_url().to_string())
+                ),
+                retry_after: None,
+            }
+        };
+        let resp = req.send().await.map_err(fail)?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(fail)?;
+        self.metrics.upstream_call(endpoint, status_label(status));
+        Ok((status, headers, body))
+    }
+
+    fn classify(
+        &self,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: &[u8],
+        polling: bool,
+    ) -> UpstreamError {
+        let (reason, message) = error_body(body);
+        let reason = truncate(&self.scrub(&reason));
+        let message = truncate(&self.scrub(&message));
+        let code = status.as_u16();
+        let upper = reason.to_ascii_uppercase();
+        match code {
+            401 | 403 => UpstreamError::KeyRejected {
+                status: code,
+                reason: join(&reason, &message),
+            },
+            400 if upper.contains("BILLING") || upper.contains("BALANCE") => {
+                UpstreamError::Billing {
+                    reason: join(&reason, &message),
+                }
+            }
+            400 if upper == "MISSING_API_KEY" => UpstreamError::KeyRejected {
+                status: code,
+                reason: join(&reason, &message),
+            },
+            404 if polling => UpstreamError::NotFound {
+                message: join(&reason, &message),
+            },
+            500 if polling && upper == "TASK_FAILED" => UpstreamError::TaskFailed {
+                message: if message.is_empty() { reason } else { message },
+            },
+            408 | 425 | 429 | 500..=599 => UpstreamError::Transient {
+                detail: format!("HTTP {code} {}", join(&reason, &message)),
+                retry_after: parse_retry_after(headers),
+            },
+            _ => UpstreamError::Rejected {
+                status: code,
+                reason,
+                message,
+            },
+        }
+    }
+
+    /// Removes the key from text that came from the network.
+    fn scrub(&self, text: &str) -> String {
+        let key = self.key.expose_secret();
+        if key.len() >= 4 && text.contains(key) {
+            text.replace(key, "[REDACTED]")
+        } else {
+            text.to_owned()
+        }
+    }
+}
+
+fn join(reason: &str, message: &str) -> String {
+    match (reason.is_empty(), message.is_empty()) {
+        (false, false) => format!("{reason}: {message}"),
+        (false, true) => reason.to_owned(),
+        (true, false) => message.to_owned(),
+        (true, true) => "(no details)".to_owned(),
+    }
+}
+
+fn rate_limiter(per_second: f64) -> Option<Arc<DefaultDirectRateLimiter>> {
+    if per_second <= 0.0 {
+        return None;
+    }
+    let quota =
+        Quota::with_period(Duration::from_secs_f64(1.0 / per_second))?.allow_burst(NonZeroU32::MIN);
+    Some(Arc::new(RateLimiter::direct(quota)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> TaskResult {
+        TaskResult::parse(s.as_bytes()).expect("parses")
+    }
+
+    #[test]
+    fn the_documented_shape_parses() {
+        let r = parse(
+            r#"{"extra": {"seed": "1"}, "task": {"task_id": "t1", "task_type": "VIDU_Q3_PRO_I2V",
+                "status": "TASK_STATUS_SUCCEED", "reason": "", "eta": 0, "progress_percent": 100},
+                "videos": [{"video_url": "https://x/v.mp4", "video_url_ttl": "3600", "video_type": "mp4"}],
+                "images": [], "audios": []}"#,
+        );
+        assert_eq!(r.status, TaskStatus::Succeeded);
+        assert_eq!(r.reason, None);
+        assert_eq!(r.eta, Some(Duration::ZERO));
+        assert_eq!(r.progress_percent, Some(100));
+        assert_eq!(
+            r.videos,
+            vec![Video {
+                url: "https://x/v.mp4".into(),
+                ttl_seconds: Some(3600),
+                kind: Some("mp4".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn numbers_as_strings_and_strings_as_numbers_are_read() {
+        let r = parse(
+            r#"{"task": {"status": "TASK_STATUS_PROCESSING", "eta": "12", "progress_percent": "40.5"},
+                "videos": [{"video_url": "https://x/v.mp4", "video_url_ttl": 7200}]}"#,
+        );
+        assert_eq!(r.status, TaskStatus::Processing);
+        assert_eq!(r.eta, Some(Duration::from_secs(12)));
+        assert_eq!(r.progress_percent, Some(40));
+        assert_eq!(r.videos[0].ttl_seconds, Some(7200));
+        assert_eq!(r.videos[0].kind, None);
+    }
+
+    #[test]
+    fn missing_optional_fields_and_unknown_fields_are_fine() {
+        let r =
+            parse(r#"{"task": {"status": "TASK_STATUS_QUEUED", "new_field": [1, 2]}, "more": {}}"#);
+        assert_eq!(r.status, TaskStatus::Queued);
+        assert_eq!(r.eta, None);
+        assert_eq!(r.progress_percent, None);
+        assert!(r.videos.is_empty());
+    }
+
+    #[test]
+    fn a_zero_ttl_is_not_an_expired_url() {
+        let r = parse(
+            r#"{"task": {"status": "TASK_STATUS_SUCCEED"}, "videos": [{"video_url": "https://x/v.mp4", "video_url_ttl": "0"}]}"#,
+        );
+        assert_eq!(r.videos[0].ttl_seconds, None);
+    }
+
+    #[test]
+    fn odd_values_read_as_absent_instead_of_failing() {
+        let r = parse(
+            r#"{"task": {"status": "TASK_STATUS_PROCESSING", "eta": true, "progress_percent": "lots", "reason": 5},
+                "videos": null, "images": "none"}"#,
+        );
+        assert_eq!(r.status, TaskStatus::Processing);
+        assert_eq!(r.eta, None);
+        assert_eq!(r.progress_percent, None);
+        assert_eq!(r.reason, None);
+        let r = parse(
+            r#"{"task": {"status": "TASK_STATUS_PROCESSING", "eta": -4, "progress_percent": 250}}"#,
+        );
+        assert_eq!(r.eta, None);
+        assert_eq!(r.progress_percent, Some(100));
+    }
+
+    #[test]
+    fn unknown_and_missing_statuses_mean_not_finished() {
+        assert_eq!(
+            parse(r#"{"task": {"status": "TASK_STATUS_UNKNOWN"}}"#).status,
+            TaskStatus::Unknown
+        );
+        assert_eq!(
+            parse(r#"{"task": {"status": "SOMETHING_NEW"}}"#).status,
+            TaskStatus::Unknown
+        );
+        assert_eq!(parse(r#"{}"#).status, TaskStatus::Unknown);
+        assert_eq!(parse(r#"{"task": null}"#).status, TaskStatus::Unknown);
+    }
+
+    #[test]
+    fn failed_tasks_carry_their_reason() {
+        let r = parse(
+            r#"{"task": {"status": "TASK_STATUS_FAILED", "reason": "moderation"}, "videos": []}"#,
+        );
+        assert_eq!(r.status, TaskStatus::Failed);
+        assert_eq!(r.reason.as_deref(), Some("moderation"));
+    }
+
+    #[test]
+    fn non_json_bodies_are_errors() {
+        assert!(TaskResult::parse(b"<html>bad gateway</html>").is_err());
+        assert!(TaskResult::parse(b"[1,2]").is_err());
+    }
+
+    #[test]
+    fn error_bodies_parse_flat_then_nested_then_raw() {
+        assert_eq!(
+            error_body(br#"{"code": 400, "reason": "ILLEGAL_PROMPT", "message": "no"}"#),
+            ("ILLEGAL_PROMPT".into(), "no".into())
+        );
+        assert_eq!(
+            error_body(br#"{"error": {"code": "INVALID_API_KEY", "message": "bad key"}}"#),
+            ("INVALID_API_KEY".into(), "bad key".into())
+        );
+        assert_eq!(
+            error_body(br#"{"error": {"code": 403, "message": "nope"}}"#),
+            ("403".into(), "nope".into())
+        );
+        assert_eq!(
+            error_body(b"gateway timeout"),
+            ("".into(), "gateway timeout".into())
+        );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(parse_retry_after(&h), None);
+    }
+
+    fn client() -> UpstreamClient {
+        UpstreamClient::new(
+            &UpstreamSettings::default(),
+            SecretString::from("sk-secret-key"),
+            Metrics::new(),
+        )
+        .expect("client")
+    }
+
+    #[test]
+    fn classification_decides_retry_reject_or_stop() {
+        let c = client();
+        let h = HeaderMap::new();
+        let classify = |status: u16, body: &str, polling: bool| {
+            c.classify(
+                StatusCode::from_u16(status).expect("status"),
+                &h,
+                body.as_bytes(),
+                polling,
+            )
+        };
+        assert!(matches!(
+            classify(429, "{}", false),
+            UpstreamError::Transient { .. }
+        ));
+        assert!(matches!(
+            classify(503, "", false),
+            UpstreamError::Transient { .. }
+        ));
+        assert!(matches!(
+            classify(500, r#"{"reason":"CREATE_TASK_FAILED"}"#, false),
+            UpstreamError::Transient { .. }
+        ));
+        assert!(matches!(
+            classify(401, "", false),
+            UpstreamError::KeyRejected { status: 401, .. }
+        ));
+        assert!(matches!(
+            classify(403, r#"{"reason":"INVALID_API_KEY"}"#, true),
+            UpstreamError::KeyRejected { status: 403, .. }
+        ));
+        assert!(matches!(
+            classify(
+                400,
+                r#"{"reason":"BILLING_BALANCE_NOT_ENOUGH","message":"top up"}"#,
+                false
+            ),
+            UpstreamError::Billing { .. }
+        ));
+        assert!(matches!(
+            classify(
+                400,
+                r#"{"reason":"ILLEGAL_PROMPT","message":"bad words"}"#,
+                false
+            ),
+            UpstreamError::Rejected { status: 400, .. }
+        ));
+        assert!(matches!(
+            classify(404, "{}", true),
+            UpstreamError::NotFound { .. }
+        ));
+        assert!(matches!(
+            classify(500, r#"{"reason":"TASK_FAILED","message":"boom"}"#, true),
+            UpstreamError::TaskFailed { .. }
+        ));
+    }
+
+    #[test]
+    fn the_key_never_appears_in_errors() {
+        let c = client();
+        let err = c.classify(
+            StatusCode::UNAUTHORIZED,
+            &HeaderMap::new(),
+            br#"{"reason":"INVALID_API_KEY","message":"key sk-secret-key is not valid"}"#,
+            false,
+        );
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("sk-secret-key"), "{text}");
+        assert!(text.contains("[REDACTED]"), "{text}");
+    }
+}

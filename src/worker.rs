@@ -1,0 +1,681 @@
+//! The worker: one supervised broker session at a time, two consumers, and
+//! a handler task per delivery.
+//!
+//! [`run`] is the library entry point of `vidu-worker run`: it builds the
+//! upstream client, the gate and the operations endpoint, then keeps a
+//! session alive (connection, topology, confirm-mode publisher, request and
+//! tracking consumers), rebuilding it with backoff whenever the broker goes
+//! away or a channel dies. Each delivery gets its own task whose outcome, a
+//! [`Disposition`], is applied in one place. Shutdown is one token: stop
+//! consuming, let handlers finish within the grace period, close with 200.
+
+use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::{
+    message::Delivery,
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable, LongString},
+    Channel, Connection, Consumer,
+};
+use tokio::{sync::watch, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    broker::{self, BrokerError, PublishError, Publisher, Topology, ERROR_HEADER},
+    config::{ConfigError, Settings},
+    events::Event,
+    gate::{Gate, GateState, Refusal},
+    intake,
+    metrics::{GaugeGuard, Metrics},
+    ops::{self, Health},
+    retry::RetryPolicy,
+    tracking,
+    upstream::{UpstreamClient, UpstreamError},
+};
+
+/// The task id used to test the API key without creating anything.
+pub const KEY_PROBE_TASK_ID: &str = "vidu-worker-key-probe";
+/// Longest `x-vidu-error` header.
+const MAX_ERROR_HEADER: usize = 1000;
+/// How often the session checks that its connection and channels live.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(500);
+/// How often the number of tracked tasks is sampled.
+const SAMPLE_PERIOD: Duration = Duration::from_secs(15);
+
+/// Why `run` ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration (exit status 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The worker could not start (exit status 1).
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// What happens to a delivery once its handler is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Its outputs are confirmed: acknowledge it.
+    Ack,
+    /// Give it back to the queue for another try.
+    Requeue,
+}
+
+/// What every handler shares.
+pub(crate) struct Shared {
+    pub(crate) settings: Settings,
+    pub(crate) topology: Topology,
+    pub(crate) upstream: UpstreamClient,
+    pub(crate) metrics: Metrics,
+    pub(crate) gate: Gate,
+    pub(crate) health: Health,
+    pub(crate) shutdown: CancellationToken,
+    publisher: watch::Sender<Option<Publisher>>,
+}
+
+impl Shared {
+    /// Backoff for upstream retries.
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            initial: self.settings.upstream.retry_initial,
+            max: self.settings.upstream.retry_max,
+        }
+    }
+
+    /// Publishes on the current session, once.
+    pub(crate) async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
+        let publisher = self.publisher.borrow().clone();
+        match publisher {
+            Some(p) => {
+                p.publish(exchange, routing_key, body, properties, mandatory)
+                    .await
+            }
+            None => Err(PublishError::Unroutable(
+                "not connected to the broker".into(),
+            )),
+        }
+    }
+
+    /// Retries `f` across broker reconnects until it succeeds or `patience`
+    /// runs out.
+    pub(crate) async fn patiently<F, Fut>(
+        &self,
+        patience: Duration,
+        mut f: F,
+    ) -> Result<(), PublishError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), PublishError>>,
+    {
+        let deadline = Instant::now() + patience;
+        let mut sessions = self.publisher.subscribe();
+        loop {
+            match f().await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "publish failed; retrying on the next session");
+                    tokio::select! {
+                        _ = sessions.changed() => {}
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes an event to the exchange, and a terminal one to `reply_to`.
+    pub(crate) async fn publish_event(&self, event: &Event) -> Result<(), PublishError> {
+        self.publish(
+            &self.topology.events_exchange,
+            event.event_type,
+            &event.body,
+            event.properties.clone(),
+            false,
+        )
+        .await?;
+        if let Some(reply_to) = &event.reply_to {
+            self.publish("", reply_to, &event.body, event.properties.clone(), false)
+                .await?;
+        }
+        self.metrics.event(event.event_type);
+        Ok(())
+    }
+
+    /// Copies a delivery to the dead-letter queue with `x-vidu-error`.
+    pub(crate) async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        why: &str,
+    ) -> Result<(), PublishError> {
+        let mut why: String = why.chars().take(MAX_ERROR_HEADER).collect();
+        why.retain(|c| !c.is_control());
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            ERROR_HEADER.into(),
+            AMQPValue::LongString(LongString::from(why)),
+        );
+        headers.insert(
+            "x-vidu-original-queue".into(),
+            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
+        );
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        self.publish(
+            "",
+            &self.topology.dead_queue,
+            &delivery.data,
+            properties,
+            true,
+        )
+        .await
+    }
+}
+
+/// Runs the worker until `shutdown` fires, serving the operations endpoint
+/// on `http.listen`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), RunError> {
+    settings.require_api_key()?;
+    let listener = ops::bind(settings.listen_addr()?)
+        .await
+        .map_err(RunError::Startup)?;
+    run_with_listener(settings, listener, shutdown).await
+}
+
+/// Runs the worker with an already-bound operations listener (tests and the
+/// demo bind port 0 and read the address back).
+pub async fn run_with_listener(
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let key = settings.require_api_key()?.clone();
+    let listen = listener
+        .local_addr()
+        .map_err(|e| RunError::Startup(format!("http.listen: {e}")))?;
+    let metrics = Metrics::new();
+    let upstream = UpstreamClient::new(&settings.upstream, key, metrics.clone()).map_err(|e| {
+        RunError::Config(ConfigError {
+            key: "upstream.api_key".into(),
+            problem: e,
+        })
+    })?;
+    let gate = Gate::new(
+        RetryPolicy {
+            initial: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+        },
+        metrics.clone(),
+    );
+    let health = Health::new(gate.clone());
+    let ops_stop = CancellationToken::new();
+    let ops_task = tokio::spawn(ops::serve(
+        listener,
+        health.clone(),
+        metrics.clone(),
+        ops_stop.clone(),
+    ));
+    tracing::info!(
+        request_queue = %settings.amqp.request_queue,
+        events_exchange = %settings.amqp.events_exchange,
+        broker = %crate::config::redact_url(secrecy::ExposeSecret::expose_secret(&settings.amqp.url)),
+        upstream = %settings.upstream.base_url,
+        ops = %listen,
+        "vidu-worker starting"
+    );
+    let shared = Arc::new(Shared {
+        topology: Topology::new(&settings),
+        settings,
+        upstream,
+        metrics,
+        gate,
+        health,
+        shutdown,
+        publisher: watch::Sender::new(None),
+    });
+    let prober = tokio::spawn(probe_key(shared.clone()));
+    let result = supervise(shared.clone()).await;
+    prober.abort();
+    ops_stop.cancel();
+    let _ = ops_task.await;
+    tracing::info!("vidu-worker stopped");
+    result
+}
+
+/// Keeps a session alive until shutdown.
+async fn supervise(shared: Arc<Shared>) -> Result<(), RunError> {
+    let tracker = TaskTracker::new();
+    let reconnect = RetryPolicy {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(15),
+    };
+    let mut attempt: u32 = 0;
+    let mut ever_connected = false;
+    loop {
+        if shared.shutdown.is_cancelled() {
+            break;
+        }
+        match Session::open(&shared).await {
+            Ok(session) => {
+                if ever_connected {
+                    tracing::info!("reconnected to the broker");
+                } else {
+                    tracing::info!("connected to the broker; consuming");
+                }
+                ever_connected = true;
+                attempt = 0;
+                match session.run(&shared, &tracker).await {
+                    SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Lost(reason) => {
+                        tracing::warn!(reason = %reason, "lost the broker session; reconnecting");
+                        shared.health.broker_down(reason);
+                    }
+                }
+            }
+            Err(BrokerError::Topology { name, detail }) if !ever_connected => {
+                return Err(RunError::Startup(format!(
+                    "cannot declare {name} on the broker: {detail}. An existing queue with other arguments must be deleted or the settings aligned (see README, Topology)"
+                )));
+            }
+            Err(e) => {
+                if attempt == 0 {
+                    tracing::warn!(error = %e, "cannot reach the broker; retrying");
+                } else {
+                    tracing::debug!(error = %e, attempt, "still cannot reach the broker");
+                }
+                shared.health.broker_down(e.to_string());
+            }
+        }
+        shared.publisher.send_replace(None);
+        shared.metrics.set_broker_connected(false);
+        let delay = reconnect.delay_for_attempt(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = shared.shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    // Shut down while disconnected: give handlers their grace period to
+    // finish what they can once the broker is back.
+    drain_handlers(&shared, &tracker).await;
+    Ok(())
+}
+
+async fn drain_handlers(shared: &Shared, tracker: &TaskTracker) {
+    shared.health.stopping();
+    tracker.close();
+    let grace = shared.settings.shutdown.grace_period;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            still_running = tracker.len(),
+            "grace period over; unfinished messages go back to the queue"
+        );
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Request,
+    Ticket,
+}
+
+struct Session {
+    conn: Connection,
+    publisher: Publisher,
+    intake_channel: Channel,
+    tracking_channel: Channel,
+}
+
+impl Session {
+    async fn open(shared: &Shared) -> Result<Self, BrokerError> {
+        let conn = broker::connect(&shared.settings, "worker").await?;
+        shared.topology.declare(&conn).await?;
+        let publisher = Publisher::open(&conn)
+            .await
+            .map_err(BrokerError::Connection)?;
+        let intake_channel = conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::Connection)?;
+        intake_channel
+            .basic_qos(shared.settings.amqp.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(BrokerError::Connection)?;
+        let tracking_channel = conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::Connection)?;
+        tracking_channel
+            .basic_qos(shared.settings.polling.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(BrokerError::Connection)?;
+        Ok(Self {
+            conn,
+            publisher,
+            intake_channel,
+            tracking_channel,
+        })
+    }
+
+    fn alive(&self) -> Result<(), &'static str> {
+        if !self.conn.status().connected() {
+            return Err("the connection closed");
+        }
+        if !self.publisher.is_open() {
+            return Err("the publishing channel closed");
+        }
+        if !self.intake_channel.status().connected() {
+            return Err("the request channel closed");
+        }
+        if !self.tracking_channel.status().connected() {
+            return Err("the tracking channel closed");
+        }
+        Ok(())
+    }
+
+    async fn run(self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
+        shared.publisher.send_replace(Some(self.publisher.clone()));
+        shared.health.broker_up();
+        shared.metrics.set_broker_connected(true);
+        let sampler_stop = CancellationToken::new();
+        tokio::spawn(sample_tracked(
+            self.conn.create_channel().await.ok(),
+            shared.clone(),
+            sampler_stop.clone(),
+        ));
+        let end = self.consume(shared, tracker).await;
+        sampler_stop.cancel();
+        shared.health.set_consuming(false);
+        match &end {
+            SessionEnd::Shutdown => {
+                drain_handlers(shared, tracker).await;
+                let _ = self.conn.close(200, "shutdown".into()).await;
+            }
+            SessionEnd::Lost(_) => {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.conn.close(320, "session lost".into()),
+                )
+                .await;
+            }
+        }
+        end
+    }
+
+    async fn consume(&self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
+        let tag_base = format!("vidu-worker.{}.{}", broker::host_name(), std::process::id());
+        let mut tracking = match start_consumer(
+            &self.tracking_channel,
+            &shared.topology.tracking_queue,
+            &format!("{tag_base}.tracking"),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Lost(format!("cannot consume the tracking queue: {e}")),
+        };
+        let intake_tag = format!("{tag_base}.requests");
+        let mut intake: Option<Consumer> = None;
+        let mut gate_changes = shared.gate.subscribe();
+        let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
+        loop {
+            if let Err(reason) = self
+                .reconcile_intake(shared, &mut intake, &intake_tag)
+                .await
+            {
+                return SessionEnd::Lost(reason);
+            }
+            let probe_due = match (&intake, shared.gate.state()) {
+                (None, GateState::Closed { retry_at, .. }) => Some(retry_at),
+                _ => None,
+            };
+            tokio::select! {
+                biased;
+                () = shared.shutdown.cancelled() => {
+                    if let Some(consumer) = intake.take() {
+                        stop_consumer(&self.intake_channel, consumer, &intake_tag).await;
+                    }
+                    stop_consumer(&self.tracking_channel, tracking, &format!("{tag_base}.tracking")).await;
+                    return SessionEnd::Shutdown;
+                }
+                _ = watchdog.tick() => {
+                    if let Err(reason) = self.alive() {
+                        return SessionEnd::Lost(reason.into());
+                    }
+                }
+                delivery = next_delivery(&mut intake) => match delivery {
+                    Some(Ok(d)) => spawn_handler(tracker, shared.clone(), d, Role::Request),
+                    Some(Err(e)) => return SessionEnd::Lost(format!("request consumer failed: {e}")),
+                    None => return SessionEnd::Lost("the broker cancelled the request consumer".into()),
+                },
+                delivery = tracking.next() => match delivery {
+                    Some(Ok(d)) => spawn_handler(tracker, shared.clone(), d, Role::Ticket),
+                    Some(Err(e)) => return SessionEnd::Lost(format!("tracking consumer failed: {e}")),
+                    None => return SessionEnd::Lost("the broker cancelled the tracking consumer".into()),
+                },
+                _ = gate_changes.changed() => {}
+                () = sleep_until_opt(probe_due) => {}
+            }
+        }
+    }
+
+    /// Starts or stops the request consumer to match the gate.
+    async fn reconcile_intake(
+        &self,
+        shared: &Shared,
+        intake: &mut Option<Consumer>,
+        tag: &str,
+    ) -> Result<(), String> {
+        let want = shared.gate.accepting();
+        match (want, intake.is_some()) {
+            (true, false) => {
+                let consumer =
+                    start_consumer(&self.intake_channel, &shared.topology.request_queue, tag)
+                        .await
+                        .map_err(|e| format!("cannot consume the request queue: {e}"))?;
+                *intake = Some(consumer);
+                shared.health.set_consuming(true);
+            }
+            (false, true) => {
+                if let Some(consumer) = intake.take() {
+                    stop_consumer(&self.intake_channel, consumer, tag).await;
+                }
+                shared.health.set_consuming(false);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+async fn next_delivery(consumer: &mut Option<Consumer>) -> Option<Result<Delivery, lapin::Error>> {
+    match consumer {
+        Some(c) => c.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => {
+            tokio::time::sleep_until(at.max(Instant::now() + Duration::from_millis(50))).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn start_consumer(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+) -> Result<Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Cancels a consumer and hands back anything it had buffered.
+async fn stop_consumer(channel: &Channel, mut consumer: Consumer, tag: &str) {
+    let _ = channel
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await;
+    let drain = async {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            settle(&delivery, Disposition::Requeue).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+}
+
+fn spawn_handler(tracker: &TaskTracker, shared: Arc<Shared>, delivery: Delivery, role: Role) {
+    tracker.spawn(async move {
+        let gauge = match role {
+            Role::Request => shared.metrics.in_flight_requests().clone(),
+            Role::Ticket => shared.metrics.in_flight_tickets().clone(),
+        };
+        let _in_flight = GaugeGuard::new(&gauge);
+        let handled = AssertUnwindSafe(async {
+            match role {
+                Role::Request => intake::handle(&shared, &delivery).await,
+                Role::Ticket => tracking::handle(&shared, &delivery).await,
+            }
+        })
+        .catch_unwind()
+        .await;
+        let disposition = handled.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(panic = %what, "a handler panicked; handing its message back");
+            Disposition::Requeue
+        });
+        settle(&delivery, disposition).await;
+    });
+}
+
+/// Applies a disposition. A failure means the channel is gone and the
+/// broker will redeliver: someone else will do it.
+async fn settle(delivery: &Delivery, disposition: Disposition) {
+    let result = match disposition {
+        Disposition::Ack => {
+            delivery
+                .acker
+                .ack(lapin::options::BasicAckOptions::default())
+                .await
+        }
+        Disposition::Requeue => {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "could not settle a delivery; the broker will redeliver it");
+    }
+}
+
+/// Samples how many tickets the deployment tracks, for the metric.
+async fn sample_tracked(channel: Option<Channel>, shared: Arc<Shared>, stop: CancellationToken) {
+    let Some(mut channel) = channel else { return };
+    let mut every = tokio::time::interval(SAMPLE_PERIOD);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match shared.topology.count_tracked(&channel).await {
+            Ok(n) => shared
+                .metrics
+                .set_tasks_tracked(i64::try_from(n).unwrap_or(i64::MAX)),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not sample the tracking queues");
+                // A failed passive declare closes the channel; the session
+                // watchdog notices real outages, here we only stop sampling.
+                if !channel.status().connected() {
+                    return;
+                }
+                channel = channel.clone();
+            }
+        }
+    }
+}
+
+/// Probes the API key in the background while the gate is closed for it,
+/// and once at start so a bad key shows before the first request.
+async fn probe_key(shared: Arc<Shared>) {
+    let mut changes = shared.gate.subscribe();
+    let mut first = true;
+    loop {
+        if !first {
+            let due = match shared.gate.state() {
+                GateState::Closed {
+                    refusal: Refusal::Key,
+                    retry_at,
+                    ..
+                } => Some(retry_at),
+                _ => None,
+            };
+            tokio::select! {
+                () = shared.shutdown.cancelled() => return,
+                _ = changes.changed() => continue,
+                () = sleep_until_opt(due) => {}
+            }
+        }
+        let claim = if first {
+            None
+        } else {
+            shared.gate.try_claim_probe()
+        };
+        if !first && claim.is_none() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        first = false;
+        match shared.upstream.task_result(KEY_PROBE_TASK_ID, None).await {
+            Err(e @ UpstreamError::KeyRejected { .. }) => {
+                shared.gate.close(Refusal::Key, &e.to_string());
+            }
+            Err(UpstreamError::Transient { .. }) => {}
+            Ok(_) | Err(_) => {
+                if matches!(
+                    shared.gate.state(),
+                    GateState::Closed {
+                        refusal: Refusal::Key,
+                        ..
+                    }
+                ) {
+                    shared.gate.open();
+                }
+            }
+        }
+        drop(claim);
+    }
+}
