@@ -20,6 +20,27 @@ pub const API_KEY_ENV: &str = "NOVITA_API_KEY";
 /// The shipped defaults file, relative to the working directory.
 pub const DEFAULT_FILE: &str = "config/default.toml";
 
+/// Keys holding durations, checked up front so an error names the key.
+const DURATION_KEYS: &[&str] = &[
+    "amqp.max_hold",
+    "upstream.timeout",
+    "upstream.connect_timeout",
+    "upstream.retry_initial",
+    "upstream.retry_max",
+    "upstream.create_retry_budget",
+    "polling.min_interval",
+    "polling.max_interval",
+    "polling.max_task_age",
+    "polling.max_off_peak_task_age",
+    "shutdown.grace_period",
+];
+
+/// Keys holding one of a few words.
+const ENUM_KEYS: &[(&str, &[&str])] = &[
+    ("log.format", &["json", "pretty"]),
+    ("amqp.queue_type", &["quorum", "classic"]),
+];
+
 /// A configuration problem, rendered as one line naming the key.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration error: {key}: {problem}")]
@@ -320,6 +341,26 @@ impl Settings {
                 .source(Some(prefixed.into_iter().collect())),
         );
         let config = builder.build().map_err(from_config_error)?;
+        for (key, allowed) in ENUM_KEYS {
+            if let Ok(text) = config.get_string(key) {
+                if !allowed.contains(&text.as_str()) {
+                    return Err(ConfigError::new(
+                        *key,
+                        format!("{text:?} is not one of {}", allowed.join(", ")),
+                    ));
+                }
+            }
+        }
+        for key in DURATION_KEYS {
+            if let Ok(text) = config.get_string(key) {
+                if let Err(e) = humantime::parse_duration(&text) {
+                    return Err(ConfigError::new(
+                        *key,
+                        format!("{text:?} is not a duration like 250ms, 5s, 10m or 24h ({e})"),
+                    ));
+                }
+            }
+        }
         let mut settings: Settings = config.try_deserialize().map_err(from_config_error)?;
         if let Some(key) = env.get(API_KEY_ENV).filter(|k| !k.trim().is_empty()) {
             settings.upstream.api_key = Some(SecretString::from(key.trim().to_owned()));

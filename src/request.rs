@@ -568,3 +568,241 @@ fn http_url(value: Value, field: &'static str) -> Result<String, Problem> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse_json(v: serde_json::Value) -> Result<GenerationRequest, Box<InvalidRequest>> {
+        parse(
+            &serde_json::to_vec(&v).expect("json"),
+            MessageProps::default(),
+        )
+    }
+
+    fn field_of(v: serde_json::Value) -> String {
+        parse_json(v).expect_err("invalid").field.into_owned()
+    }
+
+    #[test]
+    fn a_full_request_parses_into_the_upstream_body() {
+        let req = parse_json(json!({
+            "request_id": "order-1234",
+            "model": "vidu-q3-pro-i2v",
+            "input": {
+                "images": ["https://example.com/cat.PNG?sig=abc"],
+                "prompt": "blink", "duration": 16, "seed": 2147483647, "resolution": "1080p",
+                "aspect_ratio": "9:16", "style": "anime", "audio": "https://x/a.mp3",
+                "is_rec": true, "off_peak": true, "watermark": false,
+                "wm_url": "https://x/wm.png", "wm_position": "bottom-right"
+            },
+            "metadata": {"user": 42}
+        }))
+        .expect("valid");
+        assert_eq!(req.request_id.as_str(), "order-1234");
+        assert!(req.off_peak());
+        assert_eq!(
+            req.metadata.as_ref().map(|m| m.get()),
+            Some(r#"{"user":42}"#)
+        );
+        let body = serde_json::to_value(&req.input).expect("ser");
+        assert_eq!(body["duration"], 16);
+        assert_eq!(body["wm_position"], "bottom-right");
+        assert_eq!(body.as_object().map(|o| o.len()), Some(13));
+    }
+
+    #[test]
+    fn optional_fields_may_be_absent_or_null() {
+        let req = parse_json(json!({"input": {"images": ["http://e.com/a.webp"], "prompt": null}}))
+            .expect("valid");
+        assert_eq!(req.model, MODEL);
+        assert_eq!(req.input.prompt, None);
+        let body = serde_json::to_string(&req.input).expect("ser");
+        assert_eq!(body, r#"{"images":["http://e.com/a.webp"]}"#);
+    }
+
+    #[test]
+    fn request_id_falls_back_to_message_id_then_a_uuid() {
+        let body = br#"{"input": {"images": ["https://e.com/a.jpg"]}}"#;
+        let props = MessageProps {
+            message_id: Some("msg-1"),
+            ..MessageProps::default()
+        };
+        assert_eq!(
+            parse(body, props).expect("valid").request_id.as_str(),
+            "msg-1"
+        );
+        let generated = parse(body, MessageProps::default())
+            .expect("valid")
+            .request_id;
+        assert!(uuid::Uuid::parse_str(generated.as_str()).is_ok());
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let img = json!(["https://e.com/a.jpg"]);
+        let cases = [
+            (
+                json!({"input": {"images": img, "duration": 0}}),
+                "input.duration",
+            ),
+            (
+                json!({"input": {"images": img, "duration": 1.0}}),
+                "input.duration",
+            ),
+            (json!({"input": {"images": img, "seed": -5}}), "input.seed"),
+            (
+                json!({"input": {"images": img, "resolution": "720P"}}),
+                "input.resolution",
+            ),
+            (
+                json!({"input": {"images": img, "aspect_ratio": "21:9"}}),
+                "input.aspect_ratio",
+            ),
+            (json!({"input": {"images": img, "style": 1}}), "input.style"),
+            (
+                json!({"input": {"images": img, "wm_position": "middle"}}),
+                "input.wm_position",
+            ),
+            (
+                json!({"input": {"images": img, "audio": "mailto:a@b"}}),
+                "input.audio",
+            ),
+            (
+                json!({"input": {"images": img, "wm_url": "https://"}}),
+                "input.wm_url",
+            ),
+            (
+                json!({"input": {"images": img, "watermark": "true"}}),
+                "input.watermark",
+            ),
+            (
+                json!({"input": {"images": img, "prompt": "é".repeat(1501)}}),
+                "input.prompt",
+            ),
+            (json!({"input": {"images": []}}), "input.images"),
+            (json!({"input": {"images": [5]}}), "input.images[0]"),
+            (
+                json!({"input": {"images": ["https://e.com/a.jpg.exe"]}}),
+                "input.images[0]",
+            ),
+            (
+                json!({"input": {"images": ["https://e.com/a b.jpg"]}}),
+                "input.images[0]",
+            ),
+            (
+                json!({"input": {"images": img, "negative_prompt": "x"}}),
+                "input.negative_prompt",
+            ),
+            (json!({"input": {"images": img}, "extra": 1}), "extra"),
+            (json!({"input": {"images": img}, "model": "other"}), "model"),
+            (json!({"input": {"images": img}, "model": 7}), "model"),
+            (json!({"input": "x"}), "input"),
+            (json!({}), "input"),
+            (
+                json!({"input": {"images": img}, "metadata": "x"}),
+                "metadata",
+            ),
+            (
+                json!({"input": {"images": img}, "request_id": ""}),
+                "request_id",
+            ),
+            (
+                json!({"input": {"images": img}, "request_id": "a/b"}),
+                "request_id",
+            ),
+        ];
+        for (body, field) in cases {
+            assert_eq!(field_of(body.clone()), field, "{body}");
+        }
+        // 1500 characters (not bytes) are fine.
+        assert!(parse_json(json!({"input": {"images": img, "prompt": "é".repeat(1500)}})).is_ok());
+    }
+
+    #[test]
+    fn bodies_are_checked_before_they_are_read() {
+        let big = vec![b' '; MAX_BODY_BYTES + 1];
+        let err = parse(&big, MessageProps::default()).expect_err("too big");
+        assert_eq!(err.field, "body");
+        assert!(err.message.contains("larger than the limit"));
+        for bad in [
+            &b""[..],
+            b"   ",
+            b"nope",
+            b"[]",
+            b"\"s\"",
+            b"{\"a\":",
+            &[0xc3, 0x28][..],
+        ] {
+            let err = parse(bad, MessageProps::default()).expect_err("bad body");
+            assert_eq!(err.field, "body", "{bad:?}");
+        }
+        let deep = format!("{}{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+        assert_eq!(
+            parse(deep.as_bytes(), MessageProps::default())
+                .expect_err("deep")
+                .field,
+            "body"
+        );
+    }
+
+    #[test]
+    fn content_type_and_encoding_are_checked() {
+        let body = br#"{"input": {"images": ["https://e.com/a.jpg"]}}"#;
+        let ok = MessageProps {
+            content_type: Some("application/json; charset=utf-8"),
+            ..MessageProps::default()
+        };
+        assert!(parse(body, ok).is_ok());
+        let text = MessageProps {
+            content_type: Some("text/plain"),
+            ..MessageProps::default()
+        };
+        assert_eq!(parse(body, text).expect_err("ct").field, "content_type");
+        let gzip = MessageProps {
+            content_encoding: Some("gzip"),
+            ..MessageProps::default()
+        };
+        assert_eq!(parse(body, gzip).expect_err("ce").field, "content_encoding");
+    }
+
+    #[test]
+    fn failures_keep_the_producers_id_and_metadata() {
+        let err = parse_json(json!({
+            "request_id": "r-9", "metadata": {"k": 1}, "input": {"images": ["https://e.com/a.jpg"], "duration": 99}
+        }))
+        .expect_err("invalid");
+        assert_eq!(err.request_id.as_str(), "r-9");
+        assert_eq!(err.metadata.as_ref().map(|m| m.get()), Some(r#"{"k":1}"#));
+        assert_eq!(
+            err.to_string(),
+            "input.duration: must be an integer from 1 to 16, found 99"
+        );
+    }
+
+    #[test]
+    fn metadata_limit_is_16_kib_serialized() {
+        let fits = "x".repeat(MAX_METADATA_BYTES - 8);
+        assert!(parse_json(
+            json!({"input": {"images": ["https://e.com/a.jpg"]}, "metadata": {"k": fits}})
+        )
+        .is_ok());
+        let over = "x".repeat(MAX_METADATA_BYTES);
+        assert_eq!(
+            field_of(
+                json!({"input": {"images": ["https://e.com/a.jpg"]}, "metadata": {"k": over}})
+            ),
+            "metadata"
+        );
+    }
+
+    #[test]
+    fn untrusted_text_is_shortened_in_messages() {
+        let long = "z".repeat(10_000);
+        let err =
+            parse_json(json!({"input": {"images": ["https://e.com/a.jpg"], "resolution": long}}))
+                .expect_err("bad");
+        assert!(err.message.len() < 300, "{}", err.message.len());
+    }
+}

@@ -143,6 +143,10 @@ pub struct TaskResult {
 impl TaskResult {
     /// Parses a task-result body; `Err` only when it is not a JSON object.
     pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            // serde would read a struct from an array too; only objects count.
+            return Err(serde::de::Error::custom("the answer is not a JSON object"));
+        }
         let raw: RawResult = serde_json::from_slice(body)?;
         let task = raw.task.unwrap_or_default();
         let status = match task.status.as_deref().map(str::trim) {

@@ -1,0 +1,633 @@
+//! Shared helpers for the integration tests: a per-test deployment (unique
+//! queue and exchange names on the real local RabbitMQ), the built-in
+//! simulator over real HTTP, worker child processes, an event tap, and
+//! clean-up of everything on drop. Tests wait on conditions with deadlines,
+//! never on fixed sleeps.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    collections::HashMap,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicGetOptions, ExchangeDeleteOptions,
+        QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    },
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel, Connection, ConnectionProperties,
+};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    time::Instant,
+};
+use vidu_worker::{
+    broker::{Publisher, Topology},
+    config::Settings,
+    simulator::{RunningSimulator, Simulator, SimulatorConfig},
+};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const API_KEY: &str = "sk-test-0123456789";
+
+/// Waits until `f` returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One event as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct SeenEvent {
+    pub routing_key: String,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub content_type: Option<String>,
+    pub delivery_mode: Option<u8>,
+    pub headers: HashMap<String, String>,
+    pub body: Value,
+}
+
+impl SeenEvent {
+    pub fn kind(&self) -> &str {
+        self.body["type"].as_str().unwrap_or_default()
+    }
+    pub fn subject(&self) -> &str {
+        self.body["subject"].as_str().unwrap_or_default()
+    }
+    pub fn id(&self) -> &str {
+        self.body["id"].as_str().unwrap_or_default()
+    }
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.kind(),
+            "video.generation.succeeded" | "video.generation.failed"
+        )
+    }
+}
+
+fn header_strings(props: &BasicProperties) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    if let Some(h) = props.headers() {
+        for (k, v) in h.inner() {
+            let s = match v {
+                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                AMQPValue::ShortString(s) => s.to_string(),
+                other => format!("{other:?}"),
+            };
+            out.insert(k.to_string(), s);
+        }
+    }
+    out
+}
+
+fn seen(routing_key: &str, props: &BasicProperties, data: &[u8]) -> SeenEvent {
+    SeenEvent {
+        routing_key: routing_key.to_owned(),
+        message_id: props.message_id().as_ref().map(|s| s.to_string()),
+        correlation_id: props.correlation_id().as_ref().map(|s| s.to_string()),
+        content_type: props.content_type().as_ref().map(|s| s.to_string()),
+        delivery_mode: *props.delivery_mode(),
+        headers: header_strings(props),
+        body: serde_json::from_slice(data).unwrap_or(Value::Null),
+    }
+}
+
+/// Collects every event published to a deployment's exchange.
+#[derive(Clone, Default)]
+pub struct EventTap {
+    events: Arc<Mutex<Vec<SeenEvent>>>,
+}
+
+impl EventTap {
+    pub fn all(&self) -> Vec<SeenEvent> {
+        self.events.lock().expect("tap lock").clone()
+    }
+
+    pub fn for_subject(&self, subject: &str) -> Vec<SeenEvent> {
+        self.all()
+            .into_iter()
+            .filter(|e| e.subject() == subject)
+            .collect()
+    }
+
+    pub fn terminal(&self) -> Vec<SeenEvent> {
+        self.all()
+            .into_iter()
+            .filter(SeenEvent::is_terminal)
+            .collect()
+    }
+
+    /// Distinct subjects that have a terminal event.
+    pub fn finished_subjects(&self) -> std::collections::HashSet<String> {
+        self.terminal()
+            .iter()
+            .map(|e| e.subject().to_owned())
+            .collect()
+    }
+
+    /// Waits for the terminal event of `subject`.
+    pub async fn wait_terminal(&self, subject: &str, timeout: Duration) -> SeenEvent {
+        eventually(
+            timeout,
+            &format!("a terminal event for {subject}"),
+            || async {
+                self.for_subject(subject)
+                    .into_iter()
+                    .find(SeenEvent::is_terminal)
+            },
+        )
+        .await
+    }
+
+    /// Waits until `n` distinct subjects have terminal events.
+    pub async fn wait_finished(&self, n: usize, timeout: Duration) {
+        eventually(timeout, &format!("{n} finished requests"), || async {
+            (self.finished_subjects().len() >= n).then_some(())
+        })
+        .await;
+    }
+}
+
+/// A private deployment for one test.
+pub struct TestEnv {
+    pub name: String,
+    pub settings: Settings,
+    pub topology: Topology,
+    pub sim: RunningSimulator,
+    pub conn: Connection,
+    pub channel: Channel,
+    pub publisher: Publisher,
+    extra_queues: Mutex<Vec<String>>,
+    workers: Mutex<Vec<u32>>,
+}
+
+impl TestEnv {
+    /// A deployment named after the test, with a fresh simulator.
+    pub async fn new(test: &str, sim_config: SimulatorConfig) -> Self {
+        Self::with(test, sim_config, |_| {}).await
+    }
+
+    pub async fn with(
+        test: &str,
+        sim_config: SimulatorConfig,
+        tweak: impl FnOnce(&mut Settings),
+    ) -> Self {
+        let sim = Simulator::start(SimulatorConfig {
+            api_key: Some(API_KEY.into()),
+            ..sim_config
+        })
+        .await
+        .expect("simulator starts");
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("t.{test}.{}", &unique[..8]);
+        let mut settings = Settings::default();
+        settings.amqp.request_queue = format!("{name}.requests");
+        settings.amqp.events_exchange = format!("{name}.events");
+        settings.amqp.prefetch = 16;
+        settings.upstream.base_url = sim.base_url();
+        settings.upstream.api_key = Some(API_KEY.to_owned().into());
+        settings.upstream.retry_initial = Duration::from_millis(100);
+        settings.upstream.retry_max = Duration::from_secs(2);
+        settings.upstream.max_requests_per_second = 0.0;
+        settings.polling.min_interval = Duration::from_millis(250);
+        settings.polling.max_interval = Duration::from_secs(5);
+        settings.shutdown.grace_period = Duration::from_secs(10);
+        tweak(&mut settings);
+        let topology = Topology::new(&settings);
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672");
+        topology.declare(&conn).await.expect("topology");
+        let channel = conn.create_channel().await.expect("channel");
+        let publisher = Publisher::open(&conn).await.expect("publisher");
+        Self {
+            name,
+            settings,
+            topology,
+            sim,
+            conn,
+            channel,
+            publisher,
+            extra_queues: Mutex::new(Vec::new()),
+            workers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Environment variables that configure a worker child for this deployment.
+    pub fn worker_env(&self) -> Vec<(String, String)> {
+        let s = &self.settings;
+        let d = |d: Duration| format!("{}ms", d.as_millis());
+        vec![
+            (
+                "VIDU_WORKER__AMQP__REQUEST_QUEUE".into(),
+                s.amqp.request_queue.clone(),
+            ),
+            (
+                "VIDU_WORKER__AMQP__EVENTS_EXCHANGE".into(),
+                s.amqp.events_exchange.clone(),
+            ),
+            (
+                "VIDU_WORKER__AMQP__PREFETCH".into(),
+                s.amqp.prefetch.to_string(),
+            ),
+            (
+                "VIDU_WORKER__AMQP__MAX_DELIVERIES".into(),
+                s.amqp.max_deliveries.to_string(),
+            ),
+            ("VIDU_WORKER__AMQP__MAX_HOLD".into(), d(s.amqp.max_hold)),
+            (
+                "VIDU_WORKER__UPSTREAM__BASE_URL".into(),
+                s.upstream.base_url.clone(),
+            ),
+            (
+                "VIDU_WORKER__UPSTREAM__TIMEOUT".into(),
+                d(s.upstream.timeout),
+            ),
+            (
+                "VIDU_WORKER__UPSTREAM__RETRY_INITIAL".into(),
+                d(s.upstream.retry_initial),
+            ),
+            (
+                "VIDU_WORKER__UPSTREAM__RETRY_MAX".into(),
+                d(s.upstream.retry_max),
+            ),
+            (
+                "VIDU_WORKER__UPSTREAM__CREATE_RETRY_BUDGET".into(),
+                d(s.upstream.create_retry_budget),
+            ),
+            (
+                "VIDU_WORKER__UPSTREAM__MAX_REQUESTS_PER_SECOND".into(),
+                s.upstream.max_requests_per_second.to_string(),
+            ),
+            (
+                "VIDU_WORKER__POLLING__MIN_INTERVAL".into(),
+                d(s.polling.min_interval),
+            ),
+            (
+                "VIDU_WORKER__POLLING__MAX_INTERVAL".into(),
+                d(s.polling.max_interval),
+            ),
+            (
+                "VIDU_WORKER__POLLING__MAX_TASK_AGE".into(),
+                d(s.polling.max_task_age),
+            ),
+            (
+                "VIDU_WORKER__POLLING__MAX_OFF_PEAK_TASK_AGE".into(),
+                d(s.polling.max_off_peak_task_age),
+            ),
+            (
+                "VIDU_WORKER__SHUTDOWN__GRACE_PERIOD".into(),
+                d(s.shutdown.grace_period),
+            ),
+            ("VIDU_WORKER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
+            ("NOVITA_API_KEY".into(), API_KEY.into()),
+        ]
+    }
+
+    /// Starts a worker child process for this deployment and waits until it
+    /// is ready.
+    pub async fn start_worker(&self) -> WorkerProcess {
+        self.start_worker_with(&[]).await
+    }
+
+    pub async fn start_worker_with(&self, extra_env: &[(&str, &str)]) -> WorkerProcess {
+        let worker = self.spawn_worker(extra_env);
+        worker.wait_ready(Duration::from_secs(30)).await;
+        worker
+    }
+
+    /// Starts a worker child process without waiting.
+    pub fn spawn_worker(&self, extra_env: &[(&str, &str)]) -> WorkerProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vidu-worker"));
+        cmd.arg("run")
+            .env_remove("RUST_LOG")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in self.worker_env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn vidu-worker");
+        if let Some(pid) = child.id() {
+            self.workers.lock().expect("lock").push(pid);
+        }
+        let logs = Arc::new(Mutex::new(Vec::<String>::new()));
+        for pipe in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(pipe).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    logs.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        WorkerProcess { child, logs }
+    }
+
+    /// Publishes a raw request body with the given properties.
+    pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) {
+        self.publisher
+            .publish(
+                "",
+                &self.topology.request_queue,
+                body,
+                props.with_delivery_mode(2),
+                true,
+            )
+            .await
+            .expect("publish request");
+    }
+
+    /// Publishes a JSON request.
+    pub async fn publish(&self, body: &Value) {
+        self.publish_with(body, BasicProperties::default()).await;
+    }
+
+    pub async fn publish_with(&self, body: &Value, props: BasicProperties) {
+        let bytes = serde_json::to_vec(body).expect("json");
+        self.publish_raw(&bytes, props.with_content_type("application/json".into()))
+            .await;
+    }
+
+    /// Declares a queue that is deleted with the deployment.
+    pub async fn declare_queue(&self, suffix: &str) -> String {
+        let name = format!("{}.{suffix}", self.name);
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("declare queue");
+        self.extra_queues.lock().expect("lock").push(name.clone());
+        name
+    }
+
+    /// Starts collecting every event of this deployment.
+    pub async fn tap(&self) -> EventTap {
+        let queue = self
+            .declare_queue(&format!(
+                "tap{}",
+                self.extra_queues.lock().expect("lock").len()
+            ))
+            .await;
+        self.channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.topology.events_exchange.as_str().into(),
+                "#".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind tap");
+        self.collect(&queue).await
+    }
+
+    /// Collects everything arriving on `queue`.
+    pub async fn collect(&self, queue: &str) -> EventTap {
+        let tap = EventTap::default();
+        let channel = self.conn.create_channel().await.expect("channel");
+        let mut consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let events = tap.events.clone();
+        tokio::spawn(async move {
+            let _keep = channel;
+            while let Some(Ok(d)) = consumer.next().await {
+                let e = seen(d.routing_key.as_str(), &d.properties, &d.data);
+                events.lock().expect("tap lock").push(e);
+            }
+        });
+        tap
+    }
+
+    /// Takes every message from the dead-letter queue.
+    pub async fn drain_dead(&self) -> Vec<(HashMap<String, String>, Vec<u8>, BasicProperties)> {
+        let mut out = Vec::new();
+        while let Some(msg) = self
+            .channel
+            .basic_get(
+                self.topology.dead_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic_get")
+        {
+            let d = msg.delivery;
+            d.acker.ack(BasicAckOptions::default()).await.expect("ack");
+            out.push((header_strings(&d.properties), d.data, d.properties));
+        }
+        out
+    }
+
+    /// Messages ready in a queue.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for pid in self.workers.lock().map(|w| w.clone()).unwrap_or_default() {
+            let _ = std::process::Command::new("kill")
+                .arg("-9")
+                .arg(pid.to_string())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let mut queues = self.topology.queue_names();
+        queues.extend(
+            self.extra_queues
+                .lock()
+                .map(|q| q.clone())
+                .unwrap_or_default(),
+        );
+        let exchange = self.topology.events_exchange.clone();
+        // Drop runs inside the test's runtime: clean up from a fresh thread.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                else {
+                    return;
+                };
+                let Ok(ch) = conn.create_channel().await else {
+                    return;
+                };
+                for q in queues {
+                    let _ = ch
+                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+                let _ = ch
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                    .await;
+                let _ = conn.close(200, "test cleanup".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// A worker child process; killed on drop.
+pub struct WorkerProcess {
+    pub child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl WorkerProcess {
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().expect("log lock").clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// The operations address, read from the start-up log line.
+    pub async fn ops_addr(&self) -> String {
+        eventually(
+            Duration::from_secs(30),
+            "the worker's start-up log line",
+            || async {
+                self.logs().iter().find_map(|l| {
+                    let v: Value = serde_json::from_str(l).ok()?;
+                    (v["message"] == "vidu-worker starting")
+                        .then(|| v["ops"].as_str().map(str::to_owned))?
+                })
+            },
+        )
+        .await
+    }
+
+    /// GET on the operations endpoint: (status, body).
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let addr = self.ops_addr().await;
+        let resp = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.text().await.ok()?))
+    }
+
+    pub async fn wait_ready(&self, timeout: Duration) {
+        eventually(timeout, "the worker to be ready", || async {
+            matches!(self.get("/readyz").await, Some((200, _))).then_some(())
+        })
+        .await;
+    }
+
+    /// One metric's value (summed over label sets matching `labels`).
+    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
+        let Some((_, text)) = self.get("/metrics").await else {
+            return 0.0;
+        };
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    pub async fn kill9(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait().await;
+    }
+
+    /// Waits for exit; returns the status code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()?
+            .ok()?
+            .code()
+    }
+}
+
+/// A valid request body.
+pub fn request(id: &str, prompt: &str) -> Value {
+    serde_json::json!({
+        "request_id": id,
+        "input": {
+            "images": ["https://example.com/cat.png"],
+            "prompt": format!("{prompt} {id}"),
+            "duration": 5
+        }
+    })
+}
+
+/// Simulator settings with a short generation time.
+pub fn sim(generation: Duration) -> SimulatorConfig {
+    SimulatorConfig {
+        generation_time: generation,
+        ..SimulatorConfig::default()
+    }
+}

@@ -1,0 +1,590 @@
+//! End-to-end behaviour of one or two workers against the real RabbitMQ and
+//! the simulator: the happy path, every validation rule, upstream refusals
+//! and failures, timeouts, transient upstream errors, and scale-out.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use common::*;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+use vidu_worker::simulator::{EndpointFaults, FaultPlan};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
+    let env = TestEnv::new("happy", sim(Duration::from_millis(1500))).await;
+    let tap = env.tap().await;
+    let replies = env.declare_queue("replies").await;
+    let reply_tap = env.collect(&replies).await;
+    let worker = env.start_worker().await;
+
+    let body = json!({
+        "request_id": "order-1234",
+        "model": "vidu-q3-pro-i2v",
+        "input": {
+            "images": ["https://example.com/cat.png"],
+            "prompt": "the cat turns its head and blinks",
+            "duration": 5,
+            "resolution": "720p"
+        },
+        "metadata": {"user": 42, "tags": ["a", "b"]}
+    });
+    env.publish_with(
+        &body,
+        BasicProperties::default()
+            .with_correlation_id("corr-77".into())
+            .with_reply_to(replies.as_str().into()),
+    )
+    .await;
+
+    let done = tap.wait_terminal("order-1234", WAIT).await;
+    let events = tap.for_subject("order-1234");
+    let kinds: Vec<&str> = events.iter().map(SeenEvent::kind).collect();
+    assert_eq!(
+        kinds.first(),
+        Some(&"video.generation.submitted"),
+        "{kinds:?}"
+    );
+    assert!(kinds.contains(&"video.generation.progress"), "{kinds:?}");
+    assert_eq!(done.kind(), "video.generation.succeeded");
+
+    for e in &events {
+        // Envelope, AMQP properties and routing.
+        assert_eq!(e.body["specversion"], "1.0");
+        assert_eq!(e.body["source"], "vidu-worker");
+        assert_eq!(e.body["subject"], "order-1234");
+        assert_eq!(e.body["datacontenttype"], "application/json");
+        assert!(
+            chrono::DateTime::parse_from_rfc3339(e.body["time"].as_str().expect("time")).is_ok()
+        );
+        assert_eq!(e.routing_key, e.kind(), "routing key = type");
+        assert_eq!(e.message_id.as_deref(), Some(e.id()), "message_id = id");
+        assert_eq!(e.correlation_id.as_deref(), Some("corr-77"));
+        assert_eq!(
+            e.content_type.as_deref(),
+            Some("application/cloudevents+json")
+        );
+        assert_eq!(e.delivery_mode, Some(2), "persistent");
+        assert_eq!(e.body["data"]["request_id"], "order-1234");
+        assert_eq!(
+            e.body["data"]["metadata"],
+            json!({"user": 42, "tags": ["a", "b"]})
+        );
+    }
+    let submitted = &events[0];
+    let task_id = submitted.body["data"]["task_id"]
+        .as_str()
+        .expect("task id")
+        .to_owned();
+    assert_eq!(submitted.body["data"]["model"], "vidu-q3-pro-i2v");
+    let progress = events
+        .iter()
+        .find(|e| e.kind() == "video.generation.progress")
+        .expect("progress");
+    assert!(matches!(
+        progress.body["data"]["status"].as_str(),
+        Some("queued" | "processing")
+    ));
+    assert!(progress.body["data"]["progress_percent"].is_u64());
+
+    let data = &done.body["data"];
+    assert_eq!(data["task_id"], task_id.as_str());
+    let url = data["video_url"].as_str().expect("video url");
+    assert!(
+        url.starts_with("https://") && url.contains(&task_id),
+        "{url}"
+    );
+    assert_eq!(data["videos"][0]["url"], url);
+    assert_eq!(data["videos"][0]["ttl_seconds"], 3600);
+    assert_eq!(data["videos"][0]["type"], "mp4");
+    let submitted_at =
+        chrono::DateTime::parse_from_rfc3339(data["submitted_at"].as_str().expect("s"))
+            .expect("rfc3339");
+    let completed_at =
+        chrono::DateTime::parse_from_rfc3339(data["completed_at"].as_str().expect("c"))
+            .expect("rfc3339");
+    assert!(completed_at > submitted_at);
+
+    // reply_to received the terminal event, and only that.
+    let reply = reply_tap.wait_terminal("order-1234", WAIT).await;
+    assert_eq!(reply.id(), done.id());
+    assert!(reply_tap.all().iter().all(SeenEvent::is_terminal));
+
+    // The upstream saw exactly the validated input, once.
+    let stats = env.sim.stats();
+    assert_eq!(stats.tasks_created, 1);
+    let task = env.sim.task(&task_id).expect("task known upstream");
+    assert_eq!(
+        task.request["images"],
+        json!(["https://example.com/cat.png"])
+    );
+    assert_eq!(task.request["duration"], 5);
+
+    // Nothing left behind: request acked, no dead letters, no tickets.
+    eventually(WAIT, "empty queues", || async {
+        let depth = env.depth(&env.topology.request_queue).await
+            + env.depth(&env.topology.tracking_queue).await;
+        (depth == 0).then_some(())
+    })
+    .await;
+    assert!(env.drain_dead().await.is_empty());
+    assert_eq!(
+        worker
+            .metric("vidu_worker_requests_received_total", "submitted")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn event_ids_are_deterministic_across_redelivery() {
+    // The same request published twice yields the same event ids.
+    let env = TestEnv::new("ids", sim(Duration::from_millis(300))).await;
+    let tap = env.tap().await;
+    let _worker = env.start_worker().await;
+    env.publish(&request("same-id", "first")).await;
+    let first = tap.wait_terminal("same-id", WAIT).await;
+    env.publish(&request("same-id", "first")).await;
+    eventually(WAIT, "two terminal events", || async {
+        (tap.terminal().len() >= 2).then_some(())
+    })
+    .await;
+    let terminal = tap.terminal();
+    assert!(
+        terminal.iter().all(|e| e.id() == first.id()),
+        "{terminal:?}"
+    );
+    let submitted: Vec<_> = tap
+        .all()
+        .into_iter()
+        .filter(|e| e.kind() == "video.generation.submitted")
+        .collect();
+    assert_eq!(submitted.len(), 2);
+    assert_eq!(submitted[0].id(), submitted[1].id());
+}
+
+/// (request body, AMQP message_id, expected field named in the error)
+fn invalid_cases() -> Vec<(Vec<u8>, Option<&'static str>, &'static str)> {
+    let img = json!(["https://example.com/cat.png"]);
+    let mut cases: Vec<(Value, &'static str)> = vec![
+        (
+            json!({"request_id": "bad-dur", "input": {"images": img, "duration": 17}}),
+            "input.duration",
+        ),
+        (
+            json!({"request_id": "bad-dur0", "input": {"images": img, "duration": 0}}),
+            "input.duration",
+        ),
+        (
+            json!({"request_id": "bad-dur-str", "input": {"images": img, "duration": "5"}}),
+            "input.duration",
+        ),
+        (
+            json!({"request_id": "bad-dur-float", "input": {"images": img, "duration": 5.5}}),
+            "input.duration",
+        ),
+        (
+            json!({"request_id": "bad-seed", "input": {"images": img, "seed": 2147483648u64}}),
+            "input.seed",
+        ),
+        (
+            json!({"request_id": "bad-seed-neg", "input": {"images": img, "seed": -1}}),
+            "input.seed",
+        ),
+        (
+            json!({"request_id": "bad-res", "input": {"images": img, "resolution": "4k"}}),
+            "input.resolution",
+        ),
+        (
+            json!({"request_id": "bad-ar", "input": {"images": img, "aspect_ratio": "2:1"}}),
+            "input.aspect_ratio",
+        ),
+        (
+            json!({"request_id": "bad-style", "input": {"images": img, "style": "noir"}}),
+            "input.style",
+        ),
+        (
+            json!({"request_id": "bad-wm", "input": {"images": img, "wm_position": "center"}}),
+            "input.wm_position",
+        ),
+        (
+            json!({"request_id": "bad-audio", "input": {"images": img, "audio": "ftp://x/a.mp3"}}),
+            "input.audio",
+        ),
+        (
+            json!({"request_id": "bad-wmurl", "input": {"images": img, "wm_url": "not a url"}}),
+            "input.wm_url",
+        ),
+        (
+            json!({"request_id": "bad-rec", "input": {"images": img, "is_rec": "yes"}}),
+            "input.is_rec",
+        ),
+        (
+            json!({"request_id": "bad-offpeak", "input": {"images": img, "off_peak": 1}}),
+            "input.off_peak",
+        ),
+        (
+            json!({"request_id": "bad-watermark", "input": {"images": img, "watermark": null, "off_peak": "no"}}),
+            "input.off_peak",
+        ),
+        (
+            json!({"request_id": "bad-prompt", "input": {"images": img, "prompt": "x".repeat(1501)}}),
+            "input.prompt",
+        ),
+        (
+            json!({"request_id": "bad-prompt-type", "input": {"images": img, "prompt": 5}}),
+            "input.prompt",
+        ),
+        (
+            json!({"request_id": "no-images", "input": {"prompt": "hi"}}),
+            "input.images",
+        ),
+        (
+            json!({"request_id": "two-images", "input": {"images": ["https://a/1.png", "https://a/2.png"]}}),
+            "input.images",
+        ),
+        (
+            json!({"request_id": "images-str", "input": {"images": "https://a/1.png"}}),
+            "input.images",
+        ),
+        (
+            json!({"request_id": "bad-ext", "input": {"images": ["https://a/1.gif"]}}),
+            "input.images[0]",
+        ),
+        (
+            json!({"request_id": "bad-scheme", "input": {"images": ["file:///etc/passwd.png"]}}),
+            "input.images[0]",
+        ),
+        (
+            json!({"request_id": "unknown-input", "input": {"images": img, "fps": 30}}),
+            "input.fps",
+        ),
+        (
+            json!({"request_id": "unknown-top", "input": {"images": img}, "callback": "x"}),
+            "callback",
+        ),
+        (
+            json!({"request_id": "bad-model", "model": "vidu-q1", "input": {"images": img}}),
+            "model",
+        ),
+        (json!({"request_id": "no-input"}), "input"),
+        (json!({"request_id": "input-array", "input": [1]}), "input"),
+        (
+            json!({"request_id": "meta-array", "input": {"images": img}, "metadata": [1]}),
+            "metadata",
+        ),
+        (
+            json!({"request_id": "meta-big", "input": {"images": img}, "metadata": {"k": "x".repeat(17 * 1024)}}),
+            "metadata",
+        ),
+        (
+            json!({"request_id": "bad id with spaces", "input": {"images": img}}),
+            "request_id",
+        ),
+        (
+            json!({"request_id": "x".repeat(129), "input": {"images": img}}),
+            "request_id",
+        ),
+        (
+            json!({"request_id": 42, "input": {"images": img}}),
+            "request_id",
+        ),
+    ];
+    let mut out: Vec<(Vec<u8>, Option<&'static str>, &'static str)> = cases
+        .drain(..)
+        .map(|(v, f)| (serde_json::to_vec(&v).expect("json"), None, f))
+        .collect();
+    out.push((b"this is not json".to_vec(), Some("raw-not-json"), "body"));
+    out.push((b"[1,2,3]".to_vec(), Some("raw-array"), "body"));
+    out.push((b"".to_vec(), Some("raw-empty"), "body"));
+    out.push((vec![0xff, 0xfe, b'{'], Some("raw-utf8"), "body"));
+    out.push((vec![b' '; 1024 * 1024 + 1], Some("raw-oversize"), "body"));
+    out.push((
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(),
+        Some("raw-deep"),
+        "body",
+    ));
+    out.push((
+        br#"{"input": {"images": ["https://a/1.png"]}}"#.to_vec(),
+        Some("bad message id!"),
+        "message_id",
+    ));
+    out
+}
+
+#[tokio::test]
+async fn every_invalid_request_fails_cleanly_and_never_reaches_the_upstream() {
+    let env = TestEnv::new("invalid", sim(Duration::from_millis(300))).await;
+    let tap = env.tap().await;
+    let worker = env.start_worker().await;
+    let cases = invalid_cases();
+
+    // Interleave a valid request between invalid ones: it must still succeed.
+    env.publish(&request("valid-before", "ok")).await;
+    for (body, message_id, _) in &cases {
+        let mut props = BasicProperties::default();
+        if let Some(mid) = message_id {
+            props = props.with_message_id((*mid).into());
+        }
+        env.publish_raw(body, props.with_correlation_id("corr-bad".into()))
+            .await;
+    }
+    env.publish(&request("valid-after", "ok")).await;
+
+    let expected_failures = cases.len();
+    eventually(WAIT, "a failed event per invalid request", || async {
+        let failed = tap
+            .terminal()
+            .into_iter()
+            .filter(|e| e.kind() == "video.generation.failed")
+            .count();
+        (failed >= expected_failures).then_some(())
+    })
+    .await;
+    tap.wait_terminal("valid-before", WAIT).await;
+    tap.wait_terminal("valid-after", WAIT).await;
+
+    let failed: Vec<SeenEvent> = tap
+        .terminal()
+        .into_iter()
+        .filter(|e| e.kind() == "video.generation.failed")
+        .collect();
+    assert_eq!(
+        failed.len(),
+        expected_failures,
+        "exactly one failed event each"
+    );
+    for (body, message_id, field) in &cases {
+        // Find this case's event: by the body's request id when it had a valid
+        // one, else by message id, else by the field in the message.
+        let parsed: Option<Value> = serde_json::from_slice(body).ok();
+        let rid = parsed
+            .as_ref()
+            .and_then(|v| v["request_id"].as_str())
+            .filter(|r| vidu_worker::request::RequestId::parse(r).is_ok())
+            .map(str::to_owned)
+            .or_else(|| {
+                message_id
+                    .filter(|m| vidu_worker::request::RequestId::parse(m).is_ok())
+                    .map(str::to_owned)
+            });
+        let event = match &rid {
+            Some(rid) => failed.iter().find(|e| e.subject() == rid),
+            None => failed.iter().find(|e| {
+                e.body["data"]["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(&format!("{field}:")))
+            }),
+        }
+        .unwrap_or_else(|| panic!("no failed event for case {field} ({rid:?})"));
+        let error = &event.body["data"]["error"];
+        assert_eq!(error["code"], "invalid_request", "{field}");
+        let message = error["message"].as_str().expect("message");
+        assert!(
+            message.starts_with(&format!("{field}:")),
+            "{field}: {message}"
+        );
+        assert!(event.body["data"]["task_id"].is_null());
+        assert_eq!(event.correlation_id.as_deref(), Some("corr-bad"));
+    }
+
+    // Every invalid message is in the dead-letter queue, byte for byte, with why.
+    eventually(WAIT, "all dead letters", || async {
+        let d = env.depth(&env.topology.dead_queue).await as usize;
+        (d >= expected_failures).then_some(())
+    })
+    .await;
+    let dead = env.drain_dead().await;
+    assert_eq!(dead.len(), expected_failures);
+    for (body, _, field) in &cases {
+        let entry = dead
+            .iter()
+            .find(|(_, b, _)| b == body)
+            .unwrap_or_else(|| panic!("{field} not dead-lettered"));
+        let why = entry.0.get("x-vidu-error").expect("x-vidu-error header");
+        assert!(
+            why.starts_with(&format!("invalid_request: {field}:")),
+            "{why}"
+        );
+    }
+
+    // Zero upstream calls for them: only the two valid requests were created.
+    let stats = env.sim.stats();
+    assert_eq!(stats.create_calls, 2, "{stats:?}");
+    assert_eq!(env.depth(&env.topology.request_queue).await, 0);
+    assert_eq!(
+        worker
+            .metric("vidu_worker_requests_received_total", "invalid")
+            .await as usize,
+        expected_failures
+    );
+}
+
+#[tokio::test]
+async fn upstream_refusals_failures_and_timeouts_end_in_failed_events() {
+    let env = TestEnv::with("refusals", sim(Duration::from_millis(500)), |s| {
+        s.polling.max_task_age = Duration::from_secs(3);
+    })
+    .await;
+    let tap = env.tap().await;
+    let _worker = env.start_worker().await;
+    env.publish(&request(
+        "rejected",
+        "[sim:reject=the prompt breaks the content policy]",
+    ))
+    .await;
+    env.publish(&request("failed", "[sim:fail=the image shows no subject]"))
+        .await;
+    env.publish(&request("failed500", "[sim:fail500]")).await;
+    env.publish(&request("too-slow", "[sim:gen=60s]")).await;
+    env.publish(&request("fine", "a calm lake")).await;
+
+    let rejected = tap.wait_terminal("rejected", WAIT).await;
+    assert_eq!(rejected.kind(), "video.generation.failed");
+    assert_eq!(rejected.body["data"]["error"]["code"], "upstream_rejected");
+    let msg = rejected.body["data"]["error"]["message"]
+        .as_str()
+        .expect("msg");
+    assert!(
+        msg.contains("400") && msg.contains("the prompt breaks the content policy"),
+        "{msg}"
+    );
+    assert!(rejected.body["data"]["task_id"].is_null());
+
+    let failed = tap.wait_terminal("failed", WAIT).await;
+    assert_eq!(failed.body["data"]["error"]["code"], "upstream_failed");
+    assert_eq!(
+        failed.body["data"]["error"]["message"],
+        "the image shows no subject"
+    );
+    assert!(failed.body["data"]["task_id"].is_string());
+
+    let failed500 = tap.wait_terminal("failed500", WAIT).await;
+    assert_eq!(failed500.body["data"]["error"]["code"], "upstream_failed");
+
+    let slow = tap.wait_terminal("too-slow", WAIT).await;
+    assert_eq!(slow.body["data"]["error"]["code"], "timed_out");
+    assert!(slow.body["data"]["task_id"].is_string());
+
+    assert_eq!(
+        tap.wait_terminal("fine", WAIT).await.kind(),
+        "video.generation.succeeded"
+    );
+
+    // The rejected request was not retried, and it is in the dead-letter queue.
+    assert_eq!(
+        env.sim.stats().responses.get("create:400").copied(),
+        Some(1)
+    );
+    let dead = env.drain_dead().await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].0["x-vidu-error"].starts_with("upstream_rejected:"),
+        "{:?}",
+        dead[0].0
+    );
+}
+
+#[tokio::test]
+async fn off_peak_requests_get_the_longer_deadline() {
+    let env = TestEnv::with("offpeak", sim(Duration::from_millis(300)), |s| {
+        s.polling.max_task_age = Duration::from_secs(2);
+        s.polling.max_off_peak_task_age = Duration::from_secs(120);
+    })
+    .await;
+    let tap = env.tap().await;
+    let _worker = env.start_worker().await;
+    let mut body = request("night", "[sim:gen=4s]");
+    body["input"]["off_peak"] = json!(true);
+    env.publish(&body).await;
+    env.publish(&request("day", "[sim:gen=4s]")).await;
+    assert_eq!(
+        tap.wait_terminal("night", WAIT).await.kind(),
+        "video.generation.succeeded"
+    );
+    let day = tap.wait_terminal("day", WAIT).await;
+    assert_eq!(day.body["data"]["error"]["code"], "timed_out");
+}
+
+#[tokio::test]
+async fn transient_upstream_errors_are_retried_until_success() {
+    let env = TestEnv::new("transient", sim(Duration::from_millis(500))).await;
+    env.sim.set_faults(FaultPlan {
+        create: EndpointFaults {
+            script: vec![
+                "429".parse().expect("f"),
+                "503".parse().expect("f"),
+                "500".parse().expect("f"),
+                "502".parse().expect("f"),
+            ],
+            ..EndpointFaults::default()
+        },
+        poll: EndpointFaults {
+            script: vec![
+                "429".parse().expect("f"),
+                "504".parse().expect("f"),
+                "500".parse().expect("f"),
+            ],
+            ..EndpointFaults::default()
+        },
+    });
+    let tap = env.tap().await;
+    let _worker = env.start_worker().await;
+    env.publish(&request("stubborn", "retry me")).await;
+    let done = tap.wait_terminal("stubborn", WAIT).await;
+    assert_eq!(done.kind(), "video.generation.succeeded");
+    let stats = env.sim.stats();
+    assert_eq!(stats.tasks_created, 1, "{stats:?}");
+    assert_eq!(stats.create_calls, 5, "4 faults then success: {stats:?}");
+    assert_eq!(stats.responses.get("create:429").copied(), Some(1));
+    assert_eq!(stats.responses.get("poll:504").copied(), Some(1));
+}
+
+#[tokio::test]
+async fn two_workers_share_the_queue_and_each_request_ends_once() {
+    let env = TestEnv::with("scaleout", sim(Duration::from_millis(800)), |s| {
+        s.amqp.prefetch = 4;
+    })
+    .await;
+    let tap = env.tap().await;
+    let a = env.start_worker().await;
+    let b = env.start_worker().await;
+    let n = 60;
+    for i in 0..n {
+        env.publish(&request(&format!("shared-{i}"), "two workers"))
+            .await;
+    }
+    tap.wait_finished(n, WAIT).await;
+
+    let mut ids: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    for e in tap.terminal() {
+        ids.entry(e.subject().to_owned())
+            .or_default()
+            .insert(e.id().to_owned());
+    }
+    assert_eq!(ids.len(), n);
+    for (subject, set) in &ids {
+        assert_eq!(set.len(), 1, "{subject} has {} terminal ids", set.len());
+    }
+    let by_a = a
+        .metric("vidu_worker_requests_received_total", "submitted")
+        .await;
+    let by_b = b
+        .metric("vidu_worker_requests_received_total", "submitted")
+        .await;
+    assert_eq!(by_a + by_b, n as f64);
+    assert!(
+        by_a > 0.0 && by_b > 0.0,
+        "both take requests: {by_a} / {by_b}"
+    );
+    let polls_a = a.metric("vidu_worker_polls_total", "").await;
+    let polls_b = b.metric("vidu_worker_polls_total", "").await;
+    assert!(
+        polls_a > 0.0 && polls_b > 0.0,
+        "both track tasks: {polls_a} / {polls_b}"
+    );
+    assert_eq!(env.sim.stats().tasks_created, n as u64);
+}
