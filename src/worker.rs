@@ -258,8 +258,8 @@ pub async fn run_with_listener(
 async fn supervise(shared: Arc<Shared>) -> Result<(), RunError> {
     let tracker = TaskTracker::new();
     let reconnect = RetryPolicy {
-        initial: Duration::from_millis(500),
-        max: Duration::from_secs(15),
+        initial: Duration::from_millis(250),
+        max: Duration::from_secs(5),
     };
     let mut attempt: u32 = 0;
     let mut ever_connected = false;

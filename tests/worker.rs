@@ -302,6 +302,7 @@ fn invalid_cases() -> Vec<(Vec<u8>, Option<&'static str>, &'static str)> {
     out.push((b"".to_vec(), Some("raw-empty"), "body"));
     out.push((vec![0xff, 0xfe, b'{'], Some("raw-utf8"), "body"));
     out.push((vec![b' '; 1024 * 1024 + 1], Some("raw-oversize"), "body"));
+    out.push((vec![b'{'; 5 * 1024 * 1024], Some("raw-5mib"), "body"));
     out.push((
         format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes(),
         Some("raw-deep"),
@@ -420,6 +421,11 @@ async fn every_invalid_request_fails_cleanly_and_never_reaches_the_upstream() {
             .metric("vidu_worker_requests_received_total", "invalid")
             .await as usize,
         expected_failures
+    );
+    // The worker never exited.
+    assert_eq!(
+        worker.get("/healthz").await.map(|(code, _)| code),
+        Some(200)
     );
 }
 

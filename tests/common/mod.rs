@@ -5,6 +5,8 @@
 //! never on fixed sleeps.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod node;
+
 use std::{
     collections::HashMap,
     process::Stdio,
@@ -170,6 +172,7 @@ impl EventTap {
 /// A private deployment for one test.
 pub struct TestEnv {
     pub name: String,
+    pub api_key: String,
     pub settings: Settings,
     pub topology: Topology,
     pub sim: RunningSimulator,
@@ -178,6 +181,7 @@ pub struct TestEnv {
     pub publisher: Publisher,
     extra_queues: Mutex<Vec<String>>,
     workers: Mutex<Vec<u32>>,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl TestEnv {
@@ -191,8 +195,12 @@ impl TestEnv {
         sim_config: SimulatorConfig,
         tweak: impl FnOnce(&mut Settings),
     ) -> Self {
+        let api_key = sim_config
+            .api_key
+            .clone()
+            .unwrap_or_else(|| API_KEY.to_owned());
         let sim = Simulator::start(SimulatorConfig {
-            api_key: Some(API_KEY.into()),
+            api_key: Some(api_key.clone()),
             ..sim_config
         })
         .await
@@ -204,7 +212,7 @@ impl TestEnv {
         settings.amqp.events_exchange = format!("{name}.events");
         settings.amqp.prefetch = 16;
         settings.upstream.base_url = sim.base_url();
-        settings.upstream.api_key = Some(API_KEY.to_owned().into());
+        settings.upstream.api_key = Some(api_key.clone().into());
         settings.upstream.retry_initial = Duration::from_millis(100);
         settings.upstream.retry_max = Duration::from_secs(2);
         settings.upstream.max_requests_per_second = 0.0;
@@ -213,14 +221,16 @@ impl TestEnv {
         settings.shutdown.grace_period = Duration::from_secs(10);
         tweak(&mut settings);
         let topology = Topology::new(&settings);
-        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        let url = secrecy::ExposeSecret::expose_secret(&settings.amqp.url).to_owned();
+        let conn = Connection::connect(&url, ConnectionProperties::default())
             .await
-            .expect("RabbitMQ on 127.0.0.1:5672");
+            .expect("RabbitMQ reachable");
         topology.declare(&conn).await.expect("topology");
         let channel = conn.create_channel().await.expect("channel");
         let publisher = Publisher::open(&conn).await.expect("publisher");
         Self {
             name,
+            api_key,
             settings,
             topology,
             sim,
@@ -229,6 +239,7 @@ impl TestEnv {
             publisher,
             extra_queues: Mutex::new(Vec::new()),
             workers: Mutex::new(Vec::new()),
+            background: Mutex::new(Vec::new()),
         }
     }
 
@@ -237,6 +248,10 @@ impl TestEnv {
         let s = &self.settings;
         let d = |d: Duration| format!("{}ms", d.as_millis());
         vec![
+            (
+                "VIDU_WORKER__AMQP__URL".into(),
+                secrecy::ExposeSecret::expose_secret(&s.amqp.url).to_owned(),
+            ),
             (
                 "VIDU_WORKER__AMQP__REQUEST_QUEUE".into(),
                 s.amqp.request_queue.clone(),
@@ -299,7 +314,7 @@ impl TestEnv {
                 d(s.shutdown.grace_period),
             ),
             ("VIDU_WORKER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
-            ("NOVITA_API_KEY".into(), API_KEY.into()),
+            ("NOVITA_API_KEY".into(), self.api_key.clone()),
         ]
     }
 
@@ -391,7 +406,10 @@ impl TestEnv {
         self.channel
             .queue_declare(
                 name.as_str().into(),
-                QueueDeclareOptions::default(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -421,31 +439,52 @@ impl TestEnv {
         self.collect(&queue).await
     }
 
-    /// Collects everything arriving on `queue`.
+    /// Collects everything arriving on `queue`, reconnecting after broker
+    /// outages until the deployment is dropped.
     pub async fn collect(&self, queue: &str) -> EventTap {
         let tap = EventTap::default();
-        let channel = self.conn.create_channel().await.expect("channel");
-        let mut consumer = channel
-            .basic_consume(
-                queue.into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consume");
         let events = tap.events.clone();
-        tokio::spawn(async move {
-            let _keep = channel;
-            while let Some(Ok(d)) = consumer.next().await {
-                let e = seen(d.routing_key.as_str(), &d.properties, &d.data);
-                events.lock().expect("tap lock").push(e);
+        let url = self.amqp_url();
+        let queue = queue.to_owned();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut ready_tx = Some(ready_tx);
+        let task = tokio::spawn(async move {
+            loop {
+                if let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await {
+                    if let Ok(channel) = conn.create_channel().await {
+                        if let Ok(mut consumer) = channel
+                            .basic_consume(
+                                queue.as_str().into(),
+                                "".into(),
+                                BasicConsumeOptions {
+                                    no_ack: true,
+                                    ..BasicConsumeOptions::default()
+                                },
+                                FieldTable::default(),
+                            )
+                            .await
+                        {
+                            if let Some(tx) = ready_tx.take() {
+                                let _ = tx.send(());
+                            }
+                            while let Some(Ok(d)) = consumer.next().await {
+                                let e = seen(d.routing_key.as_str(), &d.properties, &d.data);
+                                events.lock().expect("tap lock").push(e);
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
         });
+        self.background.lock().expect("lock").push(task);
+        let _ = tokio::time::timeout(Duration::from_secs(30), ready_rx).await;
         tap
+    }
+
+    /// The broker URL of this deployment.
+    pub fn amqp_url(&self) -> String {
+        secrecy::ExposeSecret::expose_secret(&self.settings.amqp.url).to_owned()
     }
 
     /// Takes every message from the dead-letter queue.
@@ -486,6 +525,15 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        for task in self
+            .background
+            .lock()
+            .map(|mut b| std::mem::take(&mut *b))
+            .unwrap_or_default()
+        {
+            task.abort();
+        }
+        let url = self.amqp_url();
         for pid in self.workers.lock().map(|w| w.clone()).unwrap_or_default() {
             let _ = std::process::Command::new("kill")
                 .arg("-9")
@@ -510,7 +558,7 @@ impl Drop for TestEnv {
                 return;
             };
             rt.block_on(async move {
-                let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+                let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await
                 else {
                     return;
                 };

@@ -1,0 +1,114 @@
+//! A broker restart mid-flight, on a private RabbitMQ node (so tests running
+//! in parallel against the shared broker are not disturbed): the worker is
+//! not restarted, recovers by itself, reports 503 while the broker is away,
+//! and every request in flight reaches its terminal event.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{node::BrokerNode, *};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_recovers_from_a_broker_restart_by_itself() {
+    let node = tokio::task::spawn_blocking(BrokerNode::start)
+        .await
+        .expect("private broker");
+    let url = node.url();
+    let env = TestEnv::with("restart", sim(Duration::from_secs(4)), |s| {
+        s.amqp.url = url.clone().into();
+    })
+    .await;
+    let tap = env.tap().await;
+    let worker = env.start_worker().await;
+    let n = 40;
+    let subjects: Vec<String> = (0..n).map(|i| format!("r-{i}")).collect();
+    for id in &subjects[..n / 2] {
+        env.publish(&request(id, "[sim:gen=4s]")).await;
+    }
+    eventually(Duration::from_secs(30), "tasks in flight", || async {
+        let submitted = tap
+            .all()
+            .iter()
+            .filter(|e| e.kind() == "video.generation.submitted")
+            .count();
+        (submitted >= n / 2).then_some(())
+    })
+    .await;
+    assert!(
+        tap.finished_subjects().is_empty(),
+        "still generating when the broker stops"
+    );
+
+    let node = std::sync::Arc::new(node);
+    let n2 = node.clone();
+    tokio::task::spawn_blocking(move || n2.stop_app())
+        .await
+        .expect("stop_app");
+    let away = eventually(
+        Duration::from_secs(30),
+        "/readyz 503 while the broker is away",
+        || async {
+            match worker.get("/readyz").await {
+                Some((503, body)) if body.contains("broker") => Some(body),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    eprintln!("while away: {}", away.trim());
+    tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself
+    let n2 = node.clone();
+    tokio::task::spawn_blocking(move || n2.start_app())
+        .await
+        .expect("start_app");
+    let back = tokio::time::Instant::now();
+    worker.wait_ready(Duration::from_secs(60)).await;
+    let recovery = back.elapsed();
+    eprintln!("broker restart: worker ready again {recovery:?} after start_app");
+
+    // New requests after the restart flow too.
+    let conn = lapin::Connection::connect(&node.url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("broker back");
+    let publisher = vidu_worker::broker::Publisher::open(&conn)
+        .await
+        .expect("publisher");
+    for id in &subjects[n / 2..] {
+        let body = serde_json::to_vec(&request(id, "after the restart")).expect("json");
+        publisher
+            .publish(
+                "",
+                &env.topology.request_queue,
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+                true,
+            )
+            .await
+            .expect("publish after restart");
+    }
+    tap.wait_finished(n, Duration::from_secs(120)).await;
+    for s in &subjects {
+        let terminal: Vec<_> = tap
+            .for_subject(s)
+            .into_iter()
+            .filter(SeenEvent::is_terminal)
+            .collect();
+        assert!(!terminal.is_empty(), "{s} finished");
+        assert!(
+            terminal.iter().all(|e| e.id() == terminal[0].id()),
+            "{s}: one terminal id"
+        );
+        assert_eq!(terminal[0].kind(), "video.generation.succeeded");
+    }
+    assert!(
+        worker.child.id().is_some(),
+        "the worker was never restarted"
+    );
+    assert!(worker
+        .logs()
+        .iter()
+        .any(|l| l.contains("reconnected to the broker")));
+    drop(env);
+    drop(node);
+}

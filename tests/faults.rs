@@ -1,0 +1,491 @@
+//! Fault injection against the real broker and the simulator: SIGKILL at
+//! random moments, upstream faults of every kind, a refused key or balance,
+//! SIGTERM with work in flight, poison messages, and secret hygiene. Each
+//! test drives worker child processes with real AMQP messages and checks the
+//! outcome from the outside (events, simulator counters, queue depths).
+
+mod common;
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use common::*;
+use rand::Rng;
+use serde_json::json;
+use vidu_worker::simulator::{AuthMode, EndpointFaults, Fault, FaultPlan, SimulatorConfig};
+
+fn faults(list: &[&str]) -> Vec<Fault> {
+    list.iter().map(|f| f.parse().expect("fault")).collect()
+}
+
+/// Asserts every subject has exactly one distinct terminal event id.
+fn assert_one_terminal_id_each(tap: &EventTap, subjects: &[String]) {
+    let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
+    for e in tap.terminal() {
+        ids.entry(e.subject().to_owned())
+            .or_default()
+            .insert(e.id().to_owned());
+    }
+    for s in subjects {
+        let set = ids
+            .get(s)
+            .unwrap_or_else(|| panic!("{s} has no terminal event"));
+        assert_eq!(set.len(), 1, "{s} has {} distinct terminal ids", set.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing() {
+    let env = TestEnv::with("sigkill", sim(Duration::from_secs(3)), |s| {
+        s.amqp.prefetch = 16;
+        s.polling.min_interval = Duration::from_millis(500);
+    })
+    .await;
+    let tap = env.tap().await;
+    let n = 520;
+    let mut rng = rand::rng();
+    let subjects: Vec<String> = (0..n).map(|i| format!("k-{i}")).collect();
+    for id in &subjects {
+        let gen_ms = rng.random_range(2000..5000);
+        env.publish(&request(id, &format!("[sim:gen={gen_ms}ms]")))
+            .await;
+    }
+    let mut worker = env.start_worker().await;
+    let kills = 4;
+    for _ in 0..kills {
+        let wait_ms = rng.random_range(1500..4500);
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        worker.kill9().await;
+        worker = env.start_worker().await;
+    }
+    tap.wait_finished(n, Duration::from_secs(240)).await;
+    assert_one_terminal_id_each(&tap, &subjects);
+    assert!(
+        tap.terminal()
+            .iter()
+            .all(|e| e.kind() == "video.generation.succeeded"),
+        "every request succeeds"
+    );
+    let stats = env.sim.stats();
+    let extra = stats.tasks_created - n as u64;
+    eprintln!(
+        "sigkill: {n} requests, {kills} kills, {} create calls, {} tasks created, {extra} extra creates (duplicate bodies: {})",
+        stats.create_calls, stats.tasks_created, stats.duplicate_creates
+    );
+    assert_eq!(
+        extra, stats.duplicate_creates,
+        "every extra task is a re-created request"
+    );
+    // Only requests inside the window can be created twice: at most the
+    // requests a worker held (prefetch) when it was killed.
+    assert!(
+        extra <= kills * u64::from(env.settings.amqp.prefetch),
+        "{extra} extra creates exceed {kills} kills x prefetch"
+    );
+    drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
+    let env = TestEnv::with("upfaults", sim(Duration::from_secs(1)), |s| {
+        s.upstream.timeout = Duration::from_secs(1);
+        s.upstream.retry_initial = Duration::from_millis(200);
+        s.upstream.retry_max = Duration::from_secs(2);
+    })
+    .await;
+    let mix = faults(&[
+        "429:1", "500", "502", "503", "504", "hang:3s", "garbage", "drop",
+    ]);
+    env.sim.set_faults(FaultPlan {
+        create: EndpointFaults {
+            script: faults(&["hang:3s", "garbage", "drop", "429:1", "503"]),
+            rate: 0.3,
+            mix: mix.clone(),
+            seed: 7,
+        },
+        poll: EndpointFaults {
+            script: faults(&["garbage", "drop", "hang:3s", "429:1", "500"]),
+            rate: 0.3,
+            mix,
+            seed: 11,
+        },
+    });
+    let tap = env.tap().await;
+    let _worker = env.start_worker().await;
+    let n = 40;
+    let subjects: Vec<String> = (0..n).map(|i| format!("f-{i}")).collect();
+    for id in &subjects {
+        env.publish(&request(id, "faulty upstream")).await;
+    }
+    tap.wait_finished(n, Duration::from_secs(180)).await;
+    assert!(tap
+        .terminal()
+        .iter()
+        .all(|e| e.kind() == "video.generation.succeeded"));
+    assert_one_terminal_id_each(&tap, &subjects);
+    let stats = env.sim.stats();
+    eprintln!(
+        "upstream faults: {n} requests, {} create calls ({:.2}/request), {} polls ({:.2}/request), peak {} calls/s, responses {:?}",
+        stats.create_calls,
+        stats.create_calls as f64 / n as f64,
+        stats.poll_calls,
+        stats.poll_calls as f64 / n as f64,
+        stats.max_calls_in_any_second,
+        stats.responses
+    );
+    assert_eq!(
+        stats.tasks_created, n as u64,
+        "faulted creates never bill a task"
+    );
+    for kind in ["hang", "garbage", "drop", "429", "503"] {
+        assert!(
+            stats
+                .responses
+                .keys()
+                .any(|k| k.starts_with("create:") && k.ends_with(kind)),
+            "create saw {kind}: {:?}",
+            stats.responses
+        );
+        assert!(
+            stats
+                .responses
+                .keys()
+                .any(|k| k.starts_with("poll:") && k.ends_with(kind))
+                || kind == "503",
+            "poll saw {kind}: {:?}",
+            stats.responses
+        );
+    }
+    // No tight loops: with a 30% fault rate a request needs about 1.4 creates
+    // and a handful of polls; backoff keeps the totals near that.
+    assert!(
+        stats.create_calls <= 3 * n as u64,
+        "create calls {}",
+        stats.create_calls
+    );
+    assert!(
+        stats.poll_calls <= 15 * n as u64,
+        "poll calls {}",
+        stats.poll_calls
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
+    let env = TestEnv::new("badkey", sim(Duration::from_millis(500))).await;
+    let tap = env.tap().await;
+    let worker = env.start_worker().await;
+    env.publish(&request("before", "key works")).await;
+    tap.wait_terminal("before", Duration::from_secs(30)).await;
+
+    env.sim.set_auth(AuthMode::Reject403);
+    let n = 20;
+    let subjects: Vec<String> = (0..n).map(|i| format!("held-{i}")).collect();
+    for id in &subjects {
+        env.publish(&request(id, "key refused")).await;
+    }
+    let reason = eventually(
+        Duration::from_secs(30),
+        "/readyz to report the refused key",
+        || async {
+            match worker.get("/readyz").await {
+                Some((503, body)) if body.contains("403") => Some(body),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(reason.contains("upstream refuses the API key"), "{reason}");
+
+    // Let the worker probe a few times; nothing may fail meanwhile.
+    let probes_before = env
+        .sim
+        .stats()
+        .responses
+        .get("poll:403")
+        .copied()
+        .unwrap_or(0);
+    eventually(
+        Duration::from_secs(30),
+        "the worker to probe the key again",
+        || async {
+            let now = env
+                .sim
+                .stats()
+                .responses
+                .get("poll:403")
+                .copied()
+                .unwrap_or(0);
+            (now > probes_before).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        tap.for_subject("held-0").is_empty() && tap.terminal().len() == 1,
+        "no events for held requests"
+    );
+    // A quorum queue counts held (unacknowledged) messages too.
+    let queued = env.depth(&env.topology.request_queue).await;
+    assert_eq!(queued, n as u32, "every request is still in the queue");
+    let refusals = worker
+        .logs()
+        .iter()
+        .filter(|l| l.contains("refuses our API key"))
+        .count();
+    assert_eq!(refusals, 1, "the refusal is logged once, not per message");
+    let calls = env.sim.stats();
+    assert!(
+        calls.create_calls < 10,
+        "intake pauses instead of trying every message: {} creates",
+        calls.create_calls
+    );
+
+    env.sim.set_auth(AuthMode::Accept);
+    tap.wait_finished(n + 1, Duration::from_secs(90)).await;
+    assert!(tap
+        .terminal()
+        .iter()
+        .all(|e| e.kind() == "video.generation.succeeded"));
+    assert_one_terminal_id_each(&tap, &subjects);
+    worker.wait_ready(Duration::from_secs(30)).await;
+    assert!(worker
+        .logs()
+        .iter()
+        .any(|l| l.contains("accepts our API key again")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_key_at_start_is_reported_before_any_request() {
+    let env = TestEnv::new("badkeystart", sim(Duration::from_millis(300))).await;
+    env.sim.set_auth(AuthMode::Reject401);
+    let tap = env.tap().await;
+    let worker = env.spawn_worker(&[]);
+    eventually(
+        Duration::from_secs(30),
+        "/readyz 503 naming the key",
+        || async {
+            match worker.get("/readyz").await {
+                Some((503, body)) if body.contains("401") => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    env.publish(&request("waits", "no key yet")).await;
+    assert_eq!(env.sim.stats().tasks_created, 0);
+    env.sim.set_auth(AuthMode::Accept);
+    assert_eq!(
+        tap.wait_terminal("waits", Duration::from_secs(90))
+            .await
+            .kind(),
+        "video.generation.succeeded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_balance_fails_nothing() {
+    let env = TestEnv::new("billing", sim(Duration::from_secs(3))).await;
+    let tap = env.tap().await;
+    let worker = env.start_worker().await;
+    env.publish(&request("running", "submitted before the balance ran out"))
+        .await;
+    eventually(
+        Duration::from_secs(30),
+        "the first task to be submitted",
+        || async { (!tap.for_subject("running").is_empty()).then_some(()) },
+    )
+    .await;
+    env.sim.set_auth(AuthMode::BillingExhausted);
+    for i in 0..5 {
+        env.publish(&request(&format!("broke-{i}"), "no balance"))
+            .await;
+    }
+    eventually(
+        Duration::from_secs(30),
+        "/readyz 503 for billing",
+        || async {
+            match worker.get("/readyz").await {
+                Some((503, body)) if body.contains("BILLING") => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    // Tasks already running keep being tracked to their end.
+    assert_eq!(
+        tap.wait_terminal("running", Duration::from_secs(30))
+            .await
+            .kind(),
+        "video.generation.succeeded"
+    );
+    assert!(
+        tap.terminal().iter().all(|e| e.subject() == "running"),
+        "nothing failed"
+    );
+    env.sim.set_auth(AuthMode::Accept);
+    tap.wait_finished(6, Duration::from_secs(120)).await;
+    assert!(tap
+        .terminal()
+        .iter()
+        .all(|e| e.kind() == "video.generation.succeeded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_hands_back_work_exits_zero_and_a_restart_completes_it() {
+    let env = TestEnv::with("sigterm", sim(Duration::from_secs(3)), |s| {
+        s.shutdown.grace_period = Duration::from_secs(10);
+        s.amqp.prefetch = 8;
+    })
+    .await;
+    let tap = env.tap().await;
+    let n = 60;
+    let subjects: Vec<String> = (0..n).map(|i| format!("t-{i}")).collect();
+    for id in &subjects {
+        env.publish(&request(id, "[sim:gen=3s]")).await;
+    }
+    let mut worker = env.start_worker().await;
+    eventually(Duration::from_secs(30), "some tasks submitted", || async {
+        let submitted = tap
+            .all()
+            .iter()
+            .filter(|e| e.kind() == "video.generation.submitted")
+            .count();
+        (submitted >= 10).then_some(())
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    worker.signal("TERM");
+    let code = worker.wait_exit(Duration::from_secs(20)).await;
+    let took = started.elapsed();
+    assert_eq!(code, Some(0), "exit status after SIGTERM");
+    assert!(
+        took <= Duration::from_secs(12),
+        "exited within the grace period: {took:?}"
+    );
+    assert!(
+        tap.finished_subjects().len() < n,
+        "work was still in flight at SIGTERM"
+    );
+    assert!(worker
+        .logs()
+        .iter()
+        .any(|l| l.contains("shutdown requested")));
+
+    let _next = env.start_worker().await;
+    tap.wait_finished(n, Duration::from_secs(120)).await;
+    assert_one_terminal_id_each(&tap, &subjects);
+    assert!(tap
+        .terminal()
+        .iter()
+        .all(|e| e.kind() == "video.generation.succeeded"));
+    assert_eq!(
+        env.sim.stats().tasks_created,
+        n as u64,
+        "a graceful stop never creates twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_crashing_the_worker_is_dead_lettered() {
+    let env = TestEnv::with("poison", sim(Duration::from_millis(300)), |s| {
+        s.amqp.max_deliveries = 3;
+        s.amqp.prefetch = 1;
+        s.upstream.timeout = Duration::from_secs(120);
+    })
+    .await;
+    // Every create hangs: the worker is killed while handling the message.
+    env.sim.set_faults(FaultPlan {
+        create: EndpointFaults {
+            script: faults(&["hang", "hang", "hang", "hang", "hang", "hang"]),
+            ..EndpointFaults::default()
+        },
+        ..FaultPlan::default()
+    });
+    let tap = env.tap().await;
+    env.publish(&request("poison-1", "crashes every time"))
+        .await;
+    for attempt in 1..=3u64 {
+        let worker = env.start_worker().await;
+        eventually(Duration::from_secs(30), "the create call", || async {
+            (env.sim.stats().create_calls >= attempt).then_some(())
+        })
+        .await;
+        worker.kill9().await;
+    }
+    let worker = env.start_worker().await;
+    let failed = tap.wait_terminal("poison-1", Duration::from_secs(30)).await;
+    assert_eq!(failed.kind(), "video.generation.failed");
+    assert_eq!(failed.body["data"]["error"]["code"], "invalid_request");
+    let message = failed.body["data"]["error"]["message"]
+        .as_str()
+        .expect("message");
+    assert!(message.contains("delivered 3 times"), "{message}");
+    let dead = env.drain_dead().await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].0["x-vidu-error"].contains("delivered 3 times"),
+        "{:?}",
+        dead[0].0
+    );
+    assert_eq!(env.sim.stats().create_calls, 3, "no fourth attempt");
+    assert_eq!(env.depth(&env.topology.request_queue).await, 0);
+    assert_eq!(
+        worker
+            .metric("vidu_worker_requests_received_total", "poison")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_appears_nowhere_even_at_trace_level() {
+    let canary = "sk-CANARY-9f1e7d3c5b2a4e6f";
+    let env = TestEnv::new(
+        "secrets",
+        SimulatorConfig {
+            api_key: Some(canary.into()),
+            generation_time: Duration::from_millis(500),
+            ..SimulatorConfig::default()
+        },
+    )
+    .await;
+    let tap = env.tap().await;
+    let worker = env.start_worker_with(&[("RUST_LOG", "trace")]).await;
+    env.publish(&request("s-ok", "fine")).await;
+    env.publish(&json!({"request_id": "s-bad", "input": {"images": ["nope"]}}))
+        .await;
+    env.publish(&request("s-rej", "[sim:reject]")).await;
+    tap.wait_finished(3, Duration::from_secs(30)).await;
+    env.sim.set_auth(AuthMode::Reject401);
+    env.publish(&request("s-held", "refused")).await;
+    eventually(Duration::from_secs(30), "the refusal", || async {
+        matches!(worker.get("/readyz").await, Some((503, _))).then_some(())
+    })
+    .await;
+    env.sim.set_auth(AuthMode::Accept);
+    tap.wait_finished(4, Duration::from_secs(60)).await;
+
+    let mut haystack = worker.logs().join("\n");
+    assert!(
+        haystack.len() > 10_000,
+        "trace logging was on ({} bytes)",
+        haystack.len()
+    );
+    for e in tap.all() {
+        haystack.push_str(&e.body.to_string());
+        haystack.push_str(&format!("{:?}", e.headers));
+    }
+    for (headers, body, _) in env.drain_dead().await {
+        haystack.push_str(&format!("{headers:?}"));
+        haystack.push_str(&String::from_utf8_lossy(&body));
+    }
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        if let Some((_, text)) = worker.get(path).await {
+            haystack.push_str(&text);
+        }
+    }
+    assert!(!haystack.contains(canary), "the API key leaked");
+    assert!(!haystack.contains("CANARY"), "part of the API key leaked");
+}
