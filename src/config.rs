@@ -186,7 +186,7 @@ impl Default for UpstreamSettings {
         Self {
             base_url: "https://api.novita.ai".into(),
             api_key: None,
-            timeout: Duration::from_secs(30),
+            timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(5),
             max_requests_per_second: 10.0,
             retry_initial: Duration::from_millis(500),
