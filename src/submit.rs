@@ -17,7 +17,7 @@ use std::{
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::{
-    options::{BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
     BasicProperties,
 };
@@ -230,7 +230,6 @@ async fn publish_and_wait(
             Ok(Some(Err(e))) => return Err(e.to_string()),
             Ok(Some(Ok(d))) => d,
         };
-        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
         let Ok(event) = serde_json::from_slice::<Value>(&delivery.data) else {
             continue;
         };
