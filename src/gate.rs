@@ -1,8 +1,10 @@
-//! The upstream gate: stops work while the operator must fix the API key or
-//! the balance, and reopens by itself when the upstream accepts again.
+//! The upstream gate: stops taking requests while the upstream cannot serve
+//! them, and reopens by itself when it can again.
 //!
-//! A 401/403 or a billing refusal is not the request's fault, so no request
-//! may fail because of it. The gate records the refusal (logging it once),
+//! A 401/403, a billing refusal, or an upstream that keeps failing after
+//! every retry is not the request's fault, so no request may fail because of
+//! it, and requests must not cycle through the queue (each redelivery counts
+//! towards the poison limit). The gate records the cause (logging it once),
 //! pauses intake, and lets exactly one caller at a time probe the upstream
 //! after a growing delay; the first success reopens it. It never decides
 //! anything about a particular request.
@@ -20,13 +22,30 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{metrics::Metrics, retry::RetryPolicy};
 
-/// What the upstream refused.
+/// Why the gate is closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// The API key (401/403, missing key).
+    /// The API key (401/403, missing key): the operator must act.
     Key,
-    /// The balance (400 BILLING_BALANCE_NOT_ENOUGH).
+    /// The balance (400 BILLING_BALANCE_NOT_ENOUGH): the operator must act.
     Billing,
+    /// Transient errors outlasted the retry budget: the upstream is down.
+    Unavailable,
+}
+
+impl Refusal {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Key => "the upstream refuses our API key",
+            Self::Billing => "the upstream refuses requests for billing (balance)",
+            Self::Unavailable => "the upstream keeps failing after every retry",
+        }
+    }
+
+    /// Whether an operator must act (key or balance).
+    pub fn is_operator_problem(self) -> bool {
+        matches!(self, Self::Key | Self::Billing)
+    }
 }
 
 /// The gate's state.
@@ -116,50 +135,84 @@ impl Gate {
         self.state.subscribe()
     }
 
-    /// The refusal reason while closed.
+    /// Why the gate is closed, for `/readyz`.
     pub fn refusal(&self) -> Option<String> {
         match &*self.state.borrow() {
             GateState::Open => None,
-            GateState::Closed { reason, .. } => Some(reason.clone()),
+            GateState::Closed {
+                refusal, reason, ..
+            } => Some(format!("{}: {reason}", refusal.describe())),
         }
     }
 
-    /// Records a refusal. Logs only when the gate was open.
+    /// Records a failure seen by a regular call. Closes an open gate (and
+    /// logs it, once); on a closed gate it only refreshes the reason, so many
+    /// calls failing together do not stretch the probe delay.
     pub fn close(&self, refusal: Refusal, reason: &str) {
-        let strikes = self.strikes.fetch_add(1, Ordering::AcqRel);
-        let delay = self.policy.delay_for_attempt(strikes);
-        let retry_at = Instant::now() + delay;
-        let was_open = matches!(*self.state.borrow(), GateState::Open);
-        self.state.send_replace(GateState::Closed {
-            refusal,
-            reason: reason.to_owned(),
-            retry_at,
+        let mut opened_now = false;
+        self.state.send_modify(|state| match state {
+            GateState::Open => {
+                self.strikes.store(0, Ordering::Release);
+                *state = GateState::Closed {
+                    refusal,
+                    reason: reason.to_owned(),
+                    retry_at: Instant::now() + self.policy.delay_for_attempt(0),
+                };
+                opened_now = true;
+            }
+            GateState::Closed {
+                refusal: r,
+                reason: why,
+                ..
+            } => {
+                *r = refusal;
+                reason.clone_into(why);
+            }
         });
-        self.metrics.set_upstream_refusing_key(true);
-        if was_open {
+        self.metrics
+            .set_upstream_refusing_key(refusal.is_operator_problem());
+        self.metrics.set_upstream_paused(true);
+        if opened_now {
             tracing::error!(
                 refusal = ?refusal,
                 reason,
-                "the upstream refuses our {}; pausing intake until it accepts again (requests stay queued)",
-                match refusal {
-                    Refusal::Key => "API key",
-                    Refusal::Billing => "requests for billing (balance)",
-                }
+                "{}; pausing intake until it answers again (requests stay queued)",
+                refusal.describe()
             );
-        } else {
-            tracing::debug!(reason, next_probe_in = ?delay, "upstream still refusing");
         }
+    }
+
+    /// Records a failed probe: the gate stays closed and the next probe
+    /// waits longer.
+    pub fn probe_failed(&self, claim: ProbeClaim, refusal: Refusal, reason: &str) {
+        let strikes = self.strikes.fetch_add(1, Ordering::AcqRel) + 1;
+        let delay = self.policy.delay_for_attempt(strikes);
+        self.state.send_replace(GateState::Closed {
+            refusal,
+            reason: reason.to_owned(),
+            retry_at: Instant::now() + delay,
+        });
+        self.metrics
+            .set_upstream_refusing_key(refusal.is_operator_problem());
+        self.metrics.set_upstream_paused(true);
+        tracing::debug!(reason, next_probe_in = ?delay, "the upstream is still not serving");
+        drop(claim);
     }
 
     /// Records an accepted call. Logs only when the gate was closed.
     pub fn open(&self) {
-        if matches!(*self.state.borrow(), GateState::Open) {
-            return;
-        }
+        let was = match &*self.state.borrow() {
+            GateState::Open => return,
+            GateState::Closed { refusal, .. } => *refusal,
+        };
         self.strikes.store(0, Ordering::Release);
         self.state.send_replace(GateState::Open);
         self.metrics.set_upstream_refusing_key(false);
-        tracing::info!("the upstream accepts our API key again; resuming intake");
+        self.metrics.set_upstream_paused(false);
+        tracing::info!(
+            was = was.describe(),
+            "the upstream accepts requests again; resuming intake"
+        );
     }
 
     /// Claims the probe if the gate is closed and a probe is due.
@@ -180,17 +233,24 @@ impl Gate {
         }
     }
 
-    /// Waits until the caller may call the upstream, holding the probe if
-    /// the gate is closed, or until `deadline` or `cancel`.
+    /// Waits until the caller may call the upstream (or, for a billing
+    /// refusal, holds the probe), or until `deadline` or `cancel`.
     pub async fn wait_for_turn(&self, deadline: Instant, cancel: &CancellationToken) -> Turn {
         let mut rx = self.state.subscribe();
         loop {
-            let retry_at = match &*rx.borrow_and_update() {
+            let (refusal, retry_at) = match &*rx.borrow_and_update() {
                 GateState::Open => return Turn::Go,
-                GateState::Closed { retry_at, .. } => *retry_at,
+                GateState::Closed {
+                    refusal, retry_at, ..
+                } => (*refusal, *retry_at),
             };
-            if let Some(claim) = self.try_claim_probe() {
-                return Turn::Probe(claim);
+            // A refused key or an outage is probed with a free GET by the
+            // worker's prober; only a billing refusal needs a real create to
+            // find out, so only then does a waiting request probe.
+            if refusal == Refusal::Billing {
+                if let Some(claim) = self.try_claim_probe() {
+                    return Turn::Probe(claim);
+                }
             }
             if Instant::now() >= deadline {
                 return Turn::TimedOut;
@@ -236,11 +296,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_closed_gate_hands_out_one_probe_at_a_time() {
+    async fn requests_wait_while_the_prober_tests_the_key() {
         let g = gate();
         g.close(Refusal::Key, "403 INVALID_API_KEY");
+        let cancel = CancellationToken::new();
+        let waited = g
+            .wait_for_turn(Instant::now() + Duration::from_secs(5), &cancel)
+            .await;
+        assert_eq!(waited, Turn::TimedOut);
+        let claim = g.try_claim_probe();
+        assert!(claim.is_some(), "the prober may probe once due");
+        drop(claim);
+        g.open();
+        assert_eq!(g.wait_for_turn(Instant::now(), &cancel).await, Turn::Go);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_billing_refusal_hands_out_one_probe_at_a_time() {
+        let g = gate();
+        g.close(Refusal::Billing, "BILLING_BALANCE_NOT_ENOUGH");
         assert!(!g.accepting());
-        assert_eq!(g.refusal().as_deref(), Some("403 INVALID_API_KEY"));
+        assert_eq!(
+            g.refusal().as_deref(),
+            Some("the upstream refuses requests for billing (balance): BILLING_BALANCE_NOT_ENOUGH")
+        );
         let cancel = CancellationToken::new();
         let first = g
             .wait_for_turn(Instant::now() + Duration::from_secs(5), &cancel)

@@ -17,12 +17,12 @@ use tokio::time::Instant;
 use crate::{
     broker::{self, DELIVERY_COUNT_HEADER, TRACEPARENT_HEADER},
     events::{self, EventKind, FailureCode, RequestContext},
-    gate::{Refusal, Turn},
+    gate::{ProbeClaim, Refusal, Turn},
     request::{self, GenerationRequest, MessageProps, RequestId},
-    retry::{self, RetryError},
+    retry::{self, RetryError, RetryHint, Transient},
     tracking::{self, Ticket, TICKET_VERSION},
     upstream::UpstreamError,
-    worker::{Disposition, Shared},
+    worker::{settle, Disposition, Shared},
 };
 
 /// How long the worker keeps trying to record a ticket for a task the
@@ -164,6 +164,24 @@ async fn poison(
     .await
 }
 
+/// Why a create attempt did not produce a task.
+enum CreateError {
+    Upstream(UpstreamError),
+    /// The delivery's channel closed while we waited: the broker has
+    /// already handed the request to someone else, so it must not be
+    /// created here.
+    Abandoned,
+}
+
+impl Transient for CreateError {
+    fn retry_hint(&self) -> RetryHint {
+        match self {
+            Self::Upstream(e) => e.retry_hint(),
+            Self::Abandoned => RetryHint::Never,
+        }
+    }
+}
+
 async fn submit(
     shared: &Shared,
     delivery: &Delivery,
@@ -172,38 +190,65 @@ async fn submit(
 ) -> Disposition {
     let received_at = Utc::now();
     let hold_until = Instant::now() + shared.settings.amqp.max_hold;
-    let task_id = loop {
-        let _claim = match shared
+    let (task_id, intake_guard) = loop {
+        let mut claim = match shared
             .gate
             .wait_for_turn(hold_until, &shared.shutdown)
             .await
         {
             Turn::Go => None,
             Turn::Probe(claim) => Some(claim),
-            Turn::TimedOut | Turn::Cancelled => {
+            Turn::TimedOut => {
                 shared.metrics.request("handed_back");
                 return Disposition::Requeue;
             }
+            Turn::Cancelled => return Disposition::Abandon,
         };
         let created = retry::retry(
             shared.retry_policy(),
             shared.settings.upstream.create_retry_budget,
             &shared.shutdown,
-            || shared.upstream.create(&req.input, traceparent.as_deref()),
+            || async {
+                let guard = shared.intake_lock.read().await;
+                if delivery.acker.poisoned() {
+                    return Err(CreateError::Abandoned);
+                }
+                match shared
+                    .upstream
+                    .create(&req.input, traceparent.as_deref())
+                    .await
+                {
+                    Ok(task_id) => Ok((task_id, guard)),
+                    Err(e) => Err(CreateError::Upstream(e)),
+                }
+            },
         )
         .await;
-        match created {
-            Ok(task_id) => {
+        let err = match created {
+            Ok(done) => {
                 shared.gate.open();
-                break task_id;
+                break done;
             }
-            Err(RetryError::Fatal(err @ UpstreamError::KeyRejected { .. })) => {
-                shared.gate.close(Refusal::Key, &err.to_string());
+            Err(RetryError::Fatal(CreateError::Abandoned)) => return Disposition::Abandon,
+            Err(RetryError::Cancelled(_)) => return Disposition::Abandon,
+            Err(RetryError::Exhausted(CreateError::Upstream(err))) => {
+                // Keep the request and pause intake rather than cycling it
+                // through the queue: every redelivery counts towards
+                // amqp.max_deliveries.
+                report_refusal(shared, claim.take(), Refusal::Unavailable, &err);
+                continue;
             }
-            Err(RetryError::Fatal(err @ UpstreamError::Billing { .. })) => {
-                shared.gate.close(Refusal::Billing, &err.to_string());
+            Err(RetryError::Exhausted(CreateError::Abandoned)) => return Disposition::Abandon,
+            Err(RetryError::Fatal(CreateError::Upstream(err))) => err,
+        };
+        match err {
+            UpstreamError::KeyRejected { .. } => {
+                report_refusal(shared, claim.take(), Refusal::Key, &err);
             }
-            Err(RetryError::Fatal(err)) => {
+            UpstreamError::Billing { .. } => {
+                report_refusal(shared, claim.take(), Refusal::Billing, &err);
+            }
+            err => {
                 shared.gate.open();
                 shared.metrics.request("upstream_rejected");
                 let message = match &err {
@@ -228,19 +273,18 @@ async fn submit(
                 )
                 .await;
             }
-            Err(RetryError::Exhausted(err)) => {
-                tracing::warn!(error = %err, "the upstream kept failing; handing the request back");
-                shared.metrics.request("handed_back");
-                return Disposition::Requeue;
-            }
-            Err(RetryError::Cancelled(_)) => {
-                shared.metrics.request("handed_back");
-                return Disposition::Requeue;
-            }
+        }
+        if delivery.acker.poisoned() {
+            return Disposition::Abandon;
         }
     };
     tracing::Span::current().record("task_id", task_id.as_str());
-    record(shared, delivery, req, task_id, received_at, traceparent).await
+    let disposition = record(shared, delivery, req, task_id, received_at, traceparent).await;
+    // Acknowledge while still holding the intake lock, so intake cannot be
+    // paused (its channel closed) between the create and this ack.
+    settle(delivery, disposition).await;
+    drop(intake_guard);
+    Disposition::Settled
 }
 
 /// Records the ticket and the submitted event. This is the double-spend
@@ -307,6 +351,19 @@ async fn record(
     shared.metrics.request("submitted");
     tracing::debug!("task submitted and tracked");
     Disposition::Ack
+}
+
+/// Tells the gate why this create could not be served.
+fn report_refusal(
+    shared: &Shared,
+    claim: Option<ProbeClaim>,
+    refusal: Refusal,
+    err: &UpstreamError,
+) {
+    match claim {
+        Some(claim) => shared.gate.probe_failed(claim, refusal, &err.to_string()),
+        None => shared.gate.close(refusal, &err.to_string()),
+    }
 }
 
 fn rejected_message(status: u16, reason: &str, message: &str) -> String {

@@ -63,6 +63,7 @@ struct Inner {
     latency: Histogram,
     broker_connected: Gauge,
     upstream_refusing_key: Gauge,
+    upstream_paused: Gauge,
     untracked_tasks: Counter,
 }
 
@@ -145,6 +146,12 @@ impl Metrics {
             "1 while the upstream refuses the API key or the balance",
             upstream_refusing_key.clone(),
         );
+        let upstream_paused = Gauge::default();
+        registry.register(
+            "upstream_paused",
+            "1 while intake is paused because the upstream refuses the key or balance, or keeps failing",
+            upstream_paused.clone(),
+        );
         let untracked_tasks = Counter::default();
         registry.register(
             "untracked_tasks",
@@ -165,6 +172,7 @@ impl Metrics {
                 latency,
                 broker_connected,
                 upstream_refusing_key,
+                upstream_paused,
                 untracked_tasks,
             }),
         }
@@ -240,6 +248,11 @@ impl Metrics {
     /// Sets the key gauge.
     pub fn set_upstream_refusing_key(&self, refusing: bool) {
         self.inner.upstream_refusing_key.set(i64::from(refusing));
+    }
+
+    /// Sets the intake-paused gauge.
+    pub fn set_upstream_paused(&self, paused: bool) {
+        self.inner.upstream_paused.set(i64::from(paused));
     }
 
     /// Counts a task created upstream whose ticket was lost.

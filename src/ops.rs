@@ -83,7 +83,7 @@ impl Health {
         }
         state.broker.map_err(|e| format!("broker: {e}"))?;
         if let Some(reason) = self.gate.refusal() {
-            return Err(format!("upstream refuses the API key or account: {reason}"));
+            return Err(reason);
         }
         if !state.consuming {
             return Err("not consuming the request queue".into());

@@ -14,7 +14,7 @@ use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
-    options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, LongString},
     Channel, Connection, Consumer,
 };
@@ -61,6 +61,11 @@ pub enum Disposition {
     Ack,
     /// Give it back to the queue for another try.
     Requeue,
+    /// Leave it unacknowledged: its channel is closing (shutdown or paused
+    /// intake) and the broker returns it to the queue, counting one delivery.
+    Abandon,
+    /// The handler already acknowledged it.
+    Settled,
 }
 
 /// What every handler shares.
@@ -72,6 +77,10 @@ pub(crate) struct Shared {
     pub(crate) gate: Gate,
     pub(crate) health: Health,
     pub(crate) shutdown: CancellationToken,
+    /// Held (read) by a request handler from its create call until its
+    /// request is acknowledged; taken (write) before the request channel is
+    /// closed, so a created task's request is never handed back.
+    pub(crate) intake_lock: tokio::sync::RwLock<()>,
     publisher: watch::Sender<Option<Publisher>>,
 }
 
@@ -243,6 +252,7 @@ pub async fn run_with_listener(
         gate,
         health,
         shutdown,
+        intake_lock: tokio::sync::RwLock::new(()),
         publisher: watch::Sender::new(None),
     });
     let prober = tokio::spawn(probe_key(shared.clone()));
@@ -284,10 +294,10 @@ async fn supervise(shared: Arc<Shared>) -> Result<(), RunError> {
                     }
                 }
             }
-            Err(BrokerError::Topology { name, detail }) if !ever_connected => {
-                return Err(RunError::Startup(format!(
-                    "cannot declare {name} on the broker: {detail}. An existing queue with other arguments must be deleted or the settings aligned (see README, Topology)"
-                )));
+            Err(e) if e.is_fatal_at_start() && !ever_connected => {
+                // A mismatched, forbidden or missing queue or exchange: the
+                // message names it and says what to do.
+                return Err(RunError::Startup(e.to_string()));
             }
             Err(e) => {
                 if attempt == 0 {
@@ -374,14 +384,14 @@ impl Session {
         })
     }
 
-    fn alive(&self) -> Result<(), &'static str> {
+    fn alive(&self, intake_channel: &Channel) -> Result<(), &'static str> {
         if !self.conn.status().connected() {
             return Err("the connection closed");
         }
         if !self.publisher.is_open() {
             return Err("the publishing channel closed");
         }
-        if !self.intake_channel.status().connected() {
+        if !intake_channel.status().connected() {
             return Err("the request channel closed");
         }
         if !self.tracking_channel.status().connected() {
@@ -405,6 +415,11 @@ impl Session {
         shared.health.set_consuming(false);
         match &end {
             SessionEnd::Shutdown => {
+                // Consumers are not cancelled (on RabbitMQ 3.10 a cancel racing
+                // with quorum-queue deliveries crashes the channel): what they
+                // delivered but nobody took stays unacknowledged and returns to
+                // the queue when the connection closes, after the handlers
+                // already running have finished.
                 drain_handlers(shared, tracker).await;
                 let _ = self.conn.close(200, "shutdown".into()).await;
             }
@@ -432,12 +447,13 @@ impl Session {
             Err(e) => return SessionEnd::Lost(format!("cannot consume the tracking queue: {e}")),
         };
         let intake_tag = format!("{tag_base}.requests");
+        let mut intake_channel = self.intake_channel.clone();
         let mut intake: Option<Consumer> = None;
         let mut gate_changes = shared.gate.subscribe();
         let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
         loop {
             if let Err(reason) = self
-                .reconcile_intake(shared, &mut intake, &intake_tag)
+                .reconcile_intake(shared, &mut intake_channel, &mut intake, &intake_tag)
                 .await
             {
                 return SessionEnd::Lost(reason);
@@ -448,15 +464,9 @@ impl Session {
             };
             tokio::select! {
                 biased;
-                () = shared.shutdown.cancelled() => {
-                    if let Some(consumer) = intake.take() {
-                        stop_consumer(&self.intake_channel, consumer, &intake_tag).await;
-                    }
-                    stop_consumer(&self.tracking_channel, tracking, &format!("{tag_base}.tracking")).await;
-                    return SessionEnd::Shutdown;
-                }
+                () = shared.shutdown.cancelled() => return SessionEnd::Shutdown,
                 _ = watchdog.tick() => {
-                    if let Err(reason) = self.alive() {
+                    if let Err(reason) = self.alive(&intake_channel) {
                         return SessionEnd::Lost(reason.into());
                     }
                 }
@@ -476,28 +486,44 @@ impl Session {
         }
     }
 
-    /// Starts or stops the request consumer to match the gate.
+    /// Starts or pauses intake to match the gate. Pausing closes the request
+    /// channel (rather than cancelling the consumer, see `run`), after the
+    /// creates in flight have been recorded and acknowledged: everything
+    /// else the channel held returns to the queue, and handlers still waiting
+    /// at the gate see their delivery gone and let it be.
     async fn reconcile_intake(
         &self,
         shared: &Shared,
+        channel: &mut Channel,
         intake: &mut Option<Consumer>,
         tag: &str,
     ) -> Result<(), String> {
         let want = shared.gate.accepting();
         match (want, intake.is_some()) {
             (true, false) => {
-                let consumer =
-                    start_consumer(&self.intake_channel, &shared.topology.request_queue, tag)
+                if !channel.status().connected() {
+                    *channel = self
+                        .conn
+                        .create_channel()
                         .await
-                        .map_err(|e| format!("cannot consume the request queue: {e}"))?;
+                        .map_err(|e| format!("cannot open the request channel: {e}"))?;
+                    channel
+                        .basic_qos(shared.settings.amqp.prefetch, BasicQosOptions::default())
+                        .await
+                        .map_err(|e| format!("cannot set the request prefetch: {e}"))?;
+                }
+                let consumer = start_consumer(channel, &shared.topology.request_queue, tag)
+                    .await
+                    .map_err(|e| format!("cannot consume the request queue: {e}"))?;
                 *intake = Some(consumer);
                 shared.health.set_consuming(true);
             }
             (false, true) => {
-                if let Some(consumer) = intake.take() {
-                    stop_consumer(&self.intake_channel, consumer, tag).await;
-                }
+                *intake = None;
                 shared.health.set_consuming(false);
+                let _no_creates = shared.intake_lock.write().await;
+                let _ = channel.close(200, "intake paused".into()).await;
+                tracing::info!("intake paused; requests stay in the queue");
             }
             _ => {}
         }
@@ -536,19 +562,6 @@ async fn start_consumer(
         .await
 }
 
-/// Cancels a consumer and hands back anything it had buffered.
-async fn stop_consumer(channel: &Channel, mut consumer: Consumer, tag: &str) {
-    let _ = channel
-        .basic_cancel(tag.into(), BasicCancelOptions::default())
-        .await;
-    let drain = async {
-        while let Some(Ok(delivery)) = consumer.next().await {
-            settle(&delivery, Disposition::Requeue).await;
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
-}
-
 fn spawn_handler(tracker: &TaskTracker, shared: Arc<Shared>, delivery: Delivery, role: Role) {
     tracker.spawn(async move {
         let gauge = match role {
@@ -579,8 +592,9 @@ fn spawn_handler(tracker: &TaskTracker, shared: Arc<Shared>, delivery: Delivery,
 
 /// Applies a disposition. A failure means the channel is gone and the
 /// broker will redeliver: someone else will do it.
-async fn settle(delivery: &Delivery, disposition: Disposition) {
+pub(crate) async fn settle(delivery: &Delivery, disposition: Disposition) {
     let result = match disposition {
+        Disposition::Abandon | Disposition::Settled => return,
         Disposition::Ack => {
             delivery
                 .acker
@@ -604,7 +618,7 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
 
 /// Samples how many tickets the deployment tracks, for the metric.
 async fn sample_tracked(channel: Option<Channel>, shared: Arc<Shared>, stop: CancellationToken) {
-    let Some(mut channel) = channel else { return };
+    let Some(channel) = channel else { return };
     let mut every = tokio::time::interval(SAMPLE_PERIOD);
     loop {
         tokio::select! {
@@ -616,66 +630,66 @@ async fn sample_tracked(channel: Option<Channel>, shared: Arc<Shared>, stop: Can
                 .metrics
                 .set_tasks_tracked(i64::try_from(n).unwrap_or(i64::MAX)),
             Err(e) => {
-                tracing::debug!(error = %e, "could not sample the tracking queues");
                 // A failed passive declare closes the channel; the session
                 // watchdog notices real outages, here we only stop sampling.
+                tracing::debug!(error = %e, "could not sample the tracking queues");
                 if !channel.status().connected() {
                     return;
                 }
-                channel = channel.clone();
             }
         }
     }
 }
 
-/// Probes the API key in the background while the gate is closed for it,
-/// and once at start so a bad key shows before the first request.
+/// Probes the upstream in the background while the gate is closed for the
+/// key or an outage (a `GET` bills nothing), and once at start so a bad key
+/// shows before the first request.
 async fn probe_key(shared: Arc<Shared>) {
+    if let Err(e @ UpstreamError::KeyRejected { .. }) =
+        shared.upstream.task_result(KEY_PROBE_TASK_ID, None).await
+    {
+        shared.gate.close(Refusal::Key, &e.to_string());
+    }
     let mut changes = shared.gate.subscribe();
-    let mut first = true;
     loop {
-        if !first {
-            let due = match shared.gate.state() {
-                GateState::Closed {
-                    refusal: Refusal::Key,
-                    retry_at,
-                    ..
-                } => Some(retry_at),
-                _ => None,
-            };
-            tokio::select! {
-                () = shared.shutdown.cancelled() => return,
-                _ = changes.changed() => continue,
-                () = sleep_until_opt(due) => {}
-            }
-        }
-        let claim = if first {
-            None
-        } else {
-            shared.gate.try_claim_probe()
+        let (refusal, due) = match shared.gate.state() {
+            GateState::Closed {
+                refusal: refusal @ (Refusal::Key | Refusal::Unavailable),
+                retry_at,
+                ..
+            } => (Some(refusal), Some(retry_at)),
+            _ => (None, None),
         };
-        if !first && claim.is_none() {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = changes.changed() => continue,
+            () = sleep_until_opt(due) => {}
+        }
+        let (Some(refusal), Some(claim)) = (refusal, shared.gate.try_claim_probe()) else {
+            // Someone else holds the probe; look again shortly.
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
-        }
-        first = false;
+        };
         match shared.upstream.task_result(KEY_PROBE_TASK_ID, None).await {
             Err(e @ UpstreamError::KeyRejected { .. }) => {
-                shared.gate.close(Refusal::Key, &e.to_string());
+                shared
+                    .gate
+                    .probe_failed(claim, Refusal::Key, &e.to_string());
             }
-            Err(UpstreamError::Transient { .. }) => {}
+            Err(e @ UpstreamError::Transient { .. }) => {
+                let refusal = if refusal == Refusal::Key {
+                    Refusal::Key
+                } else {
+                    Refusal::Unavailable
+                };
+                shared.gate.probe_failed(claim, refusal, &e.to_string());
+            }
+            // A task-result answer, even a 404 for the made-up id, means the
+            // key is accepted and the upstream is serving.
             Ok(_) | Err(_) => {
-                if matches!(
-                    shared.gate.state(),
-                    GateState::Closed {
-                        refusal: Refusal::Key,
-                        ..
-                    }
-                ) {
-                    shared.gate.open();
-                }
+                drop(claim);
+                shared.gate.open();
             }
         }
-        drop(claim);
     }
 }

@@ -197,7 +197,10 @@ async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
         },
     )
     .await;
-    assert!(reason.contains("upstream refuses the API key"), "{reason}");
+    assert!(
+        reason.contains("the upstream refuses our API key"),
+        "{reason}"
+    );
 
     // Let the worker probe a few times; nothing may fail meanwhile.
     let probes_before = env
@@ -226,9 +229,12 @@ async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
         tap.for_subject("held-0").is_empty() && tap.terminal().len() == 1,
         "no events for held requests"
     );
-    // A quorum queue counts held (unacknowledged) messages too.
-    let queued = env.depth(&env.topology.request_queue).await;
-    assert_eq!(queued, n as u32, "every request is still in the queue");
+    let queued = env.total_messages(&env.topology.request_queue);
+    assert_eq!(
+        queued,
+        Some(n as u64),
+        "every request is still in the queue (ready or held)"
+    );
     let refusals = worker
         .logs()
         .iter()
@@ -253,7 +259,7 @@ async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
     assert!(worker
         .logs()
         .iter()
-        .any(|l| l.contains("accepts our API key again")));
+        .any(|l| l.contains("accepts requests again")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -330,6 +336,77 @@ async fn an_exhausted_balance_fails_nothing() {
         .terminal()
         .iter()
         .all(|e| e.kind() == "video.generation.succeeded"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_upstream_outage_pauses_intake_instead_of_failing_or_cycling() {
+    let env = TestEnv::with("outage", sim(Duration::from_millis(500)), |s| {
+        s.upstream.create_retry_budget = Duration::from_secs(2);
+        s.upstream.retry_initial = Duration::from_millis(200);
+        s.upstream.retry_max = Duration::from_millis(500);
+    })
+    .await;
+    let tap = env.tap().await;
+    let worker = env.start_worker().await;
+    let down = EndpointFaults {
+        rate: 1.0,
+        mix: faults(&["503"]),
+        ..EndpointFaults::default()
+    };
+    env.sim.set_faults(FaultPlan {
+        create: down.clone(),
+        poll: down,
+    });
+    let n = 10;
+    for i in 0..n {
+        env.publish(&request(&format!("o-{i}"), "upstream down"))
+            .await;
+    }
+    let reason = eventually(
+        Duration::from_secs(30),
+        "/readyz 503 for the outage",
+        || async {
+            match worker.get("/readyz").await {
+                Some((503, body)) if body.contains("keeps failing") => Some(body),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(reason.contains("503"), "{reason}");
+    // Paused: calls stop growing quickly, nothing fails, nothing is handed back.
+    let calls = env.sim.stats().create_calls;
+    let more = eventually(Duration::from_secs(30), "a probe while paused", || async {
+        let polls = env
+            .sim
+            .stats()
+            .responses
+            .get("poll:503")
+            .copied()
+            .unwrap_or(0);
+        (polls >= 2).then_some(env.sim.stats().create_calls)
+    })
+    .await;
+    assert!(
+        more - calls <= u64::from(env.settings.amqp.prefetch),
+        "{calls} -> {more}"
+    );
+    assert!(tap.terminal().is_empty(), "no request failed");
+    assert_eq!(
+        worker
+            .metric("vidu_worker_requests_received_total", "handed_back")
+            .await,
+        0.0
+    );
+    assert_eq!(worker.metric("vidu_worker_upstream_paused", "").await, 1.0);
+    env.sim.clear_faults();
+    tap.wait_finished(n, Duration::from_secs(90)).await;
+    assert!(tap
+        .terminal()
+        .iter()
+        .all(|e| e.kind() == "video.generation.succeeded"));
+    assert!(env.drain_dead().await.is_empty());
+    worker.wait_ready(Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -506,6 +506,25 @@ impl TestEnv {
         out
     }
 
+    /// Ready plus unacknowledged messages of a queue on the shared broker
+    /// (asks `rabbitmqctl`; passive declares count only ready messages).
+    pub fn total_messages(&self, queue: &str) -> Option<u64> {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "list_queues",
+                "name",
+                "messages",
+                "--no-table-headers",
+            ])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let mut parts = l.split('\t');
+            (parts.next()? == queue).then(|| parts.next()?.trim().parse().ok())?
+        })
+    }
+
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
         self.channel
