@@ -224,6 +224,44 @@ async fn submit_publishes_and_waits_for_the_terminal_event() {
 }
 
 #[tokio::test]
+async fn submit_wait_shows_live_progress_on_a_terminal() {
+    // `script` runs the command on a pseudo-terminal.
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("the `script` command (util-linux) is needed for this test");
+    }
+    let env = TestEnv::new("tty", sim(Duration::from_secs(2))).await;
+    let _worker = env.start_worker().await;
+    let command = format!(
+        "{} submit --image https://example.com/cat.png --wait",
+        env!("CARGO_BIN_EXE_vidu-worker")
+    );
+    let mut script = Command::new("script");
+    script
+        .args(["-qec", &command, "/dev/null"])
+        .envs(env.worker_env())
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let (code, stdout, _) = output(script, Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("\r\x1b[2K"),
+        "progress redrawn in place: {stdout:?}"
+    );
+    assert!(stdout.contains("processing"), "{stdout:?}");
+    assert!(
+        stdout.contains("\"type\": \"video.generation.succeeded\""),
+        "pretty JSON at the end: {stdout:?}"
+    );
+}
+
+#[tokio::test]
 async fn check_reports_each_part() {
     let env = TestEnv::new("check", sim(Duration::from_millis(100))).await;
     let mut cmd = binary();

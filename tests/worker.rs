@@ -137,6 +137,38 @@ async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
             .await,
         1.0
     );
+
+    // Metrics: every family the contract names, with the right counts.
+    let (status, text) = worker.get("/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    for family in [
+        "vidu_worker_requests_received_total{outcome=\"submitted\"} 1",
+        "vidu_worker_upstream_calls_total{endpoint=\"create\",status=\"200\"} 1",
+        "vidu_worker_events_published_total{type=\"video.generation.succeeded\"} 1",
+        "vidu_worker_events_published_total{type=\"video.generation.submitted\"} 1",
+        "vidu_worker_tasks_tracked ",
+        "vidu_worker_request_to_terminal_seconds_count 1",
+        "vidu_worker_request_to_terminal_seconds_bucket{le=",
+        "vidu_worker_polls_total{result=\"succeeded\"} 1",
+    ] {
+        assert!(text.contains(family), "{family} missing from:\n{text}");
+    }
+    assert!(text.contains("upstream_calls_total{endpoint=\"task_result\",status=\"200\"}"));
+
+    // Logs: JSON lines; those about the request carry its ids as fields.
+    let logs = worker.logs();
+    let finished = logs
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "request finished")
+        .expect("a JSON log line for the finished request");
+    assert_eq!(finished["span"]["request_id"], "order-1234");
+    assert_eq!(finished["span"]["task_id"], task_id.as_str());
+    assert!(
+        logs.iter()
+            .all(|l| serde_json::from_str::<Value>(l).is_ok()),
+        "every line is JSON"
+    );
 }
 
 #[tokio::test]
