@@ -13,10 +13,7 @@ use std::{collections::HashMap, process::ExitCode, time::Duration};
 use clap::Args;
 use futures_util::StreamExt;
 use lapin::{
-    options::{
-        BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-        QueueDeleteOptions,
-    },
+    options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::FieldTable,
     BasicProperties,
 };
@@ -154,41 +151,19 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
     })?;
     topology.declare(&conn).await.map_err(|e| e.to_string())?;
     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-    let watch_queue = format!("vidu-demo.{run}.watch");
     let reply_queue = format!("vidu-demo.{run}.replies");
-    for q in [&watch_queue, &reply_queue] {
-        channel
-            .queue_declare(
-                q.as_str().into(),
-                QueueDeclareOptions {
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-    }
     channel
-        .queue_bind(
-            watch_queue.as_str().into(),
-            topology.events_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
+        .queue_declare(
+            reply_queue.as_str().into(),
+            QueueDeclareOptions {
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
             FieldTable::default(),
         )
         .await
         .map_err(|e| e.to_string())?;
-    let mut watch = channel
-        .basic_consume(
-            watch_queue.as_str().into(),
-            "demo-watch".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let mut watch = crate::submit::watch_events(&conn, &topology.events_exchange, "#")
         .await
         .map_err(|e| e.to_string())?;
 
@@ -266,7 +241,6 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
     stop.cancel();
     let _ = worker_task.await;
     let mut cleanup = topology.queue_names();
-    cleanup.push(watch_queue);
     cleanup.push(reply_queue);
     for q in cleanup {
         let _ = channel

@@ -158,41 +158,9 @@ async fn publish_and_wait(
     // Listen before publishing, so no event can slip past.
     let mut events_stream = None;
     if args.wait {
-        let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        let consumer = watch_events(&conn, &topology.events_exchange, "video.generation.#")
             .await
-            .map_err(|e| e.to_string())?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                topology.events_exchange.as_str().into(),
-                "video.generation.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "vidu-worker-submit".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("cannot follow the events: {e}"))?;
         events_stream = Some(consumer);
     }
 
@@ -282,6 +250,47 @@ async fn publish_and_wait(
     };
     let _ = conn.close(200, "done".into()).await;
     Ok(outcome)
+}
+
+/// Follows the events matching `binding` through a private, server-named
+/// queue that the broker deletes when the connection closes.
+pub(crate) async fn watch_events(
+    conn: &lapin::Connection,
+    exchange: &str,
+    binding: &str,
+) -> Result<lapin::Consumer, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            binding.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "vidu-worker-watch".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
 }
 
 fn progress(live: bool, line: &str) {
