@@ -2,10 +2,14 @@
 //!
 //! This module owns every queue and exchange name the worker uses (all derived
 //! from the request queue's name, so several deployments can share a vhost),
-//! declares them idempotently, opens connections that operators can recognise
-//! in the management UI, and publishes with publisher confirms, treating a
-//! nack or an unroutable return as a failure. It never acks or nacks
-//! deliveries; handlers do that once their outputs are confirmed.
+//! declares them idempotently — or, when operators own the topology
+//! (`amqp.declare_topology = false`), only checks with passive declarations
+//! that they exist — opens connections (TLS, credentials from the URL or
+//! from settings) that operators can recognise in the management UI, and
+//! publishes with publisher confirms, treating a nack or an unroutable
+//! return as a failure. It never acks or nacks deliveries; handlers do that
+//! once their outputs are confirmed. It never puts a password in an error or
+//! a log line: errors name the broker by [`AmqpSettings::display_url`].
 
 use std::time::Duration;
 
@@ -13,12 +17,12 @@ use lapin::{
     options::{
         BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueDeclareOptions,
     },
+    tcp::{OwnedIdentity, OwnedTLSConfig},
     types::{AMQPValue, FieldTable, LongString, ShortString},
     BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
 };
-use secrecy::ExposeSecret;
 
-use crate::config::{QueueType, Settings};
+use crate::config::{AmqpSettings, ConfigError, QueueArgument, QueueType, Settings};
 
 /// Header carrying why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-vidu-error";
@@ -53,6 +57,12 @@ pub struct Topology {
     /// Broker-side delivery limit (quorum queues), a backstop behind the
     /// worker's own `max_deliveries` check.
     pub delivery_limit: u32,
+    /// Whether [`Topology::declare`] declares (`true`) or only verifies.
+    pub declares: bool,
+    /// Extra arguments of every queue (`amqp.queue_arguments`).
+    pub queue_arguments: Vec<(String, AMQPValue)>,
+    /// The vhost, for messages.
+    pub vhost: String,
 }
 
 impl Topology {
@@ -75,6 +85,14 @@ impl Topology {
             events_exchange: settings.amqp.events_exchange.clone(),
             queue_type: settings.amqp.queue_type,
             delivery_limit: settings.amqp.max_deliveries + 2,
+            declares: settings.amqp.declare_topology,
+            queue_arguments: settings
+                .amqp
+                .queue_arguments
+                .iter()
+                .map(|(name, value)| (name.clone(), argument_value(value)))
+                .collect(),
+            vhost: settings.amqp.vhost(),
         }
     }
 
@@ -106,6 +124,9 @@ impl Topology {
 
     fn base_args(&self) -> FieldTable {
         let mut args = FieldTable::default();
+        for (name, value) in &self.queue_arguments {
+            args.insert(name.as_str().into(), value.clone());
+        }
         args.insert(
             "x-queue-type".into(),
             AMQPValue::LongString(self.queue_type.as_str().into()),
@@ -171,9 +192,30 @@ impl Topology {
         out
     }
 
-    /// Declares the exchange and every queue; safe to run any number of
-    /// times from any number of workers with the same settings.
+    /// Sets the topology up at start: declares it (the default), or with
+    /// `amqp.declare_topology = false` only verifies that it exists (see
+    /// [`Topology::missing`]), failing with the list of what is missing.
     pub async fn declare(&self, conn: &Connection) -> Result<(), BrokerError> {
+        if self.declares {
+            return self.create(conn).await;
+        }
+        let missing = self.missing(conn).await?;
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(BrokerError::Missing {
+                vhost: self.vhost.clone(),
+                missing,
+            })
+        }
+    }
+
+    /// Declares the exchange and every queue; safe to run any number of
+    /// times from any number of workers with the same settings. Needs
+    /// configure permission on the names. A queue or exchange that exists
+    /// with other arguments fails with the broker's explanation (which
+    /// names the argument).
+    pub async fn create(&self, conn: &Connection) -> Result<(), BrokerError> {
         let channel = conn
             .create_channel()
             .await
@@ -189,10 +231,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await
-            .map_err(|e| BrokerError::Topology {
-                name: self.events_exchange.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| declare_error("exchange", &self.events_exchange, &e))?;
         for (name, args) in self.queue_declarations() {
             channel
                 .queue_declare(
@@ -204,13 +243,67 @@ impl Topology {
                     args,
                 )
                 .await
-                .map_err(|e| BrokerError::Topology {
-                    name: name.clone(),
-                    detail: e.to_string(),
-                })?;
+                .map_err(|e| declare_error("queue", &name, &e))?;
         }
         let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
+    }
+
+    /// What of the topology does not exist, as `exchange NAME` / `queue
+    /// NAME`, found with passive declarations (which need no permission).
+    /// They prove existence only: AMQP gives a client no way to read a
+    /// queue's arguments or an exchange's type without declaring it.
+    pub async fn missing(&self, conn: &Connection) -> Result<Vec<String>, BrokerError> {
+        let mut missing = Vec::new();
+        let mut channel = conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::Connection)?;
+        let exchange = channel
+            .exchange_declare(
+                self.events_exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    passive: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let mut found = |what: String, result: Result<(), lapin::Error>| match result {
+            Ok(()) => Ok(false),
+            Err(e) if reply_code(&e) == Some(404) => {
+                missing.push(what);
+                Ok(true)
+            }
+            Err(e) => Err(BrokerError::Connection(e)),
+        };
+        let mut reopen = found(format!("exchange {}", self.events_exchange), exchange)?;
+        for name in self.queue_names() {
+            if reopen {
+                // A failed passive declaration closes its channel.
+                channel = conn
+                    .create_channel()
+                    .await
+                    .map_err(BrokerError::Connection)?;
+            }
+            let result = channel
+                .queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(drop);
+            reopen = found(format!("queue {name}"), result)?;
+        }
+        if channel.status().connected() {
+            let _ = channel.close(200, "topology verified".into()).await;
+        }
+        Ok(missing)
     }
 
     /// Counts the tickets waiting in the tracking and wait queues.
@@ -235,6 +328,52 @@ impl Topology {
     }
 }
 
+fn argument_value(value: &QueueArgument) -> AMQPValue {
+    match value {
+        QueueArgument::Bool(b) => AMQPValue::Boolean(*b),
+        QueueArgument::Int(i) => AMQPValue::LongLongInt(*i),
+        QueueArgument::Float(f) => AMQPValue::Double(*f),
+        QueueArgument::Text(t) => AMQPValue::LongString(t.as_str().into()),
+    }
+}
+
+/// The AMQP reply code of a channel or connection error from the broker.
+pub fn reply_code(error: &lapin::Error) -> Option<u16> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => Some(e.get_id()),
+        _ => None,
+    }
+}
+
+/// The broker's own words for an error (`PRECONDITION_FAILED - inequivalent
+/// arg 'x-queue-type' for queue ...`), or lapin's description.
+fn broker_words(error: &lapin::Error) -> String {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => e.get_message().to_string(),
+        _ => error.to_string(),
+    }
+}
+
+fn declare_error(kind: &str, name: &str, error: &lapin::Error) -> BrokerError {
+    let words = broker_words(error);
+    let detail = match (reply_code(error), kind) {
+        (Some(406), "queue") => format!(
+            "the queue exists with different arguments: {words}. Delete it (once empty) so the worker can declare it again, or align amqp.queue_type, amqp.max_deliveries and amqp.queue_arguments with it"
+        ),
+        (Some(406), _) => format!(
+            "the exchange exists with different settings: {words}. The worker needs a durable topic exchange"
+        ),
+        (Some(403), _) => format!(
+            "the broker user may not declare it: {words}. Declaring needs configure permission on the name, and for a queue that dead-letters also read on the queue and write on amq.default (deploy/rabbitmq/README.md); or set amqp.declare_topology = false and have the operators create the topology"
+        ),
+        _ => words,
+    };
+    BrokerError::Topology {
+        name: format!("{kind} {name}"),
+        detail,
+    }
+}
+
 fn tier_label(ms: u64) -> String {
     if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
@@ -246,17 +385,52 @@ fn tier_label(ms: u64) -> String {
 /// Broker failures, by what the worker does about them.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// Connecting or opening a channel failed; retry with backoff.
+    /// Opening a channel (or another call on a connection) failed; retry
+    /// with backoff.
     #[error("broker connection failed: {0}")]
     Connection(#[source] lapin::Error),
-    /// A queue or exchange exists with other settings, or may not be declared.
+    /// Connecting failed: unreachable, TLS handshake, credentials or vhost.
+    /// Retried with backoff; the reason says what to fix when it is not
+    /// an outage.
+    #[error("cannot connect to the broker at {broker}: {reason}")]
+    Connect {
+        /// The broker URL without password.
+        broker: String,
+        /// What went wrong, with a hint.
+        reason: String,
+    },
+    /// A file named in the settings could not be read when connecting.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A queue or exchange exists with other settings, or may not be
+    /// declared: fatal at start.
     #[error("cannot declare {name}: {detail}")]
     Topology {
-        /// The queue or exchange.
+        /// `queue NAME` or `exchange NAME`.
         name: String,
-        /// The broker's words.
+        /// The broker's words and what to do.
         detail: String,
     },
+    /// With `amqp.declare_topology = false`, some of the topology does not
+    /// exist: fatal at start.
+    #[error(
+        "the broker topology is incomplete in vhost {vhost:?} (amqp.declare_topology = false, so the worker only checks it): missing {}. Create it as documented in deploy/rabbitmq/ (definitions.json), or set amqp.declare_topology = true to let the worker declare it",
+        missing.join(", ")
+    )]
+    Missing {
+        /// The vhost checked.
+        vhost: String,
+        /// `exchange NAME` / `queue NAME` entries.
+        missing: Vec<String>,
+    },
+}
+
+impl BrokerError {
+    /// Whether the error means the worker cannot run with these settings on
+    /// this broker (rather than "the broker is not reachable right now").
+    pub fn is_fatal_at_start(&self) -> bool {
+        matches!(self, Self::Topology { .. } | Self::Missing { .. })
+    }
 }
 
 /// Why a publish did not succeed.
@@ -334,10 +508,16 @@ impl Publisher {
     }
 }
 
-/// How this process introduces itself to the broker (visible in the
-/// management UI's connection list).
-pub fn connection_name(role: &str) -> String {
-    format!("vidu-worker {role} {}#{}", host_name(), std::process::id())
+/// How this process introduces itself to the broker (the connection name
+/// in the management UI's connection list and `rabbitmqctl
+/// list_connections client_properties`): program, role, host and process
+/// id, and the request queue that tells deployments apart.
+pub fn connection_name(role: &str, request_queue: &str) -> String {
+    format!(
+        "vidu-worker {role} {}#{} {request_queue}",
+        host_name(),
+        std::process::id()
+    )
 }
 
 /// The host name, for connection names and consumer tags.
@@ -354,18 +534,120 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
-/// Connects to the broker. Errors never contain the URL's password.
+/// Connects to the broker: the URL's host, port and vhost, credentials from
+/// the URL or `amqp.username` / `amqp.password(_file)`, and for `amqps://`
+/// the `amqp.tls` files. Errors never contain a password.
 pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, BrokerError> {
+    let amqp = &settings.amqp;
+    let uri = amqp.connection_uri()?;
+    let tls = tls_config(amqp)?;
+    let runtime = lapin::runtime::default_runtime().map_err(BrokerError::Connection)?;
     let props = ConnectionProperties::default()
-        .with_connection_name(LongString::from(connection_name(role)))
+        .with_connection_name(LongString::from(connection_name(role, &amqp.request_queue)))
         .with_client_property("product".into(), LongString::from("vidu-worker"))
         .with_client_property(
             "version".into(),
             LongString::from(env!("CARGO_PKG_VERSION")),
+        )
+        .with_client_property("host".into(), LongString::from(host_name()))
+        .with_client_property(
+            "pid".into(),
+            LongString::from(std::process::id().to_string()),
+        )
+        .with_client_property(
+            "request_queue".into(),
+            LongString::from(amqp.request_queue.as_str()),
         );
-    Connection::connect(settings.amqp.url.expose_secret(), props)
+    Connection::connect_uri_with_config(uri, props, tls, runtime)
         .await
-        .map_err(BrokerError::Connection)
+        .map_err(|e| BrokerError::Connect {
+            broker: amqp.display_url(),
+            reason: explain_connect_error(&e, amqp),
+        })
+}
+
+/// The TLS files, read now so that rotated certificates are used at the
+/// next connection. Plain `amqp://` URLs ignore this configuration.
+fn tls_config(amqp: &AmqpSettings) -> Result<OwnedTLSConfig, ConfigError> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
+    };
+    let cert_chain = match &amqp.tls.ca_file {
+        Some(path) => Some(
+            String::from_utf8(read("amqp.tls.ca_file", path)?).map_err(|_| {
+                ConfigError::new(
+                    "amqp.tls.ca_file",
+                    format!("{} is not a PEM file", path.display()),
+                )
+            })?,
+        ),
+        None => None,
+    };
+    let identity = match (&amqp.tls.cert_file, &amqp.tls.key_file) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read("amqp.tls.cert_file", cert)?,
+            key: read("amqp.tls.key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+/// Turns a failed connection into one line that says what to fix. The
+/// library's words are kept; the hint is added for the usual causes.
+fn explain_connect_error(error: &lapin::Error, amqp: &AmqpSettings) -> String {
+    let words = broker_words(error);
+    let has = |needle: &str| words.contains(needle);
+    let trusted = match &amqp.tls.ca_file {
+        Some(path) => format!(
+            "the CA certificates in amqp.tls.ca_file ({}) and the system roots",
+            path.display()
+        ),
+        None => "the system roots (set amqp.tls.ca_file to the broker's CA)".into(),
+    };
+    let tls = amqp.uses_tls();
+    let closed = has("Connection reset")
+        || has("Broken pipe")
+        || has("UnexpectedEof")
+        || has("unexpected end of file")
+        || has("early eof");
+    let hint = if has("UnknownIssuer") || has("unknown issuer") {
+        Some(format!(
+            "TLS handshake failed: the broker's certificate is not signed by a trusted CA; this worker trusts {trusted}"
+        ))
+    } else if has("NotValidForName") || has("not valid for name") {
+        Some("TLS handshake failed: the broker's certificate does not name the host of amqp.url; connect with a host name the certificate lists".into())
+    } else if has("Expired") || has("NotValidYet") {
+        Some(
+            "TLS handshake failed: the broker's certificate has expired or is not valid yet".into(),
+        )
+    } else if has("invalid peer certificate") {
+        Some(format!(
+            "TLS handshake failed: the broker's certificate was refused; this worker trusts {trusted}"
+        ))
+    } else if has("InvalidContentType") || has("corrupt message") {
+        Some("TLS handshake failed: the port does not speak TLS (amqps:// needs the broker's TLS listener, 5671 by default)".into())
+    } else if tls && (closed || has("alert")) && amqp.tls.cert_file.is_none() {
+        Some("the broker ended the TLS handshake: if it requires a client certificate (mutual TLS), set amqp.tls.cert_file and amqp.tls.key_file".into())
+    } else if tls && (closed || has("alert")) {
+        Some("the broker ended the TLS handshake: it may not accept the client certificate of amqp.tls.cert_file (is it signed by a CA the broker trusts?)".into())
+    } else if closed {
+        Some("the broker closed the connection before AMQP started: if this port is a TLS listener, use an amqps:// URL".into())
+    } else if has("ACCESS_REFUSED") || has("authentication") {
+        Some("the broker refused the user name or password (from amqp.url, amqp.username, amqp.password or amqp.password_file)".into())
+    } else if has("NOT_ALLOWED") || has("vhost") {
+        Some("the user may not open this vhost, or it does not exist (the vhost is the path of amqp.url, percent-encoded: %2f is /)".into())
+    } else {
+        None
+    };
+    match hint {
+        Some(hint) => format!("{hint} ({words})"),
+        None => words,
+    }
 }
 
 /// Reads an integer header (the broker may use any integer width).

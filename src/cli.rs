@@ -8,7 +8,6 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -190,15 +189,21 @@ async fn simulate(args: SimulateArgs) -> ExitCode {
 async fn check(settings: Settings) -> ExitCode {
     let mut ok = true;
     println!("ok   configuration");
-    let url = crate::config::redact_url(settings.amqp.url.expose_secret());
+    let url = settings.amqp.display_url();
     match broker::connect(&settings, "check").await {
         Ok(conn) => {
-            println!("ok   broker {url} reachable");
+            let how = match (settings.amqp.uses_tls(), &settings.amqp.tls.cert_file) {
+                (false, _) => "",
+                (true, None) => " over TLS",
+                (true, Some(_)) => " over TLS with a client certificate",
+            };
+            println!("ok   broker {url} reachable{how}");
+            ok &= check_topology(&settings, &conn).await;
             let _ = conn.close(200, "check done".into()).await;
         }
         Err(e) => {
             ok = false;
-            println!("FAIL broker {url}: {e}");
+            println!("FAIL broker: {e}");
         }
     }
     match &settings.upstream.api_key {
@@ -233,5 +238,38 @@ async fn check(settings: Settings) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// With `amqp.declare_topology = false`, reports whether the topology the
+/// operators own exists (passive declarations: they change nothing and need
+/// no permission). Otherwise the worker declares it at start.
+async fn check_topology(settings: &Settings, conn: &lapin::Connection) -> bool {
+    let topology = broker::Topology::new(settings);
+    if topology.declares {
+        println!("ok   topology: declared by the worker at start (amqp.declare_topology = true)");
+        return true;
+    }
+    let total = topology.queue_names().len();
+    match topology.missing(conn).await {
+        Ok(missing) if missing.is_empty() => {
+            println!(
+                "ok   topology: exchange {} and {total} queues exist (checked passively: their arguments are not visible to a client)",
+                topology.events_exchange
+            );
+            true
+        }
+        Ok(missing) => {
+            let e = broker::BrokerError::Missing {
+                vhost: topology.vhost.clone(),
+                missing,
+            };
+            println!("FAIL {e}");
+            false
+        }
+        Err(e) => {
+            println!("FAIL topology: {e}");
+            false
+        }
     }
 }

@@ -5,10 +5,19 @@
 //! (`VIDU_WORKER__SECTION__KEY`, plus `NOVITA_API_KEY`). This module owns the
 //! names, defaults and validation of every key, and turns any problem into a
 //! [`ConfigError`] whose one-line message names the key. It never logs or
-//! prints the API key: the key lives in a [`SecretString`] whose `Debug`
-//! output is redacted.
+//! prints the API key or the broker password: they live in
+//! [`SecretString`]s whose `Debug` output is redacted, and broker URLs are
+//! shown through [`redact_url`] / [`AmqpSettings::display_url`]. Files named
+//! by settings (password, TLS and CA files) are checked here at load, so a
+//! typo is a configuration error naming the key.
 
-use std::{collections::HashMap, fmt, net::SocketAddr, path::Path, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
@@ -52,7 +61,8 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+    /// A problem with `key`.
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self {
             key: key.into(),
             problem: problem.into(),
@@ -105,8 +115,23 @@ impl QueueType {
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AmqpSettings {
-    /// Broker URL, `amqp://user:pass@host:port/vhost`.
+    /// Broker URL, `amqp://user:pass@host:port/vhost` (or `amqps://` for
+    /// TLS). The vhost is the URL's path, percent-encoded (`%2f` is `/`).
     pub url: SecretString,
+    /// User name, overriding the URL's.
+    pub username: Option<String>,
+    /// Password, overriding the URL's. Never logged.
+    pub password: Option<SecretString>,
+    /// A file holding the password (a mounted Kubernetes Secret), read at
+    /// start and at every reconnect, surrounding whitespace trimmed.
+    pub password_file: Option<PathBuf>,
+    /// TLS settings for `amqps://` URLs.
+    pub tls: AmqpTlsSettings,
+    /// Whether the worker declares its queues and exchange (`true`), or only
+    /// checks with passive declarations that operators created them.
+    pub declare_topology: bool,
+    /// Extra `x-` arguments for every queue the worker declares.
+    pub queue_arguments: BTreeMap<String, QueueArgument>,
     /// The request queue producers publish to; internal names derive from it.
     pub request_queue: String,
     /// The topic exchange events are published to.
@@ -128,6 +153,12 @@ impl fmt::Debug for AmqpSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpSettings")
             .field("url", &redact_url(self.url.expose_secret()))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[REDACTED]"))
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls)
+            .field("declare_topology", &self.declare_topology)
+            .field("queue_arguments", &self.queue_arguments)
             .field("request_queue", &self.request_queue)
             .field("events_exchange", &self.events_exchange)
             .field("prefetch", &self.prefetch)
@@ -142,6 +173,12 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            username: None,
+            password: None,
+            password_file: None,
+            tls: AmqpTlsSettings::default(),
+            declare_topology: true,
+            queue_arguments: BTreeMap::new(),
             request_queue: "vidu.requests".into(),
             events_exchange: "vidu.events".into(),
             prefetch: 32,
@@ -151,6 +188,144 @@ impl Default for AmqpSettings {
         }
     }
 }
+
+impl AmqpSettings {
+    /// The broker address to show in logs and errors: the URL with the
+    /// effective user name and without any password.
+    pub fn display_url(&self) -> String {
+        match url::Url::parse(self.url.expose_secret()) {
+            Ok(mut u) => {
+                if let Some(user) = &self.username {
+                    let _ = u.set_username(user);
+                }
+                if u.password().is_some() || self.password.is_some() || self.password_file.is_some()
+                {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
+            }
+            Err(_) => "<unparseable url>".into(),
+        }
+    }
+
+    /// The parsed URL with `username`, `password` and `password_file`
+    /// applied. Reads the password file, so a rotated Secret is picked up at
+    /// the next connection. The result holds the password: never log it.
+    pub fn connection_uri(&self) -> Result<lapin::uri::AMQPUri, ConfigError> {
+        let mut uri: lapin::uri::AMQPUri = self
+            .url
+            .expose_secret()
+            .parse()
+            .map_err(|_| ConfigError::new("amqp.url", "is not a valid AMQP URL"))?;
+        if let Some(user) = &self.username {
+            uri.authority.userinfo.username.clone_from(user);
+        }
+        if let Some(password) = self.effective_password()? {
+            uri.authority.userinfo.password = password.expose_secret().to_owned();
+        }
+        Ok(uri)
+    }
+
+    /// The password from `password` or `password_file`, if either is set.
+    fn effective_password(&self) -> Result<Option<SecretString>, ConfigError> {
+        if let Some(password) = &self.password {
+            return Ok(Some(password.clone()));
+        }
+        let Some(path) = &self.password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                "amqp.password_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
+            return Err(ConfigError::new(
+                "amqp.password_file",
+                format!("{} is empty", path.display()),
+            ));
+        }
+        Ok(Some(SecretString::from(trimmed.to_owned())))
+    }
+
+    /// The vhost named by the URL (`/` for `%2f`).
+    pub fn vhost(&self) -> String {
+        self.url
+            .expose_secret()
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|u| u.vhost)
+            .unwrap_or_else(|_| "?".into())
+    }
+
+    /// Whether the URL asks for TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.url.expose_secret().starts_with("amqps://")
+    }
+}
+
+/// `[amqp.tls]`: verification of the broker and the client's own identity,
+/// for `amqps://` URLs. Files are PEM, read at every connection (so rotated
+/// certificates are picked up when the worker reconnects).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpTlsSettings {
+    /// CA certificates that may sign the broker's certificate, trusted in
+    /// addition to the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate (chain) for mutual TLS; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PKCS#8, PKCS#1 or SEC1 PEM,
+    /// not encrypted); needs `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// One extra queue argument: TOML booleans, integers, floats and strings map
+/// to the AMQP field types RabbitMQ expects.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum QueueArgument {
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer (sent as a signed 64-bit integer).
+    Int(i64),
+    /// A floating-point number.
+    Float(f64),
+    /// A string.
+    Text(String),
+}
+
+/// Queue arguments the worker sets itself, and why they cannot be changed
+/// through `amqp.queue_arguments`.
+const RESERVED_QUEUE_ARGUMENTS: &[(&str, &str)] = &[
+    ("x-queue-type", "set it with amqp.queue_type"),
+    ("x-delivery-limit", "it follows amqp.max_deliveries"),
+    (
+        "x-dead-letter-exchange",
+        "the worker routes dead letters itself",
+    ),
+    (
+        "x-dead-letter-routing-key",
+        "the worker routes dead letters itself",
+    ),
+    (
+        "x-dead-letter-strategy",
+        "the worker needs at-least-once dead-lettering",
+    ),
+    (
+        "x-overflow",
+        "the worker needs reject-publish for at-least-once dead-lettering",
+    ),
+    (
+        "x-message-ttl",
+        "it would expire requests and tickets (the wait queues set their own)",
+    ),
+    (
+        "x-expires",
+        "it would delete idle wait queues together with the tickets they hold",
+    ),
+];
 
 /// `[upstream]`
 #[derive(Debug, Clone, Deserialize)]
@@ -179,6 +354,9 @@ pub struct UpstreamSettings {
     /// handed back to the queue.
     #[serde(with = "humantime_serde")]
     pub create_retry_budget: Duration,
+    /// Extra CA certificates (PEM) to trust besides the system roots, e.g.
+    /// a corporate proxy's.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for UpstreamSettings {
@@ -192,6 +370,7 @@ impl Default for UpstreamSettings {
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             create_retry_budget: Duration::from_secs(120),
+            ca_file: None,
         }
     }
 }
@@ -362,11 +541,37 @@ impl Settings {
             }
         }
         let mut settings: Settings = config.try_deserialize().map_err(from_config_error)?;
+        settings.normalize();
         if let Some(key) = env.get(API_KEY_ENV).filter(|k| !k.trim().is_empty()) {
             settings.upstream.api_key = Some(SecretString::from(key.trim().to_owned()));
         }
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Treats empty strings (an environment variable set to "") as unset.
+    fn normalize(&mut self) {
+        fn path(p: &mut Option<PathBuf>) {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *p = None;
+            }
+        }
+        let amqp = &mut self.amqp;
+        if amqp.username.as_ref().is_some_and(String::is_empty) {
+            amqp.username = None;
+        }
+        if amqp
+            .password
+            .as_ref()
+            .is_some_and(|p| p.expose_secret().is_empty())
+        {
+            amqp.password = None;
+        }
+        path(&mut amqp.password_file);
+        path(&mut amqp.tls.ca_file);
+        path(&mut amqp.tls.cert_file);
+        path(&mut amqp.tls.key_file);
+        path(&mut self.upstream.ca_file);
     }
 
     /// Checks the values that types alone cannot.
@@ -381,6 +586,8 @@ impl Settings {
         if url.parse::<lapin::uri::AMQPUri>().is_err() {
             return Err(ConfigError::new("amqp.url", "is not a valid AMQP URL"));
         }
+        self.validate_broker_access()?;
+        self.validate_queue_arguments()?;
         check_name("amqp.request_queue", &self.amqp.request_queue)?;
         check_name("amqp.events_exchange", &self.amqp.events_exchange)?;
         if self.amqp.prefetch == 0 {
@@ -424,6 +631,9 @@ impl Settings {
                 "must be a number >= 0 (0 = unlimited)",
             ));
         }
+        if let Some(path) = &self.upstream.ca_file {
+            check_certificates("upstream.ca_file", path)?;
+        }
         non_zero("upstream.timeout", self.upstream.timeout)?;
         non_zero("upstream.connect_timeout", self.upstream.connect_timeout)?;
         non_zero("upstream.retry_initial", self.upstream.retry_initial)?;
@@ -452,6 +662,92 @@ impl Settings {
         Ok(())
     }
 
+    /// Credentials and TLS files: consistent, present and readable, so a
+    /// typo shows at start as a configuration error naming the key.
+    fn validate_broker_access(&self) -> Result<(), ConfigError> {
+        let amqp = &self.amqp;
+        let tls = &amqp.tls;
+        if !amqp.uses_tls() {
+            let set = [
+                ("amqp.tls.ca_file", &tls.ca_file),
+                ("amqp.tls.cert_file", &tls.cert_file),
+                ("amqp.tls.key_file", &tls.key_file),
+            ]
+            .into_iter()
+            .find(|(_, v)| v.is_some());
+            if let Some((key, _)) = set {
+                return Err(ConfigError::new(
+                    key,
+                    "is set but amqp.url is not amqps:// (TLS settings apply only to amqps:// URLs)",
+                ));
+            }
+        }
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "amqp.tls.key_file",
+                    "is required with amqp.tls.cert_file (a client certificate needs its key)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "amqp.tls.cert_file",
+                    "is required with amqp.tls.key_file",
+                ))
+            }
+            (Some(cert), Some(key)) => {
+                check_certificates("amqp.tls.cert_file", cert)?;
+                check_private_key("amqp.tls.key_file", key, cert)?;
+            }
+            (None, None) => {}
+        }
+        if let Some(ca) = &tls.ca_file {
+            check_certificates("amqp.tls.ca_file", ca)?;
+        }
+        if amqp.password.is_some() && amqp.password_file.is_some() {
+            return Err(ConfigError::new(
+                "amqp.password_file",
+                "set either amqp.password or amqp.password_file, not both",
+            ));
+        }
+        amqp.effective_password()?;
+        Ok(())
+    }
+
+    /// Extra queue arguments: `x-` names, none the worker sets itself, none
+    /// that could lose messages.
+    fn validate_queue_arguments(&self) -> Result<(), ConfigError> {
+        for (name, value) in &self.amqp.queue_arguments {
+            let key = format!("amqp.queue_arguments.{name}");
+            if !name.starts_with("x-") {
+                return Err(ConfigError::new(
+                    key,
+                    "queue arguments start with x- (RabbitMQ ignores other names)",
+                ));
+            }
+            if let Some((_, why)) = RESERVED_QUEUE_ARGUMENTS.iter().find(|(n, _)| n == name) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("is set by the worker and cannot be overridden: {why}"),
+                ));
+            }
+            if matches!(name.as_str(), "x-max-length" | "x-max-length-bytes")
+                && self.amqp.queue_type == QueueType::Classic
+            {
+                return Err(ConfigError::new(
+                    key,
+                    "a full classic queue silently drops its oldest messages (requests and tickets would be lost); use quorum queues, where a full queue refuses new messages instead",
+                ));
+            }
+            if let QueueArgument::Float(f) = value {
+                if !f.is_finite() {
+                    return Err(ConfigError::new(key, "must be a finite number"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The parsed operations listen address.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.http.listen.parse().map_err(|_| {
@@ -471,6 +767,56 @@ impl Settings {
             )
         })
     }
+}
+
+fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// A PEM file with at least one certificate.
+fn check_certificates(key: &str, path: &Path) -> Result<(), ConfigError> {
+    let pem = read_file(key, path)?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(()),
+        Ok(_) => Err(ConfigError::new(
+            key,
+            format!(
+                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(ConfigError::new(
+            key,
+            format!("{} is not a PEM certificate file: {e}", path.display()),
+        )),
+    }
+}
+
+/// A PEM private key that goes with the certificate file.
+fn check_private_key(key: &str, path: &Path, cert: &Path) -> Result<(), ConfigError> {
+    let pem = read_file(key, path)?;
+    if pem.windows(9).any(|w| w == b"ENCRYPTED") {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "{} is encrypted; give the key unencrypted (there is no passphrase setting)",
+                path.display()
+            ),
+        ));
+    }
+    let mut both = read_file("amqp.tls.cert_file", cert)?;
+    both.push(b'\n');
+    both.extend_from_slice(&pem);
+    reqwest::Identity::from_pem(&both).map(drop).map_err(|_| {
+        ConfigError::new(
+            key,
+            format!(
+                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
+                path.display()
+            ),
+        )
+    })
 }
 
 fn non_zero(key: &str, value: Duration) -> Result<(), ConfigError> {
@@ -671,6 +1017,205 @@ mod tests {
         )
         .expect_err("missing file");
         assert_eq!(err.key, "--config");
+    }
+
+    fn temp_file(name: &str, contents: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "vidu-config-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(name);
+        std::fs::write(&path, contents).expect("write");
+        path
+    }
+
+    fn load_file(toml: &str) -> Result<Settings, ConfigError> {
+        let path = temp_file("extra.toml", toml);
+        let result = Settings::load_with_env(
+            Path::new("does/not/exist.toml"),
+            Some(&path),
+            &HashMap::new(),
+        );
+        let _ = std::fs::remove_dir_all(path.parent().expect("dir"));
+        result
+    }
+
+    #[test]
+    fn broker_integration_defaults_keep_the_contract() {
+        let s = load(&[]).expect("defaults load");
+        assert!(s.amqp.declare_topology);
+        assert!(s.amqp.username.is_none() && s.amqp.password.is_none());
+        assert!(s.amqp.password_file.is_none());
+        assert!(s.amqp.tls.ca_file.is_none() && s.amqp.tls.cert_file.is_none());
+        assert!(s.amqp.queue_arguments.is_empty());
+        assert!(s.upstream.ca_file.is_none());
+        let uri = s.amqp.connection_uri().expect("uri");
+        assert_eq!(uri.authority.userinfo.username, "guest");
+        assert_eq!(uri.vhost, "/");
+        // The shipped file says the same as the built-in defaults.
+        let shipped = Settings::load_with_env(
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")),
+            None,
+            &HashMap::new(),
+        )
+        .expect("config/default.toml loads");
+        assert_eq!(format!("{shipped:?}"), format!("{s:?}"));
+    }
+
+    #[test]
+    fn credentials_override_the_url_and_the_password_file_is_trimmed() {
+        let file = temp_file("password", "  s3cret-from-file\n");
+        let s = load(&[
+            (
+                "VIDU_WORKER__AMQP__URL",
+                "amqp://url-user:url-pass@broker:5672/team%2Fvidu",
+            ),
+            ("VIDU_WORKER__AMQP__USERNAME", "vidu"),
+            (
+                "VIDU_WORKER__AMQP__PASSWORD_FILE",
+                file.to_str().expect("utf-8"),
+            ),
+        ])
+        .expect("loads");
+        let uri = s.amqp.connection_uri().expect("uri");
+        assert_eq!(uri.authority.userinfo.username, "vidu");
+        assert_eq!(uri.authority.userinfo.password, "s3cret-from-file");
+        assert_eq!(uri.vhost, "team/vidu");
+        let shown = s.amqp.display_url();
+        assert!(shown.contains("vidu:***@broker"), "{shown}");
+        assert!(
+            !shown.contains("url-pass") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+        let dbg = format!("{s:?}");
+        assert!(
+            !dbg.contains("s3cret") && !dbg.contains("url-pass"),
+            "{dbg}"
+        );
+
+        // A password without a file, and an empty variable that means "unset".
+        let s = load(&[
+            ("VIDU_WORKER__AMQP__PASSWORD", "direct"),
+            ("VIDU_WORKER__AMQP__USERNAME", ""),
+        ])
+        .expect("loads");
+        let uri = s.amqp.connection_uri().expect("uri");
+        assert_eq!(uri.authority.userinfo.username, "guest");
+        assert_eq!(uri.authority.userinfo.password, "direct");
+        assert!(!format!("{s:?}").contains("direct"));
+
+        let err = load(&[
+            ("VIDU_WORKER__AMQP__PASSWORD", "direct"),
+            (
+                "VIDU_WORKER__AMQP__PASSWORD_FILE",
+                file.to_str().expect("utf-8"),
+            ),
+        ])
+        .expect_err("both");
+        assert_eq!(err.key, "amqp.password_file");
+        let err = load(&[("VIDU_WORKER__AMQP__PASSWORD_FILE", "/does/not/exist")])
+            .expect_err("missing file");
+        assert_eq!(err.key, "amqp.password_file");
+        let empty = temp_file("empty", "\n");
+        let err = load(&[(
+            "VIDU_WORKER__AMQP__PASSWORD_FILE",
+            empty.to_str().expect("utf-8"),
+        )])
+        .expect_err("empty file");
+        assert_eq!(err.key, "amqp.password_file");
+        assert!(err.problem.contains("empty"), "{err}");
+        for f in [file, empty] {
+            let _ = std::fs::remove_dir_all(f.parent().expect("dir"));
+        }
+    }
+
+    #[test]
+    fn tls_settings_are_checked_up_front() {
+        let err = load(&[("VIDU_WORKER__AMQP__TLS__CA_FILE", "/etc/hostname")])
+            .expect_err("TLS file with an amqp:// URL");
+        assert_eq!(err.key, "amqp.tls.ca_file");
+        assert!(err.problem.contains("amqps://"), "{err}");
+        let tls = "amqps://guest:guest@broker:5671/%2f";
+        let err = load(&[
+            ("VIDU_WORKER__AMQP__URL", tls),
+            ("VIDU_WORKER__AMQP__TLS__CERT_FILE", "/etc/hostname"),
+        ])
+        .expect_err("certificate without key");
+        assert_eq!(err.key, "amqp.tls.key_file");
+        let err = load(&[
+            ("VIDU_WORKER__AMQP__URL", tls),
+            ("VIDU_WORKER__AMQP__TLS__CA_FILE", "/does/not/exist.pem"),
+        ])
+        .expect_err("missing CA file");
+        assert_eq!(err.key, "amqp.tls.ca_file");
+        let not_pem = temp_file("ca.pem", "hello");
+        let err = load(&[
+            ("VIDU_WORKER__AMQP__URL", tls),
+            (
+                "VIDU_WORKER__AMQP__TLS__CA_FILE",
+                not_pem.to_str().expect("utf-8"),
+            ),
+        ])
+        .expect_err("not PEM");
+        assert_eq!(err.key, "amqp.tls.ca_file");
+        assert!(err.problem.contains("no PEM certificate"), "{err}");
+        let err = load(&[(
+            "VIDU_WORKER__UPSTREAM__CA_FILE",
+            not_pem.to_str().expect("utf-8"),
+        )])
+        .expect_err("not PEM");
+        assert_eq!(err.key, "upstream.ca_file");
+        let _ = std::fs::remove_dir_all(not_pem.parent().expect("dir"));
+        // An amqps:// URL alone is fine: the system roots verify the broker.
+        load(&[("VIDU_WORKER__AMQP__URL", tls)]).expect("amqps without files");
+    }
+
+    #[test]
+    fn queue_arguments_are_typed_and_guarded() {
+        let s = load_file(
+            "[amqp.queue_arguments]\n\"x-quorum-initial-group-size\" = 3\n\"x-queue-leader-locator\" = \"balanced\"\n\"x-single-active-consumer\" = false\n",
+        )
+        .expect("loads");
+        let args = &s.amqp.queue_arguments;
+        assert_eq!(args["x-quorum-initial-group-size"], QueueArgument::Int(3));
+        assert_eq!(
+            args["x-queue-leader-locator"],
+            QueueArgument::Text("balanced".into())
+        );
+        assert_eq!(args["x-single-active-consumer"], QueueArgument::Bool(false));
+        let s = load(&[("VIDU_WORKER__AMQP__QUEUE_ARGUMENTS__X-MAX-LENGTH", "1000")])
+            .expect("from the environment");
+        assert_eq!(
+            s.amqp.queue_arguments["x-max-length"],
+            QueueArgument::Int(1000)
+        );
+
+        for (toml, key) in [
+            (
+                "\"x-queue-type\" = \"classic\"",
+                "amqp.queue_arguments.x-queue-type",
+            ),
+            (
+                "\"x-message-ttl\" = 1000",
+                "amqp.queue_arguments.x-message-ttl",
+            ),
+            ("\"x-expires\" = 1000", "amqp.queue_arguments.x-expires"),
+            (
+                "\"x-overflow\" = \"drop-head\"",
+                "amqp.queue_arguments.x-overflow",
+            ),
+            ("max-length = 5", "amqp.queue_arguments.max-length"),
+        ] {
+            let err = load_file(&format!("[amqp.queue_arguments]\n{toml}\n")).expect_err(toml);
+            assert_eq!(err.key, key, "{err}");
+        }
+        let err = load_file(
+            "[amqp]\nqueue_type = \"classic\"\n[amqp.queue_arguments]\n\"x-max-length\" = 5\n",
+        )
+        .expect_err("length limit on classic queues");
+        assert!(err.problem.contains("drops"), "{err}");
     }
 
     #[test]

@@ -336,7 +336,8 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// Builds the client; fails only on an unusable key or TLS setup.
+    /// Builds the client; fails only on an unusable key or TLS setup
+    /// (`upstream.ca_file`).
     pub fn new(
         settings: &UpstreamSettings,
         key: SecretString,
@@ -347,12 +348,29 @@ impl UpstreamClient {
         auth.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, auth);
-        let http = reqwest::Client::builder()
+        // TLS is rustls with the system roots, plus `upstream.ca_file`;
+        // HTTP(S)_PROXY, ALL_PROXY and NO_PROXY are honoured (reqwest's
+        // system proxy).
+        let mut builder = reqwest::Client::builder()
             .default_headers(headers)
             .timeout(settings.timeout)
             .connect_timeout(settings.connect_timeout)
             .user_agent(concat!("vidu-worker/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(path) = &settings.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("upstream.ca_file: cannot read {}: {e}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                format!(
+                    "upstream.ca_file: {} is not a PEM certificate file: {e}",
+                    path.display()
+                )
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let base = settings.base_url.trim_end_matches('/');
