@@ -247,7 +247,7 @@ impl TestEnv {
     pub fn worker_env(&self) -> Vec<(String, String)> {
         let s = &self.settings;
         let d = |d: Duration| format!("{}ms", d.as_millis());
-        vec![
+        let mut env: Vec<(String, String)> = vec![
             (
                 "VIDU_WORKER__AMQP__URL".into(),
                 secrecy::ExposeSecret::expose_secret(&s.amqp.url).to_owned(),
@@ -315,7 +315,68 @@ impl TestEnv {
             ),
             ("VIDU_WORKER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
             ("NOVITA_API_KEY".into(), self.api_key.clone()),
-        ]
+            (
+                "VIDU_WORKER__AMQP__QUEUE_TYPE".into(),
+                s.amqp.queue_type.as_str().into(),
+            ),
+            (
+                "VIDU_WORKER__AMQP__DECLARE_TOPOLOGY".into(),
+                s.amqp.declare_topology.to_string(),
+            ),
+        ];
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        let optional = [
+            ("VIDU_WORKER__AMQP__USERNAME", s.amqp.username.clone()),
+            (
+                "VIDU_WORKER__AMQP__PASSWORD",
+                s.amqp
+                    .password
+                    .as_ref()
+                    .map(|p| secrecy::ExposeSecret::expose_secret(p).to_owned()),
+            ),
+            (
+                "VIDU_WORKER__AMQP__PASSWORD_FILE",
+                s.amqp.password_file.as_deref().map(path),
+            ),
+            (
+                "VIDU_WORKER__AMQP__TLS__CA_FILE",
+                s.amqp.tls.ca_file.as_deref().map(path),
+            ),
+            (
+                "VIDU_WORKER__AMQP__TLS__CERT_FILE",
+                s.amqp.tls.cert_file.as_deref().map(path),
+            ),
+            (
+                "VIDU_WORKER__AMQP__TLS__KEY_FILE",
+                s.amqp.tls.key_file.as_deref().map(path),
+            ),
+            (
+                "VIDU_WORKER__UPSTREAM__CA_FILE",
+                s.upstream.ca_file.as_deref().map(path),
+            ),
+        ];
+        env.extend(
+            optional
+                .into_iter()
+                .filter_map(|(k, v)| Some((k.to_owned(), v?))),
+        );
+        for (name, value) in &s.amqp.queue_arguments {
+            use vidu_worker::config::QueueArgument as A;
+            let value = match value {
+                A::Bool(b) => b.to_string(),
+                A::Int(i) => i.to_string(),
+                A::Float(f) => f.to_string(),
+                A::Text(t) => t.clone(),
+            };
+            env.push((
+                format!(
+                    "VIDU_WORKER__AMQP__QUEUE_ARGUMENTS__{}",
+                    name.to_uppercase()
+                ),
+                value,
+            ));
+        }
+        env
     }
 
     /// Starts a worker child process for this deployment and waits until it

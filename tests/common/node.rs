@@ -1,11 +1,13 @@
-//! A private RabbitMQ node for tests that stop and start the broker, so they
-//! cannot disturb tests running in parallel against the shared broker.
-//! Started with the machine's `rabbitmq-server` on free ports, with its own
-//! data directory; stopped and removed on drop.
+//! A private RabbitMQ node for tests that need a broker of their own: broker
+//! restarts (so tests running in parallel against the shared broker are not
+//! disturbed), a TLS listener with certificates the test generates, users
+//! with restricted permissions, vhosts, and definitions imported the way an
+//! operator would. Started with the machine's `rabbitmq-server` on free
+//! ports, with its own data directory; stopped and removed on drop.
 
 use std::{
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -13,7 +15,27 @@ use std::{
 pub struct BrokerNode {
     pub name: String,
     pub port: u16,
+    /// The TLS listener's port, when the node has one.
+    pub tls_port: Option<u16>,
     dir: PathBuf,
+}
+
+/// A TLS listener: PEM contents, written into the node's directory.
+#[derive(Clone)]
+pub struct NodeTls {
+    /// CA certificates the broker trusts for client certificates.
+    pub ca_pem: String,
+    /// The broker's certificate (chain) and key.
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Refuse clients without a certificate signed by `ca_pem` (mutual TLS).
+    pub require_client_cert: bool,
+}
+
+/// How to start a node.
+#[derive(Clone, Default)]
+pub struct NodeOptions {
+    pub tls: Option<NodeTls>,
 }
 
 fn free_port() -> u16 {
@@ -23,27 +45,63 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
 impl BrokerNode {
-    /// Starts a node and waits until it accepts connections.
+    /// Starts a plain node and waits until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(NodeOptions::default())
+    }
+
+    /// Starts a node with options and waits until it accepts connections.
+    pub fn start_with(options: NodeOptions) -> Self {
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("vidutest{}@localhost", &unique[..8]);
-        let port = free_port();
-        let mut dist = free_port();
-        while dist == port {
-            dist = free_port();
+        let mut ports = Vec::new();
+        while ports.len() < 2 {
+            let p = free_port();
+            // RabbitMQ puts Erlang distribution on the AMQP port + 20000:
+            // keep that a valid, free port too.
+            if p < 45_000 && !ports.contains(&p) && port_is_free(p + 20_000) {
+                ports.push(p);
+            }
         }
+        let (port, tls_port) = (ports[0], ports[1]);
         let dir = std::env::temp_dir().join(format!("vidu-broker-{}", &unique[..8]));
         std::fs::create_dir_all(&dir).expect("node dir");
         set_mode(&dir, 0o777);
-        let conf = dir.join("rabbitmq.conf");
-        std::fs::write(
-            &conf,
-            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
-        )
-        .expect("node config");
-        set_mode(&conf, 0o644);
-        let node = Self { name, port, dir };
+        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        if let Some(tls) = &options.tls {
+            let file = |name: &str, pem: &str| {
+                let path = dir.join(name);
+                std::fs::write(&path, pem).expect("write a PEM file");
+                set_mode(&path, 0o644);
+                path.to_string_lossy().into_owned()
+            };
+            conf.push_str(&format!(
+                "listeners.ssl.local = 127.0.0.1:{tls_port}\n\
+                 ssl_options.cacertfile = {}\n\
+                 ssl_options.certfile = {}\n\
+                 ssl_options.keyfile = {}\n\
+                 ssl_options.verify = verify_peer\n\
+                 ssl_options.fail_if_no_peer_cert = {}\n",
+                file("ca.pem", &tls.ca_pem),
+                file("server.pem", &tls.cert_pem),
+                file("server.key", &tls.key_pem),
+                tls.require_client_cert,
+            ));
+        }
+        let conf_path = dir.join("rabbitmq.conf");
+        std::fs::write(&conf_path, conf).expect("node config");
+        set_mode(&conf_path, 0o644);
+        let node = Self {
+            name,
+            port,
+            tls_port: options.tls.as_ref().map(|_| tls_port),
+            dir,
+        };
         let status = node
             .command("rabbitmq-server")
             .arg("-detached")
@@ -79,6 +137,28 @@ impl BrokerNode {
             .unwrap_or(false)
     }
 
+    /// Runs `rabbitmqctl` and returns its output; panics naming the command
+    /// when it fails.
+    pub fn ctl_output(&self, args: &[&str]) -> String {
+        let out = self
+            .command("rabbitmqctl")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "rabbitmqctl {} failed: {}{}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Waits (up to two minutes) until the node runs its applications.
     pub fn await_startup(&self) {
         for _ in 0..60 {
@@ -95,6 +175,23 @@ impl BrokerNode {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
+    /// An AMQP URL with other credentials and an already percent-encoded
+    /// vhost.
+    pub fn url_for(&self, user: &str, password: &str, vhost: &str) -> String {
+        format!("amqp://{user}:{password}@127.0.0.1:{}/{vhost}", self.port)
+    }
+
+    /// An amqps:// URL of the TLS listener, reached by `host`.
+    pub fn tls_url(&self, host: &str) -> String {
+        let port = self.tls_port.expect("the node has a TLS listener");
+        format!("amqps://guest:guest@{host}:{port}/%2f")
+    }
+
+    /// The node's own directory (readable by the broker's user).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// `rabbitmqctl stop_app`: the broker goes away, the node stays.
     pub fn stop_app(&self) {
         assert!(self.ctl(&["stop_app"]), "stop_app");
@@ -109,6 +206,48 @@ impl BrokerNode {
     /// Runs `rabbitmqctl` with arbitrary arguments against this node.
     pub fn rabbitmqctl(&self, args: &[&str]) -> bool {
         self.ctl(args)
+    }
+
+    pub fn add_vhost(&self, vhost: &str) {
+        self.ctl_output(&["add_vhost", vhost]);
+    }
+
+    /// Adds a user with no permissions anywhere.
+    pub fn add_user(&self, user: &str, password: &str) {
+        self.ctl_output(&["add_user", user, password]);
+    }
+
+    /// `rabbitmqctl set_permissions -p VHOST USER CONF WRITE READ`.
+    pub fn set_permissions(&self, vhost: &str, user: &str, perms: [&str; 3]) {
+        self.ctl_output(&[
+            "set_permissions",
+            "-p",
+            vhost,
+            user,
+            perms[0],
+            perms[1],
+            perms[2],
+        ]);
+    }
+
+    /// `rabbitmqctl import_definitions FILE`, as an operator would.
+    pub fn import_definitions(&self, file: &Path) {
+        let path = file.to_string_lossy().into_owned();
+        self.ctl_output(&["import_definitions", &path]);
+    }
+
+    /// Imports definitions given as JSON (vhosts, users with a `password`,
+    /// permissions, ...) in one call, which is much quicker than one
+    /// `rabbitmqctl` call per user.
+    pub fn import_definitions_json(&self, definitions: &serde_json::Value) {
+        let path = self.dir.join(format!(
+            "definitions-{}.json",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&path, definitions.to_string()).expect("write definitions");
+        set_mode(&path, 0o644);
+        self.import_definitions(&path);
+        let _ = std::fs::remove_file(&path);
     }
 }
 
