@@ -128,6 +128,8 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
     .map_err(|e| format!("cannot start the simulator: {e}"))?;
     settings.amqp.request_queue = format!("vidu-demo.{run}.requests");
     settings.amqp.events_exchange = format!("vidu-demo.{run}.events");
+    // The demo's queues are its own, whoever owns the configured topology.
+    settings.amqp.declare_topology = true;
     settings.upstream.base_url = sim.base_url();
     settings.upstream.api_key = Some(SecretString::from("demo-key"));
     settings.polling.min_interval = Duration::from_millis(500);

@@ -465,11 +465,18 @@ impl UpstreamClient {
                 "io"
             };
             self.metrics.upstream_call(endpoint, kind);
+            // reqwest's own message is generic ("error sending request"); the
+            // cause (a refused certificate, a reset) is further down the chain.
+            let e = e.without_url();
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
             UpstreamError::Transient {
-                detail: format!(
-                    "{endpoint}: {kind} ({})",
-                    self.scrub(&e.without_url().to_string())
-                ),
+                detail: format!("{endpoint}: {kind} ({})", self.scrub(&text)),
                 retry_after: None,
             }
         };
