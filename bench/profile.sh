@@ -39,7 +39,7 @@ report symbol --no-children -g none --percent-limit 1 | cut -c1-160 | head -25
 echo
 echo "== vidu_worker functions and notable callees (inclusive time)"
 report symbol --children -g none --percent-limit 0.5 |
-    grep -E 'vidu_worker::|serde_json::(de|ser)::from|to_vec|tracing_subscriber::fmt::fmt_layer|url::parser::Parser::parse_url|lapin::io_loop::IoLoop|hyper::proto::h1::dispatch::Dispatcher|_int_malloc|memmove' |
+    grep -E '\[\.\] (<?vidu_worker::|serde_json::de::from_|<tracing_subscriber::fmt::fmt_layer|url::parser::Parser::parse_url|lapin::io_loop::IoLoop|hyper::proto::h1::dispatch::Dispatcher|_int_malloc|__memmove)' |
     cut -c1-160 | head -40
 echo
 echo "perf data: $out (perf report -i \"$out\" for the full call graph)"
