@@ -32,12 +32,16 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 
 /// The delays of the wait queues, shortest first. A ticket waiting `d` hops
-/// through the largest tiers that fit, so any delay is reached in a few hops
-/// with 250 ms precision.
-pub const WAIT_TIERS_MS: [u64; 13] = [
-    250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000,
-    1_024_000,
+/// through the largest tiers that fit until at most the shortest tier is
+/// left, which the tracker then waits in memory (holding the unacknowledged
+/// ticket for under two seconds): any delay takes a few hops and is met to
+/// the millisecond.
+pub const WAIT_TIERS_MS: [u64; 10] = [
+    2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000,
 ];
+
+/// How far a hop may overshoot the wanted delay, to save a hop.
+const TIER_TOLERANCE: Duration = Duration::from_millis(250);
 
 /// Every name the worker uses on the broker.
 #[derive(Debug, Clone)]
@@ -108,17 +112,19 @@ impl Topology {
     }
 
     /// The wait queue to park a ticket in when `remaining` is left before its
-    /// next poll: the longest tier that does not overshoot. `None` means
-    /// "poll now" (less than half the shortest tier is left).
+    /// next poll: the longest tier that does not overshoot by more than
+    /// [`TIER_TOLERANCE`]. `None` means the wait is at most the shortest tier:
+    /// the ticket goes straight to the tracking queue and the tracker waits
+    /// the rest in memory.
     pub fn wait_queue_for(&self, remaining: Duration) -> Option<&(Duration, String)> {
         let shortest = self.wait_queues.first()?.0;
-        if remaining < shortest / 2 {
+        if remaining <= shortest {
             return None;
         }
         self.wait_queues
             .iter()
             .rev()
-            .find(|(d, _)| *d <= remaining)
+            .find(|(d, _)| *d <= remaining + TIER_TOLERANCE)
             .or(self.wait_queues.first())
     }
 
@@ -689,8 +695,8 @@ mod tests {
         assert_eq!(t.request_queue, "vidu.requests");
         assert_eq!(t.dead_queue, "vidu.requests.dead");
         assert_eq!(t.tracking_queue, "vidu.requests.tracking");
-        assert_eq!(t.wait_queues[0].1, "vidu.requests.wait.250ms");
-        assert_eq!(t.wait_queues[2].1, "vidu.requests.wait.1s");
+        assert_eq!(t.wait_queues[0].1, "vidu.requests.wait.2s");
+        assert_eq!(t.wait_queues[9].1, "vidu.requests.wait.1024s");
         assert!(t
             .queue_names()
             .iter()
@@ -705,10 +711,15 @@ mod tests {
                 .map(|(d, _)| d.as_millis())
         };
         assert_eq!(pick(0), None);
-        assert_eq!(pick(100), None);
-        assert_eq!(pick(130), Some(250));
-        assert_eq!(pick(999), Some(500));
-        assert_eq!(pick(1_000), Some(1_000));
+        assert_eq!(pick(1_000), None);
+        assert_eq!(
+            pick(2_000),
+            None,
+            "the shortest tier's wait is kept in memory"
+        );
+        assert_eq!(pick(2_100), Some(2_000));
+        assert_eq!(pick(3_999), Some(4_000), "a small overshoot saves a hop");
+        assert_eq!(pick(3_700), Some(2_000));
         assert_eq!(pick(18_000), Some(16_000));
         assert_eq!(pick(10_000_000), Some(1_024_000));
     }

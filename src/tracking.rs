@@ -184,19 +184,21 @@ pub(crate) async fn handle(shared: &Shared, delivery: &Delivery) -> Disposition 
         }
     }
 
-    let now = Utc::now();
-    if shared
-        .topology
-        .wait_queue_for(
-            (ticket.next_poll_at - now)
-                .to_std()
-                .unwrap_or(Duration::ZERO),
-        )
-        .is_some()
-    {
-        // Not due yet: another hop.
+    let remaining = (ticket.next_poll_at - Utc::now())
+        .to_std()
+        .unwrap_or(Duration::ZERO);
+    if shared.topology.wait_queue_for(remaining).is_some() {
+        // Not due for a while: another hop.
         return settle(park(shared, &ticket).await);
     }
+    if !remaining.is_zero() {
+        // Due within the shortest tier: wait here, holding the ticket.
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return Disposition::Abandon,
+            () = tokio::time::sleep(remaining) => {}
+        }
+    }
+    let now = Utc::now();
 
     if let GateState::Closed {
         refusal: Refusal::Key,

@@ -328,8 +328,8 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
 #[derive(Clone)]
 pub struct UpstreamClient {
     http: reqwest::Client,
-    create_url: Arc<str>,
-    result_url: Arc<str>,
+    create_url: reqwest::Url,
+    result_url: reqwest::Url,
     key: SecretString,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     metrics: Metrics,
@@ -374,11 +374,15 @@ impl UpstreamClient {
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         let base = settings.base_url.trim_end_matches('/');
+        let url = |path: &str| {
+            reqwest::Url::parse(&format!("{base}{path}"))
+                .map_err(|e| format!("upstream.base_url: {e}"))
+        };
         let limiter = rate_limiter(settings.max_requests_per_second);
         Ok(Self {
             http,
-            create_url: format!("{base}{CREATE_PATH}").into(),
-            result_url: format!("{base}{RESULT_PATH}").into(),
+            create_url: url(CREATE_PATH)?,
+            result_url: url(RESULT_PATH)?,
             key,
             limiter,
             metrics,
@@ -398,11 +402,11 @@ impl UpstreamClient {
         traceparent: Option<&str>,
     ) -> Result<String, UpstreamError> {
         self.pace().await;
-        let mut req = self.http.post(&*self.create_url).json(input);
+        let mut req = self.http.post(self.create_url.clone()).json(input);
         if let Some(tp) = traceparent {
             req = req.header("traceparent", tp);
         }
-        let (status, headers, body) = self.send("create", req).await?;
+        let (status, retry_after, body) = self.send("create", req).await?;
         if status.is_success() {
             #[derive(Deserialize)]
             struct Created {
@@ -419,7 +423,7 @@ impl UpstreamClient {
                 }
             };
         }
-        Err(self.classify(status, &headers, &body, false))
+        Err(self.classify(status, retry_after, &body, false))
     }
 
     /// Reads a task's state; one HTTP call, no retries.
@@ -431,12 +435,12 @@ impl UpstreamClient {
         self.pace().await;
         let mut req = self
             .http
-            .get(&*self.result_url)
+            .get(self.result_url.clone())
             .query(&[("task_id", task_id)]);
         if let Some(tp) = traceparent {
             req = req.header("traceparent", tp);
         }
-        let (status, headers, body) = self.send("task_result", req).await?;
+        let (status, retry_after, body) = self.send("task_result", req).await?;
         if status.is_success() {
             return TaskResult::parse(&body).map_err(|_| {
                 self.metrics.upstream_call("task_result", "garbage");
@@ -448,14 +452,14 @@ impl UpstreamClient {
                 }
             });
         }
-        Err(self.classify(status, &headers, &body, true))
+        Err(self.classify(status, retry_after, &body, true))
     }
 
     async fn send(
         &self,
         endpoint: &'static str,
         req: reqwest::RequestBuilder,
-    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), UpstreamError> {
+    ) -> Result<(StatusCode, Option<Duration>, bytes::Bytes), UpstreamError> {
         let fail = |e: reqwest::Error| {
             let kind = if e.is_timeout() {
                 "timeout"
@@ -482,16 +486,20 @@ impl UpstreamClient {
         };
         let resp = req.send().await.map_err(fail)?;
         let status = resp.status();
-        let headers = resp.headers().clone();
+        let retry_after = if status.is_success() {
+            None
+        } else {
+            parse_retry_after(resp.headers())
+        };
         let body = resp.bytes().await.map_err(fail)?;
         self.metrics.upstream_call(endpoint, status_label(status));
-        Ok((status, headers, body))
+        Ok((status, retry_after, body))
     }
 
     fn classify(
         &self,
         status: StatusCode,
-        headers: &HeaderMap,
+        retry_after: Option<Duration>,
         body: &[u8],
         polling: bool,
     ) -> UpstreamError {
@@ -522,7 +530,7 @@ impl UpstreamClient {
             },
             408 | 425 | 429 | 500..=599 => UpstreamError::Transient {
                 detail: format!("HTTP {code} {}", join(&reason, &message)),
-                retry_after: parse_retry_after(headers),
+                retry_after,
             },
             _ => UpstreamError::Rejected {
                 status: code,
@@ -714,11 +722,10 @@ mod tests {
     #[test]
     fn classification_decides_retry_reject_or_stop() {
         let c = client();
-        let h = HeaderMap::new();
         let classify = |status: u16, body: &str, polling: bool| {
             c.classify(
                 StatusCode::from_u16(status).expect("status"),
-                &h,
+                None,
                 body.as_bytes(),
                 polling,
             )
@@ -774,7 +781,7 @@ mod tests {
         let c = client();
         let err = c.classify(
             StatusCode::UNAUTHORIZED,
-            &HeaderMap::new(),
+            None,
             br#"{"reason":"INVALID_API_KEY","message":"key sk-secret-key is not valid"}"#,
             false,
         );

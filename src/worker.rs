@@ -569,14 +569,13 @@ fn spawn_handler(tracker: &TaskTracker, shared: Arc<Shared>, delivery: Delivery,
             Role::Ticket => shared.metrics.in_flight_tickets().clone(),
         };
         let _in_flight = GaugeGuard::new(&gauge);
-        let handled = AssertUnwindSafe(async {
-            match role {
-                Role::Request => intake::handle(&shared, &delivery).await,
-                Role::Ticket => tracking::handle(&shared, &delivery).await,
-            }
-        })
-        .catch_unwind()
-        .await;
+        // Boxed: the handlers' state machines are large, and moving them
+        // into the spawned task by value showed up in profiles.
+        let handler: std::pin::Pin<Box<dyn Future<Output = Disposition> + Send + '_>> = match role {
+            Role::Request => Box::pin(intake::handle(&shared, &delivery)),
+            Role::Ticket => Box::pin(tracking::handle(&shared, &delivery)),
+        };
+        let handled = AssertUnwindSafe(handler).catch_unwind().await;
         let disposition = handled.unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()

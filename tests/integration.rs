@@ -717,7 +717,7 @@ async fn managed_topology_from_the_shipped_definitions_runs_with_least_privilege
     let (code, stdout, stderr) = cli(&["check"], &check_env).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains("exchange vidu.events and 16 queues exist"),
+        stdout.contains("exchange vidu.events and 13 queues exist"),
         "{stdout}"
     );
 
