@@ -451,6 +451,9 @@ pub enum PublishError {
     /// No queue was bound for a mandatory message.
     #[error("the message was unroutable: {0}")]
     Unroutable(String),
+    /// There is no broker session right now (reconnecting).
+    #[error("not connected to the broker")]
+    NotConnected,
 }
 
 /// A confirm-mode channel for publishing. Cheap to clone; many tasks publish

@@ -108,9 +108,7 @@ impl Shared {
                 p.publish(exchange, routing_key, body, properties, mandatory)
                     .await
             }
-            None => Err(PublishError::Unroutable(
-                "not connected to the broker".into(),
-            )),
+            None => Err(PublishError::NotConnected),
         }
     }
 
