@@ -344,6 +344,9 @@ pub struct UpstreamSettings {
     /// Ceiling on API calls per second from one worker (create and poll
     /// together); 0 means no limit.
     pub max_requests_per_second: f64,
+    /// Ceiling on API calls in flight at once from one worker (bounds
+    /// connections and their buffers).
+    pub max_concurrent_requests: u32,
     /// First retry delay after a transient error.
     #[serde(with = "humantime_serde")]
     pub retry_initial: Duration,
@@ -367,6 +370,7 @@ impl Default for UpstreamSettings {
             timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(5),
             max_requests_per_second: 10.0,
+            max_concurrent_requests: 32,
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
             create_retry_budget: Duration::from_secs(120),
@@ -622,6 +626,12 @@ impl Settings {
                     "contains spaces or control characters",
                 ));
             }
+        }
+        if self.upstream.max_concurrent_requests == 0 {
+            return Err(ConfigError::new(
+                "upstream.max_concurrent_requests",
+                "must be at least 1",
+            ));
         }
         if !(self.upstream.max_requests_per_second >= 0.0
             && self.upstream.max_requests_per_second.is_finite())

@@ -332,6 +332,7 @@ pub struct UpstreamClient {
     result_url: reqwest::Url,
     key: SecretString,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
     metrics: Metrics,
 }
 
@@ -356,7 +357,8 @@ impl UpstreamClient {
             .timeout(settings.timeout)
             .connect_timeout(settings.connect_timeout)
             .user_agent(concat!("vidu-worker/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60));
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(settings.max_concurrent_requests as usize);
         if let Some(path) = &settings.ca_file {
             let pem = std::fs::read(path)
                 .map_err(|e| format!("upstream.ca_file: cannot read {}: {e}", path.display()))?;
@@ -385,6 +387,9 @@ impl UpstreamClient {
             result_url: url(RESULT_PATH)?,
             key,
             limiter,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                settings.max_concurrent_requests as usize,
+            )),
             metrics,
         })
     }
@@ -484,6 +489,8 @@ impl UpstreamClient {
                 retry_after: None,
             }
         };
+        // Closed only if the client is dropped; a call then simply proceeds.
+        let _permit = self.in_flight.acquire().await.ok();
         let resp = req.send().await.map_err(fail)?;
         let status = resp.status();
         let retry_after = if status.is_success() {
