@@ -5,8 +5,9 @@
 //! wait at the upstream gate, create the task with retries, then record the
 //! tracking ticket and the `submitted` event, both publisher-confirmed,
 //! before the request is acknowledged. The create call is the one step that
-//! must not repeat; the code between its answer and the ticket's confirm is
-//! kept as short as possible (that is the documented double-spend window).
+//! must not repeat; the code between its answer and the request's ack is
+//! kept as short as possible (that is the documented double-spend window),
+//! and intake cannot be paused inside it (the intake lock).
 
 use std::time::Duration;
 
