@@ -41,6 +41,8 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let env = TestEnv::with("sigkill", sim(Duration::from_secs(3)), |s| {
         s.amqp.prefetch = 16;
         s.polling.min_interval = Duration::from_millis(500);
+        // Paced so that intake is still creating tasks when the kills come.
+        s.upstream.max_requests_per_second = 120.0;
     })
     .await;
     let tap = env.tap().await;
@@ -54,9 +56,13 @@ async fn sigkill_at_random_moments_loses_nothing() {
     }
     let mut worker = env.start_worker().await;
     let kills = 4;
+    let mut kills_during_intake = 0;
     for _ in 0..kills {
         let wait_ms = rng.random_range(1500..4500);
         tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        if env.sim.stats().create_calls < n as u64 {
+            kills_during_intake += 1;
+        }
         worker.kill9().await;
         worker = env.start_worker().await;
     }
@@ -71,7 +77,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
     let stats = env.sim.stats();
     let extra = stats.tasks_created - n as u64;
     eprintln!(
-        "sigkill: {n} requests, {kills} kills, {} create calls, {} tasks created, {extra} extra creates (duplicate bodies: {})",
+        "sigkill: {n} requests, {kills} kills ({kills_during_intake} while creating), {} create calls, {} tasks created, {extra} extra creates (duplicate bodies: {})",
         stats.create_calls, stats.tasks_created, stats.duplicate_creates
     );
     assert_eq!(
@@ -83,6 +89,10 @@ async fn sigkill_at_random_moments_loses_nothing() {
     assert!(
         extra <= kills * u64::from(env.settings.amqp.prefetch),
         "{extra} extra creates exceed {kills} kills x prefetch"
+    );
+    assert!(
+        stats.create_calls > 0 && kills_during_intake > 0,
+        "at least one kill landed while requests were still being created"
     );
     drop(worker);
 }
