@@ -403,13 +403,16 @@ impl Session {
         shared.health.broker_up();
         shared.metrics.set_broker_connected(true);
         let sampler_stop = CancellationToken::new();
-        tokio::spawn(sample_tracked(
+        let sampler = tokio::spawn(sample_tracked(
             self.conn.create_channel().await.ok(),
             shared.clone(),
             sampler_stop.clone(),
         ));
         let end = self.consume(shared, tracker).await;
+        // Let the sampler drop its channel while the connection is still
+        // open (a channel closed after its connection is logged as an error).
         sampler_stop.cancel();
+        let _ = sampler.await;
         shared.health.set_consuming(false);
         match &end {
             SessionEnd::Shutdown => {
@@ -419,6 +422,9 @@ impl Session {
                 // the queue when the connection closes, after the handlers
                 // already running have finished.
                 drain_handlers(shared, tracker).await;
+                self.publisher.close().await;
+                let _ = self.tracking_channel.close(200, "shutdown".into()).await;
+                let _ = self.intake_channel.close(200, "shutdown".into()).await;
                 let _ = self.conn.close(200, "shutdown".into()).await;
             }
             SessionEnd::Lost(_) => {

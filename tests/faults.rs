@@ -459,6 +459,15 @@ async fn sigterm_hands_back_work_exits_zero_and_a_restart_completes_it() {
         .logs()
         .iter()
         .any(|l| l.contains("shutdown requested")));
+    let errors: Vec<String> = worker
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "a clean shutdown logs no errors: {errors:#?}"
+    );
 
     let _next = env.start_worker().await;
     tap.wait_finished(n, Duration::from_secs(120)).await;
