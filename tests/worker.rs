@@ -169,6 +169,10 @@ async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
             .all(|l| serde_json::from_str::<Value>(l).is_ok()),
         "every line is JSON"
     );
+    assert!(
+        !logs.iter().any(|l| l.contains("\"level\":\"ERROR\"")),
+        "no errors on the happy path: {logs:#?}"
+    );
 }
 
 #[tokio::test]
