@@ -45,17 +45,9 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
     tokio::task::spawn_blocking(move || n2.stop_app())
         .await
         .expect("stop_app");
-    let away = eventually(
-        Duration::from_secs(30),
-        "/readyz 503 while the broker is away",
-        || async {
-            match worker.get("/readyz").await {
-                Some((503, body)) if body.contains("broker") => Some(body),
-                _ => None,
-            }
-        },
-    )
-    .await;
+    let away = worker
+        .wait_not_ready("broker", Duration::from_secs(30))
+        .await;
     eprintln!("while away: {}", away.trim());
     tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself
     let n2 = node.clone();

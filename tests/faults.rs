@@ -196,17 +196,7 @@ async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
     for id in &subjects {
         env.publish(&request(id, "key refused")).await;
     }
-    let reason = eventually(
-        Duration::from_secs(30),
-        "/readyz to report the refused key",
-        || async {
-            match worker.get("/readyz").await {
-                Some((503, body)) if body.contains("403") => Some(body),
-                _ => None,
-            }
-        },
-    )
-    .await;
+    let reason = worker.wait_not_ready("403", Duration::from_secs(30)).await;
     assert!(
         reason.contains("the upstream refuses our API key"),
         "{reason}"
@@ -278,17 +268,7 @@ async fn a_bad_key_at_start_is_reported_before_any_request() {
     env.sim.set_auth(AuthMode::Reject401);
     let tap = env.tap().await;
     let worker = env.spawn_worker(&[]);
-    eventually(
-        Duration::from_secs(30),
-        "/readyz 503 naming the key",
-        || async {
-            match worker.get("/readyz").await {
-                Some((503, body)) if body.contains("401") => Some(()),
-                _ => None,
-            }
-        },
-    )
-    .await;
+    worker.wait_not_ready("401", Duration::from_secs(30)).await;
     env.publish(&request("waits", "no key yet")).await;
     assert_eq!(env.sim.stats().tasks_created, 0);
     env.sim.set_auth(AuthMode::Accept);
@@ -318,17 +298,9 @@ async fn an_exhausted_balance_fails_nothing() {
         env.publish(&request(&format!("broke-{i}"), "no balance"))
             .await;
     }
-    eventually(
-        Duration::from_secs(30),
-        "/readyz 503 for billing",
-        || async {
-            match worker.get("/readyz").await {
-                Some((503, body)) if body.contains("BILLING") => Some(()),
-                _ => None,
-            }
-        },
-    )
-    .await;
+    worker
+        .wait_not_ready("BILLING", Duration::from_secs(30))
+        .await;
     // Tasks already running keep being tracked to their end.
     assert_eq!(
         tap.wait_terminal("running", Duration::from_secs(30))
@@ -372,17 +344,9 @@ async fn a_long_upstream_outage_pauses_intake_instead_of_failing_or_cycling() {
         env.publish(&request(&format!("o-{i}"), "upstream down"))
             .await;
     }
-    let reason = eventually(
-        Duration::from_secs(30),
-        "/readyz 503 for the outage",
-        || async {
-            match worker.get("/readyz").await {
-                Some((503, body)) if body.contains("keeps failing") => Some(body),
-                _ => None,
-            }
-        },
-    )
-    .await;
+    let reason = worker
+        .wait_not_ready("keeps failing", Duration::from_secs(30))
+        .await;
     assert!(reason.contains("503"), "{reason}");
     // Paused: calls stop growing quickly, nothing fails, nothing is handed back.
     let calls = env.sim.stats().create_calls;

@@ -699,6 +699,22 @@ impl WorkerProcess {
         Some((status, resp.text().await.ok()?))
     }
 
+    /// Waits until `/readyz` answers 503 with `needle` in its reason, and
+    /// returns that reason.
+    pub async fn wait_not_ready(&self, needle: &str, timeout: Duration) -> String {
+        eventually(
+            timeout,
+            &format!("/readyz 503 mentioning {needle:?}"),
+            || async {
+                match self.get("/readyz").await {
+                    Some((503, body)) if body.contains(needle) => Some(body),
+                    _ => None,
+                }
+            },
+        )
+        .await
+    }
+
     pub async fn wait_ready(&self, timeout: Duration) {
         eventually(timeout, "the worker to be ready", || async {
             matches!(self.get("/readyz").await, Some((200, _))).then_some(())
