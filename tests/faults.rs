@@ -229,12 +229,16 @@ async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
         tap.for_subject("held-0").is_empty() && tap.terminal().len() == 1,
         "no events for held requests"
     );
-    let queued = env.total_messages(&env.topology.request_queue);
-    assert_eq!(
-        queued,
-        Some(n as u64),
-        "every request is still in the queue (ready or held)"
-    );
+    // Every request is still in the queue, ready or held (the broker's
+    // per-queue statistics refresh every few seconds, hence the wait).
+    eventually(
+        Duration::from_secs(20),
+        "all requests counted in the queue",
+        || async {
+            (env.total_messages(&env.topology.request_queue) == Some(n as u64)).then_some(())
+        },
+    )
+    .await;
     let refusals = worker
         .logs()
         .iter()
