@@ -143,8 +143,8 @@ pub struct AmqpSettings {
     /// Deliveries after which a request or ticket that never completes is
     /// dead-lettered as poison.
     pub max_deliveries: u32,
-    /// How long a handler may keep a request while the upstream refuses the
-    /// API key before handing it back to the queue.
+    /// How long a request may wait at the gate (while the upstream refuses
+    /// the balance) before it is handed back to the queue.
     #[serde(with = "humantime_serde")]
     pub max_hold: Duration,
 }

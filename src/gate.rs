@@ -4,10 +4,13 @@
 //! A 401/403, a billing refusal, or an upstream that keeps failing after
 //! every retry is not the request's fault, so no request may fail because of
 //! it, and requests must not cycle through the queue (each redelivery counts
-//! towards the poison limit). The gate records the cause (logging it once),
-//! pauses intake, and lets exactly one caller at a time probe the upstream
-//! after a growing delay; the first success reopens it. It never decides
-//! anything about a particular request.
+//! towards the poison limit). The gate records the cause (logging it once)
+//! and stops creates. For a refused key or an outage the worker stops
+//! consuming requests and its prober tests the upstream with a free `GET`;
+//! for a refused balance the requests already held wait, and one of them at
+//! a time probes with a real create. Probes follow a growing delay; the
+//! first success reopens the gate. It never decides anything about a
+//! particular request.
 
 use std::{
     sync::{
@@ -70,7 +73,7 @@ pub enum Turn {
     /// The gate is open: go ahead.
     Go,
     /// The gate is closed but this caller holds the probe: try once and
-    /// report with [`Gate::open`] or [`Gate::close`].
+    /// report with [`Gate::open`] or [`Gate::probe_failed`].
     Probe(ProbeClaim),
     /// The wait reached its deadline.
     TimedOut,
@@ -122,12 +125,21 @@ impl Gate {
         self.state.borrow().clone()
     }
 
-    /// Whether requests may be taken now: open, or closed with a probe due.
+    /// Whether the worker should consume requests: while open, and while
+    /// closed for the balance, when the requests it holds wait at the gate
+    /// and one of them probes with a real create (nothing else can tell that
+    /// the balance is back). A refused key or an outage is probed without a
+    /// request, so then nothing is consumed: a request taken and handed back
+    /// would count one more delivery towards `amqp.max_deliveries` for every
+    /// probe.
     pub fn accepting(&self) -> bool {
-        match &*self.state.borrow() {
-            GateState::Open => true,
-            GateState::Closed { retry_at, .. } => Instant::now() >= *retry_at,
-        }
+        !matches!(
+            &*self.state.borrow(),
+            GateState::Closed {
+                refusal: Refusal::Key | Refusal::Unavailable,
+                ..
+            }
+        )
     }
 
     /// Watches state changes.
@@ -299,6 +311,7 @@ mod tests {
     async fn requests_wait_while_the_prober_tests_the_key() {
         let g = gate();
         g.close(Refusal::Key, "403 INVALID_API_KEY");
+        assert!(!g.accepting());
         let cancel = CancellationToken::new();
         let waited = g
             .wait_for_turn(Instant::now() + Duration::from_secs(5), &cancel)
@@ -315,7 +328,7 @@ mod tests {
     async fn a_billing_refusal_hands_out_one_probe_at_a_time() {
         let g = gate();
         g.close(Refusal::Billing, "BILLING_BALANCE_NOT_ENOUGH");
-        assert!(!g.accepting());
+        assert!(g.accepting(), "requests keep coming, to wait and probe");
         assert_eq!(
             g.refusal().as_deref(),
             Some("the upstream refuses requests for billing (balance): BILLING_BALANCE_NOT_ENOUGH")

@@ -149,7 +149,7 @@ impl Metrics {
         let upstream_paused = Gauge::default();
         registry.register(
             "upstream_paused",
-            "1 while intake is paused because the upstream refuses the key or balance, or keeps failing",
+            "1 while creates are stopped because the upstream refuses the key or balance, or keeps failing",
             upstream_paused.clone(),
         );
         let untracked_tasks = Counter::default();

@@ -322,6 +322,13 @@ pub struct SimStats {
     pub max_calls_in_any_second: u64,
 }
 
+impl SimStats {
+    /// How many answers of one kind (`"poll:403"`, …) were given.
+    pub fn answered(&self, kind: &str) -> u64 {
+        self.responses.get(kind).copied().unwrap_or(0)
+    }
+}
+
 /// The simulator's own view of a task (`GET /sim/tasks/{task_id}`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskView {

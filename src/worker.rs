@@ -347,7 +347,10 @@ enum Role {
 struct Session {
     conn: Connection,
     publisher: Publisher,
+    /// Closed while intake is paused, and opened again when it resumes.
     intake_channel: Channel,
+    /// The request consumer, while intake runs.
+    intake: Option<Consumer>,
     tracking_channel: Channel,
 }
 
@@ -358,38 +361,29 @@ impl Session {
         let publisher = Publisher::open(&conn)
             .await
             .map_err(BrokerError::Connection)?;
-        let intake_channel = conn
-            .create_channel()
+        let intake_channel = consuming_channel(&conn, shared.settings.amqp.prefetch)
             .await
             .map_err(BrokerError::Connection)?;
-        intake_channel
-            .basic_qos(shared.settings.amqp.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(BrokerError::Connection)?;
-        let tracking_channel = conn
-            .create_channel()
-            .await
-            .map_err(BrokerError::Connection)?;
-        tracking_channel
-            .basic_qos(shared.settings.polling.prefetch, BasicQosOptions::default())
+        let tracking_channel = consuming_channel(&conn, shared.settings.polling.prefetch)
             .await
             .map_err(BrokerError::Connection)?;
         Ok(Self {
             conn,
             publisher,
             intake_channel,
+            intake: None,
             tracking_channel,
         })
     }
 
-    fn alive(&self, intake_channel: &Channel) -> Result<(), &'static str> {
+    fn alive(&self) -> Result<(), &'static str> {
         if !self.conn.status().connected() {
             return Err("the connection closed");
         }
         if !self.publisher.is_open() {
             return Err("the publishing channel closed");
         }
-        if !intake_channel.status().connected() {
+        if self.intake.is_some() && !self.intake_channel.status().connected() {
             return Err("the request channel closed");
         }
         if !self.tracking_channel.status().connected() {
@@ -398,7 +392,7 @@ impl Session {
         Ok(())
     }
 
-    async fn run(self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
+    async fn run(mut self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
         shared.publisher.send_replace(Some(self.publisher.clone()));
         shared.health.broker_up();
         shared.metrics.set_broker_connected(true);
@@ -438,7 +432,7 @@ impl Session {
         end
     }
 
-    async fn consume(&self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
+    async fn consume(&mut self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
         let tag_base = format!("vidu-worker.{}.{}", broker::host_name(), std::process::id());
         let mut tracking = match start_consumer(
             &self.tracking_channel,
@@ -451,30 +445,21 @@ impl Session {
             Err(e) => return SessionEnd::Lost(format!("cannot consume the tracking queue: {e}")),
         };
         let intake_tag = format!("{tag_base}.requests");
-        let mut intake_channel = self.intake_channel.clone();
-        let mut intake: Option<Consumer> = None;
         let mut gate_changes = shared.gate.subscribe();
         let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
         loop {
-            if let Err(reason) = self
-                .reconcile_intake(shared, &mut intake_channel, &mut intake, &intake_tag)
-                .await
-            {
+            if let Err(reason) = self.reconcile_intake(shared, &intake_tag).await {
                 return SessionEnd::Lost(reason);
             }
-            let probe_due = match (&intake, shared.gate.state()) {
-                (None, GateState::Closed { retry_at, .. }) => Some(retry_at),
-                _ => None,
-            };
             tokio::select! {
                 biased;
                 () = shared.shutdown.cancelled() => return SessionEnd::Shutdown,
                 _ = watchdog.tick() => {
-                    if let Err(reason) = self.alive(&intake_channel) {
+                    if let Err(reason) = self.alive() {
                         return SessionEnd::Lost(reason.into());
                     }
                 }
-                delivery = next_delivery(&mut intake) => match delivery {
+                delivery = next_delivery(&mut self.intake) => match delivery {
                     Some(Ok(d)) => spawn_handler(tracker, shared.clone(), d, Role::Request),
                     Some(Err(e)) => return SessionEnd::Lost(format!("request consumer failed: {e}")),
                     None => return SessionEnd::Lost("the broker cancelled the request consumer".into()),
@@ -485,7 +470,6 @@ impl Session {
                     None => return SessionEnd::Lost("the broker cancelled the tracking consumer".into()),
                 },
                 _ = gate_changes.changed() => {}
-                () = sleep_until_opt(probe_due) => {}
             }
         }
     }
@@ -495,44 +479,42 @@ impl Session {
     /// creates in flight have been recorded and acknowledged: everything
     /// else the channel held returns to the queue, and handlers still waiting
     /// at the gate see their delivery gone and let it be.
-    async fn reconcile_intake(
-        &self,
-        shared: &Shared,
-        channel: &mut Channel,
-        intake: &mut Option<Consumer>,
-        tag: &str,
-    ) -> Result<(), String> {
-        let want = shared.gate.accepting();
-        match (want, intake.is_some()) {
+    async fn reconcile_intake(&mut self, shared: &Shared, tag: &str) -> Result<(), String> {
+        match (shared.gate.accepting(), self.intake.is_some()) {
             (true, false) => {
-                if !channel.status().connected() {
-                    *channel = self
-                        .conn
-                        .create_channel()
-                        .await
-                        .map_err(|e| format!("cannot open the request channel: {e}"))?;
-                    channel
-                        .basic_qos(shared.settings.amqp.prefetch, BasicQosOptions::default())
-                        .await
-                        .map_err(|e| format!("cannot set the request prefetch: {e}"))?;
+                if !self.intake_channel.status().connected() {
+                    self.intake_channel =
+                        consuming_channel(&self.conn, shared.settings.amqp.prefetch)
+                            .await
+                            .map_err(|e| format!("cannot open the request channel: {e}"))?;
                 }
-                let consumer = start_consumer(channel, &shared.topology.request_queue, tag)
-                    .await
-                    .map_err(|e| format!("cannot consume the request queue: {e}"))?;
-                *intake = Some(consumer);
+                let consumer =
+                    start_consumer(&self.intake_channel, &shared.topology.request_queue, tag)
+                        .await
+                        .map_err(|e| format!("cannot consume the request queue: {e}"))?;
+                self.intake = Some(consumer);
                 shared.health.set_consuming(true);
             }
             (false, true) => {
-                *intake = None;
+                self.intake = None;
                 shared.health.set_consuming(false);
                 let _no_creates = shared.intake_lock.write().await;
-                let _ = channel.close(200, "intake paused".into()).await;
+                let _ = self.intake_channel.close(200, "intake paused".into()).await;
                 tracing::info!("intake paused; requests stay in the queue");
             }
             _ => {}
         }
         Ok(())
     }
+}
+
+/// A channel for one consumer, with its prefetch.
+async fn consuming_channel(conn: &Connection, prefetch: u16) -> Result<Channel, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 async fn next_delivery(consumer: &mut Option<Consumer>) -> Option<Result<Delivery, lapin::Error>> {

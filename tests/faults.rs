@@ -36,6 +36,29 @@ fn assert_one_terminal_id_each(tap: &EventTap, subjects: &[String]) {
     }
 }
 
+/// Waits until the simulator has given `n` more answers of `kind` than
+/// `before` (the worker's probes while its intake is paused).
+async fn wait_for_probes(env: &TestEnv, kind: &str, before: u64, n: u64) {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{n} more {kind} probes"),
+        || async { (env.sim.stats().answered(kind) >= before + n).then_some(()) },
+    )
+    .await;
+}
+
+/// A paused intake is a state of the session, not a broken one: the worker
+/// keeps its broker session (a reconnect would hand back every delivery it
+/// holds, each counting towards `amqp.max_deliveries`).
+fn assert_session_kept(worker: &WorkerProcess) {
+    let lost: Vec<String> = worker
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("lost the broker session"))
+        .collect();
+    assert!(lost.is_empty(), "the session was torn down: {lost:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing() {
     let env = TestEnv::with("sigkill", sim(Duration::from_secs(3)), |s| {
@@ -68,12 +91,10 @@ async fn sigkill_at_random_moments_loses_nothing() {
     }
     tap.wait_finished(n, Duration::from_secs(240)).await;
     assert_one_terminal_id_each(&tap, &subjects);
-    assert!(
-        tap.terminal()
-            .iter()
-            .all(|e| e.kind() == "video.generation.succeeded"),
-        "every request succeeds"
-    );
+    assert!(tap
+        .terminal()
+        .iter()
+        .all(|e| e.kind() == "video.generation.succeeded"));
     let stats = env.sim.stats();
     let extra = stats.tasks_created - n as u64;
     eprintln!(
@@ -184,7 +205,12 @@ async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
-    let env = TestEnv::new("badkey", sim(Duration::from_millis(500))).await;
+    // Two deliveries would make a request poison: every hand-back while the
+    // key is refused would show as a failed request.
+    let env = TestEnv::with("badkey", sim(Duration::from_millis(500)), |s| {
+        s.amqp.max_deliveries = 2;
+    })
+    .await;
     let tap = env.tap().await;
     let worker = env.start_worker().await;
     env.publish(&request("before", "key works")).await;
@@ -202,33 +228,20 @@ async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
         "{reason}"
     );
 
-    // Let the worker probe a few times; nothing may fail meanwhile.
-    let probes_before = env
-        .sim
-        .stats()
-        .responses
-        .get("poll:403")
-        .copied()
-        .unwrap_or(0);
-    eventually(
-        Duration::from_secs(30),
-        "the worker to probe the key again",
-        || async {
-            let now = env
-                .sim
-                .stats()
-                .responses
-                .get("poll:403")
-                .copied()
-                .unwrap_or(0);
-            (now > probes_before).then_some(())
-        },
-    )
-    .await;
+    // Let the worker probe several times; nothing may fail or be created
+    // meanwhile.
+    let creates = env.sim.stats().create_calls;
+    wait_for_probes(&env, "poll:403", env.sim.stats().answered("poll:403"), 3).await;
     assert!(
         tap.for_subject("held-0").is_empty() && tap.terminal().len() == 1,
         "no events for held requests"
     );
+    assert_eq!(
+        env.sim.stats().create_calls,
+        creates,
+        "no creates while refused"
+    );
+    assert_session_kept(&worker);
     // Every request is still in the queue, ready or held (the broker's
     // per-queue statistics refresh every few seconds, hence the wait).
     eventually(
@@ -286,7 +299,10 @@ async fn a_bad_key_at_start_is_reported_before_any_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_balance_fails_nothing() {
-    let env = TestEnv::new("billing", sim(Duration::from_secs(3))).await;
+    let env = TestEnv::with("billing", sim(Duration::from_secs(3)), |s| {
+        s.amqp.max_deliveries = 2;
+    })
+    .await;
     let tap = env.tap().await;
     let worker = env.start_worker().await;
     env.publish(&request("running", "submitted before the balance ran out"))
@@ -312,10 +328,14 @@ async fn an_exhausted_balance_fails_nothing() {
             .kind(),
         "video.generation.succeeded"
     );
+    // A request probes the balance with a real create now and then; the
+    // others wait, and none is handed back for it.
+    wait_for_probes(&env, "create:400", 0, 3).await;
     assert!(
         tap.terminal().iter().all(|e| e.subject() == "running"),
         "nothing failed"
     );
+    assert_session_kept(&worker);
     env.sim.set_auth(AuthMode::Accept);
     tap.wait_finished(6, Duration::from_secs(120)).await;
     assert!(tap
@@ -327,6 +347,7 @@ async fn an_exhausted_balance_fails_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_upstream_outage_pauses_intake_instead_of_failing_or_cycling() {
     let env = TestEnv::with("outage", sim(Duration::from_millis(500)), |s| {
+        s.amqp.max_deliveries = 2;
         s.upstream.create_retry_budget = Duration::from_secs(2);
         s.upstream.retry_initial = Duration::from_millis(200);
         s.upstream.retry_max = Duration::from_millis(500);
@@ -354,17 +375,8 @@ async fn a_long_upstream_outage_pauses_intake_instead_of_failing_or_cycling() {
     assert!(reason.contains("503"), "{reason}");
     // Paused: calls stop growing quickly, nothing fails, nothing is handed back.
     let calls = env.sim.stats().create_calls;
-    let more = eventually(Duration::from_secs(30), "a probe while paused", || async {
-        let polls = env
-            .sim
-            .stats()
-            .responses
-            .get("poll:503")
-            .copied()
-            .unwrap_or(0);
-        (polls >= 2).then_some(env.sim.stats().create_calls)
-    })
-    .await;
+    wait_for_probes(&env, "poll:503", 0, 3).await;
+    let more = env.sim.stats().create_calls;
     assert!(
         more - calls <= u64::from(env.settings.amqp.prefetch),
         "{calls} -> {more}"
@@ -377,6 +389,7 @@ async fn a_long_upstream_outage_pauses_intake_instead_of_failing_or_cycling() {
         0.0
     );
     assert_eq!(worker.metric("vidu_worker_upstream_paused", "").await, 1.0);
+    assert_session_kept(&worker);
     env.sim.clear_faults();
     tap.wait_finished(n, Duration::from_secs(90)).await;
     assert!(tap
