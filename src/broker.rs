@@ -22,7 +22,7 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use crate::config::{AmqpSettings, ConfigError, QueueArgument, QueueType, Settings};
+use crate::config::{self, AmqpSettings, ConfigError, QueueArgument, QueueType, Settings};
 
 /// Header carrying why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-vidu-error";
@@ -36,9 +36,7 @@ pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// left, which the tracker then waits in memory (holding the unacknowledged
 /// ticket for under two seconds): any delay takes a few hops and is met to
 /// the millisecond.
-pub const WAIT_TIERS_MS: [u64; 10] = [
-    2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_024_000,
-];
+pub const WAIT_TIERS_SECS: [u64; 10] = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
 
 /// How far a hop may overshoot the wanted delay, to save a hop.
 const TIER_TOLERANCE: Duration = Duration::from_millis(250);
@@ -77,14 +75,9 @@ impl Topology {
             request_queue: rq.clone(),
             dead_queue: format!("{rq}.dead"),
             tracking_queue: format!("{rq}.tracking"),
-            wait_queues: WAIT_TIERS_MS
+            wait_queues: WAIT_TIERS_SECS
                 .iter()
-                .map(|ms| {
-                    (
-                        Duration::from_millis(*ms),
-                        format!("{rq}.wait.{}", tier_label(*ms)),
-                    )
-                })
+                .map(|s| (Duration::from_secs(*s), format!("{rq}.wait.{s}s")))
                 .collect(),
             events_exchange: settings.amqp.events_exchange.clone(),
             queue_type: settings.amqp.queue_type,
@@ -380,14 +373,6 @@ fn declare_error(kind: &str, name: &str, error: &lapin::Error) -> BrokerError {
     }
 }
 
-fn tier_label(ms: u64) -> String {
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
 /// Broker failures, by what the worker does about them.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -578,10 +563,7 @@ pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, Brok
 /// The TLS files, read now so that rotated certificates are used at the
 /// next connection. Plain `amqp://` URLs ignore this configuration.
 fn tls_config(amqp: &AmqpSettings) -> Result<OwnedTLSConfig, ConfigError> {
-    let read = |key: &str, path: &std::path::Path| {
-        std::fs::read(path)
-            .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
-    };
+    let read = config::read_file;
     let cert_chain = match &amqp.tls.ca_file {
         Some(path) => Some(
             String::from_utf8(read("amqp.tls.ca_file", path)?).map_err(|_| {

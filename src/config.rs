@@ -642,7 +642,7 @@ impl Settings {
             ));
         }
         if let Some(path) = &self.upstream.ca_file {
-            check_certificates("upstream.ca_file", path)?;
+            load_certificates("upstream.ca_file", path)?;
         }
         non_zero("upstream.timeout", self.upstream.timeout)?;
         non_zero("upstream.connect_timeout", self.upstream.connect_timeout)?;
@@ -706,13 +706,13 @@ impl Settings {
                 ))
             }
             (Some(cert), Some(key)) => {
-                check_certificates("amqp.tls.cert_file", cert)?;
+                load_certificates("amqp.tls.cert_file", cert)?;
                 check_private_key("amqp.tls.key_file", key, cert)?;
             }
             (None, None) => {}
         }
         if let Some(ca) = &tls.ca_file {
-            check_certificates("amqp.tls.ca_file", ca)?;
+            load_certificates("amqp.tls.ca_file", ca)?;
         }
         if amqp.password.is_some() && amqp.password_file.is_some() {
             return Err(ConfigError::new(
@@ -779,16 +779,20 @@ impl Settings {
     }
 }
 
-fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+/// Reads a file named by setting `key`; the error names the key.
+pub(crate) fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
     std::fs::read(path)
         .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
 }
 
-/// A PEM file with at least one certificate.
-fn check_certificates(key: &str, path: &Path) -> Result<(), ConfigError> {
+/// The certificates of a PEM file named by setting `key` (at least one).
+pub(crate) fn load_certificates(
+    key: &str,
+    path: &Path,
+) -> Result<Vec<reqwest::Certificate>, ConfigError> {
     let pem = read_file(key, path)?;
     match reqwest::Certificate::from_pem_bundle(&pem) {
-        Ok(certs) if !certs.is_empty() => Ok(()),
+        Ok(certs) if !certs.is_empty() => Ok(certs),
         Ok(_) => Err(ConfigError::new(
             key,
             format!(

@@ -230,8 +230,11 @@ async fn submit(
                 shared.gate.open();
                 break done;
             }
-            Err(RetryError::Fatal(CreateError::Abandoned)) => return Disposition::Abandon,
-            Err(RetryError::Cancelled(_)) => return Disposition::Abandon,
+            Err(
+                RetryError::Fatal(CreateError::Abandoned)
+                | RetryError::Exhausted(CreateError::Abandoned)
+                | RetryError::Cancelled(_),
+            ) => return Disposition::Abandon,
             Err(RetryError::Exhausted(CreateError::Upstream(err))) => {
                 // Keep the request and pause intake rather than cycling it
                 // through the queue: every redelivery counts towards
@@ -239,7 +242,6 @@ async fn submit(
                 report_refusal(shared, claim.take(), Refusal::Unavailable, &err);
                 continue;
             }
-            Err(RetryError::Exhausted(CreateError::Abandoned)) => return Disposition::Abandon,
             Err(RetryError::Fatal(CreateError::Upstream(err))) => err,
         };
         match err {

@@ -19,7 +19,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    config::UpstreamSettings,
+    config::{self, ConfigError, UpstreamSettings},
     metrics::Metrics,
     request::ViduInput,
     retry::{RetryHint, Transient},
@@ -337,15 +337,20 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    /// Builds the client; fails only on an unusable key or TLS setup
-    /// (`upstream.ca_file`).
+    /// Builds the client; fails only on an unusable key, base URL or TLS
+    /// setup (`upstream.ca_file`), naming the setting.
     pub fn new(
         settings: &UpstreamSettings,
         key: SecretString,
         metrics: Metrics,
-    ) -> Result<Self, String> {
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", key.expose_secret()))
-            .map_err(|_| "the API key contains characters not allowed in a header".to_owned())?;
+    ) -> Result<Self, ConfigError> {
+        let mut auth =
+            HeaderValue::from_str(&format!("Bearer {}", key.expose_secret())).map_err(|_| {
+                ConfigError::new(
+                    "upstream.api_key",
+                    "contains characters not allowed in a header",
+                )
+            })?;
         auth.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, auth);
@@ -360,25 +365,17 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(settings.max_concurrent_requests as usize);
         if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("upstream.ca_file: cannot read {}: {e}", path.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                format!(
-                    "upstream.ca_file: {} is not a PEM certificate file: {e}",
-                    path.display()
-                )
-            })?;
-            for cert in certs {
+            for cert in config::load_certificates("upstream.ca_file", path)? {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let http = builder
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = builder.build().map_err(|e| {
+            ConfigError::new("upstream", format!("cannot build the HTTP client: {e}"))
+        })?;
         let base = settings.base_url.trim_end_matches('/');
         let url = |path: &str| {
             reqwest::Url::parse(&format!("{base}{path}"))
-                .map_err(|e| format!("upstream.base_url: {e}"))
+                .map_err(|e| ConfigError::new("upstream.base_url", e.to_string()))
         };
         let limiter = rate_limiter(settings.max_requests_per_second);
         Ok(Self {

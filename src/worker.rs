@@ -213,12 +213,7 @@ pub async fn run_with_listener(
         .local_addr()
         .map_err(|e| RunError::Startup(format!("http.listen: {e}")))?;
     let metrics = Metrics::new();
-    let upstream = UpstreamClient::new(&settings.upstream, key, metrics.clone()).map_err(|e| {
-        RunError::Config(ConfigError {
-            key: "upstream.api_key".into(),
-            problem: e,
-        })
-    })?;
+    let upstream = UpstreamClient::new(&settings.upstream, key, metrics.clone())?;
     let gate = Gate::new(
         RetryPolicy {
             initial: Duration::from_secs(2),
@@ -637,20 +632,22 @@ async fn probe_key(shared: Arc<Shared>) {
     }
     let mut changes = shared.gate.subscribe();
     loop {
-        let (refusal, due) = match shared.gate.state() {
+        // The prober's work: a refused key or an outage (a refused balance is
+        // probed by a waiting request, with a real create).
+        let due = match shared.gate.state() {
             GateState::Closed {
                 refusal: refusal @ (Refusal::Key | Refusal::Unavailable),
                 retry_at,
                 ..
-            } => (Some(refusal), Some(retry_at)),
-            _ => (None, None),
+            } => Some((refusal, retry_at)),
+            _ => None,
         };
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
             _ = changes.changed() => continue,
-            () = sleep_until_opt(due) => {}
+            () = sleep_until_opt(due.map(|(_, at)| at)) => {}
         }
-        let (Some(refusal), Some(claim)) = (refusal, shared.gate.try_claim_probe()) else {
+        let (Some((refusal, _)), Some(claim)) = (due, shared.gate.try_claim_probe()) else {
             // Someone else holds the probe; look again shortly.
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -661,12 +658,9 @@ async fn probe_key(shared: Arc<Shared>) {
                     .gate
                     .probe_failed(claim, Refusal::Key, &e.to_string());
             }
+            // Still down, or a refused key that now times out: the refusal
+            // stands as it was.
             Err(e @ UpstreamError::Transient { .. }) => {
-                let refusal = if refusal == Refusal::Key {
-                    Refusal::Key
-                } else {
-                    Refusal::Unavailable
-                };
                 shared.gate.probe_failed(claim, refusal, &e.to_string());
             }
             // A task-result answer, even a 404 for the made-up id, means the

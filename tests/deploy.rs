@@ -15,11 +15,12 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, LazyLock, Mutex, PoisonError},
     time::Duration,
 };
 
+use common::files::{load_json, read, repo_path, violations};
 use jsonschema::{Draft, Resource, Validator};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -40,18 +41,6 @@ const IMAGE_UID: i64 = 10001;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-fn repo_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo_path(rel)).unwrap_or_else(|e| panic!("cannot read {rel}: {e}"))
-}
-
-fn load_json(rel: &str) -> Value {
-    serde_json::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not valid JSON: {e}"))
-}
 
 /// Every document of a (multi-document) YAML text, empty documents skipped.
 fn yaml_documents(text: &str, origin: &str) -> Vec<Value> {
@@ -162,13 +151,6 @@ fn manifest_validator(schema_rel: &str) -> Arc<Validator> {
             Arc::new(validator)
         })
         .clone()
-}
-
-fn violations(validator: &Validator, instance: &Value) -> Vec<String> {
-    validator
-        .iter_errors(instance)
-        .map(|e| format!("at {:?}: {e}", e.instance_path.to_string()))
-        .collect()
 }
 
 /// Validates one manifest against the schema of its kind.

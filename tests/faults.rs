@@ -91,10 +91,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
     }
     tap.wait_finished(n, Duration::from_secs(240)).await;
     assert_one_terminal_id_each(&tap, &subjects);
-    assert!(tap
-        .terminal()
-        .iter()
-        .all(|e| e.kind() == "video.generation.succeeded"));
+    tap.assert_all_succeeded();
     let stats = env.sim.stats();
     let extra = stats.tasks_created - n as u64;
     eprintln!(
@@ -151,10 +148,7 @@ async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
         env.publish(&request(id, "faulty upstream")).await;
     }
     tap.wait_finished(n, Duration::from_secs(180)).await;
-    assert!(tap
-        .terminal()
-        .iter()
-        .all(|e| e.kind() == "video.generation.succeeded"));
+    tap.assert_all_succeeded();
     assert_one_terminal_id_each(&tap, &subjects);
     let stats = env.sim.stats();
     eprintln!(
@@ -267,10 +261,7 @@ async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
 
     env.sim.set_auth(AuthMode::Accept);
     tap.wait_finished(n + 1, Duration::from_secs(90)).await;
-    assert!(tap
-        .terminal()
-        .iter()
-        .all(|e| e.kind() == "video.generation.succeeded"));
+    tap.assert_all_succeeded();
     assert_one_terminal_id_each(&tap, &subjects);
     worker.wait_ready(Duration::from_secs(30)).await;
     assert!(worker
@@ -338,10 +329,7 @@ async fn an_exhausted_balance_fails_nothing() {
     assert_session_kept(&worker);
     env.sim.set_auth(AuthMode::Accept);
     tap.wait_finished(6, Duration::from_secs(120)).await;
-    assert!(tap
-        .terminal()
-        .iter()
-        .all(|e| e.kind() == "video.generation.succeeded"));
+    tap.assert_all_succeeded();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,10 +380,7 @@ async fn a_long_upstream_outage_pauses_intake_instead_of_failing_or_cycling() {
     assert_session_kept(&worker);
     env.sim.clear_faults();
     tap.wait_finished(n, Duration::from_secs(90)).await;
-    assert!(tap
-        .terminal()
-        .iter()
-        .all(|e| e.kind() == "video.generation.succeeded"));
+    tap.assert_all_succeeded();
     assert!(env.drain_dead().await.is_empty());
     worker.wait_ready(Duration::from_secs(30)).await;
 }
@@ -453,10 +438,7 @@ async fn sigterm_hands_back_work_exits_zero_and_a_restart_completes_it() {
     let _next = env.start_worker().await;
     tap.wait_finished(n, Duration::from_secs(120)).await;
     assert_one_terminal_id_each(&tap, &subjects);
-    assert!(tap
-        .terminal()
-        .iter()
-        .all(|e| e.kind() == "video.generation.succeeded"));
+    tap.assert_all_succeeded();
     assert_eq!(
         env.sim.stats().tasks_created,
         n as u64,

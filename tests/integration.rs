@@ -459,74 +459,68 @@ async fn tls_fails_closed_with_an_error_naming_the_problem() {
     );
     drop(worker);
 
-    // `check` says the same and exits 1.
-    let (code, stdout, _) = cli(&["check"], &with(&wrong)).await;
-    assert_eq!(code, Some(1), "{stdout}");
-    assert!(stdout.contains("FAIL broker"), "{stdout}");
-    assert!(stdout.contains("not signed by a trusted CA"), "{stdout}");
-
-    // Without a CA file only the system roots are trusted: no fallback to
-    // an unverified connection.
-    let (code, stdout, _) = cli(
-        &["check"],
-        &with(&[
-            ("VIDU_WORKER__AMQP__URL", tls_url.as_str()),
-            ("VIDU_WORKER__AMQP__TLS__CERT_FILE", cert.as_str()),
-            ("VIDU_WORKER__AMQP__TLS__KEY_FILE", key.as_str()),
-        ]),
-    )
-    .await;
-    assert_eq!(code, Some(1), "{stdout}");
-    assert!(stdout.contains("not signed by a trusted CA"), "{stdout}");
-
-    // The right CA but a host name the certificate does not list.
-    let (code, stdout, _) = cli(
-        &["check"],
-        &with(&[
-            ("VIDU_WORKER__AMQP__URL", &node.tls_url("127.0.0.1")),
-            ("VIDU_WORKER__AMQP__TLS__CA_FILE", ca.as_str()),
-            ("VIDU_WORKER__AMQP__TLS__CERT_FILE", cert.as_str()),
-            ("VIDU_WORKER__AMQP__TLS__KEY_FILE", key.as_str()),
-        ]),
-    )
-    .await;
-    assert_eq!(code, Some(1), "{stdout}");
-    assert!(stdout.contains("does not name the host"), "{stdout}");
-
-    // The broker requires a client certificate and none is configured.
-    let (code, stdout, _) = cli(
-        &["check"],
-        &with(&[
-            ("VIDU_WORKER__AMQP__URL", tls_url.as_str()),
-            ("VIDU_WORKER__AMQP__TLS__CA_FILE", ca.as_str()),
-        ]),
-    )
-    .await;
-    assert_eq!(code, Some(1), "{stdout}");
-    assert!(stdout.contains("amqp.tls.cert_file"), "{stdout}");
-
-    // TLS files with a plain amqp:// URL are a configuration error, not a
-    // silent downgrade.
-    let (code, _, stderr) = cli(
-        &["check"],
-        &with(&[("VIDU_WORKER__AMQP__TLS__CA_FILE", ca.as_str())]),
-    )
-    .await;
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("amqp.tls.ca_file"), "{stderr}");
-
-    // And the complete, right configuration works against the same node.
-    let (code, stdout, stderr) = cli(
-        &["check"],
-        &with(&[
-            ("VIDU_WORKER__AMQP__URL", tls_url.as_str()),
-            ("VIDU_WORKER__AMQP__TLS__CA_FILE", ca.as_str()),
-            ("VIDU_WORKER__AMQP__TLS__CERT_FILE", cert.as_str()),
-            ("VIDU_WORKER__AMQP__TLS__KEY_FILE", key.as_str()),
-        ]),
-    )
-    .await;
-    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    // `check` names each problem: exit 1 for a broker it cannot trust or
+    // reach, 2 for a configuration error, 0 when all is well.
+    let url = ("VIDU_WORKER__AMQP__URL", tls_url.as_str());
+    let other_host = node.tls_url("127.0.0.1");
+    let ca_file = ("VIDU_WORKER__AMQP__TLS__CA_FILE", ca.as_str());
+    let cert_file = ("VIDU_WORKER__AMQP__TLS__CERT_FILE", cert.as_str());
+    let key_file = ("VIDU_WORKER__AMQP__TLS__KEY_FILE", key.as_str());
+    let cases = [
+        (
+            "the worker's settings above",
+            wrong.to_vec(),
+            1,
+            "not signed by a trusted CA",
+        ),
+        (
+            "no CA file: only the system roots are trusted, no fallback to an unverified connection",
+            vec![url, cert_file, key_file],
+            1,
+            "not signed by a trusted CA",
+        ),
+        (
+            "the right CA but a host name the certificate does not list",
+            vec![
+                ("VIDU_WORKER__AMQP__URL", other_host.as_str()),
+                ca_file,
+                cert_file,
+                key_file,
+            ],
+            1,
+            "does not name the host",
+        ),
+        (
+            "the broker requires a client certificate and none is configured",
+            vec![url, ca_file],
+            1,
+            "amqp.tls.cert_file",
+        ),
+        (
+            "TLS files with a plain amqp:// URL: a configuration error, not a silent downgrade",
+            vec![ca_file],
+            2,
+            "amqp.tls.ca_file",
+        ),
+        (
+            "the complete, right configuration against the same node",
+            vec![url, ca_file, cert_file, key_file],
+            0,
+            "",
+        ),
+    ];
+    for (case, pairs, expected, says) in cases {
+        let (code, stdout, stderr) = cli(&["check"], &with(&pairs)).await;
+        assert_eq!(code, Some(expected), "{case}: {stdout}{stderr}");
+        match expected {
+            1 => assert!(
+                stdout.contains("FAIL broker") && stdout.contains(says),
+                "{case}: {stdout}"
+            ),
+            2 => assert!(stderr.contains(says), "{case}: {stderr}"),
+            _ => {}
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1393,7 +1387,7 @@ async fn the_http_proxy_comes_from_the_standard_environment_variables() {
 // ---------------------------------------------------------------------------
 
 fn shipped_definitions_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rabbitmq/definitions.json")
+    files::repo_path("deploy/rabbitmq/definitions.json")
 }
 
 fn set_readable(path: &Path) {
@@ -1449,10 +1443,7 @@ fn the_shipped_definitions_are_exactly_the_default_topology() {
 
 #[test]
 fn the_documented_permissions_are_the_tested_ones() {
-    let readme = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rabbitmq/README.md"),
-    )
-    .expect("deploy/rabbitmq/README.md");
+    let readme = files::read("deploy/rabbitmq/README.md");
     for perms in [
         worker_permissions(Mode::Declare, "vidu.requests", "vidu.events"),
         worker_permissions(Mode::Managed, "vidu.requests", "vidu.events"),

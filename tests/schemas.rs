@@ -17,12 +17,15 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
     sync::LazyLock,
     time::Duration,
 };
 
-use common::{eventually, request, sim, SeenEvent, TestEnv};
+use common::{
+    eventually,
+    files::{load_json, read, repo_path, violations},
+    request, sim, SeenEvent, TestEnv,
+};
 use jsonschema::{Draft, Validator};
 use lapin::{
     types::{AMQPValue, FieldTable},
@@ -56,18 +59,6 @@ const MIN_README_EXAMPLES: usize = 3;
 // Helpers
 // ---------------------------------------------------------------------------
 
-fn repo_path(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
-}
-
-fn read(rel: &str) -> String {
-    std::fs::read_to_string(repo_path(rel)).unwrap_or_else(|e| panic!("cannot read {rel}: {e}"))
-}
-
-fn load_json(rel: &str) -> Value {
-    serde_json::from_str(&read(rel)).unwrap_or_else(|e| panic!("{rel} is not valid JSON: {e}"))
-}
-
 /// Compiles one of our draft 2020-12 schemas, with `format` checked
 /// (`date-time` matters for `time`).
 fn compile(rel: &str) -> Validator {
@@ -77,14 +68,6 @@ fn compile(rel: &str) -> Validator {
         .should_validate_formats(true)
         .build(&schema)
         .unwrap_or_else(|e| panic!("{rel} does not compile: {e}"))
-}
-
-/// Every violation, one line each (empty when valid).
-fn violations(validator: &Validator, instance: &Value) -> Vec<String> {
-    validator
-        .iter_errors(instance)
-        .map(|e| format!("at {:?}: {e}", e.instance_path.to_string()))
-        .collect()
 }
 
 static REQUEST_VALIDATOR: LazyLock<Validator> = LazyLock::new(|| compile(REQUEST_SCHEMA));

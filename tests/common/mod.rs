@@ -5,6 +5,7 @@
 //! never on fixed sleeps.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod files;
 pub mod node;
 
 use std::{
@@ -136,6 +137,18 @@ impl EventTap {
             .into_iter()
             .filter(SeenEvent::is_terminal)
             .collect()
+    }
+
+    /// Asserts that every terminal event seen so far is `succeeded`, naming
+    /// the ones that are not.
+    pub fn assert_all_succeeded(&self) {
+        let failed: Vec<String> = self
+            .terminal()
+            .iter()
+            .filter(|e| e.kind() != "video.generation.succeeded")
+            .map(|e| format!("{} {}: {}", e.subject(), e.kind(), e.body["data"]))
+            .collect();
+        assert!(failed.is_empty(), "requests did not succeed: {failed:?}");
     }
 
     /// Distinct subjects that have a terminal event.
