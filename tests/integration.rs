@@ -206,7 +206,12 @@ async fn private_node(options: NodeOptions) -> Arc<BrokerNode> {
 
 /// Deletes a deployment's queues and exchange, so a worker must create them.
 async fn delete_topology(env: &TestEnv) {
-    for q in env.topology.queue_names() {
+    delete_exchange_and(env, &env.topology.queue_names()).await;
+}
+
+/// Deletes the deployment's exchange and these of its queues.
+async fn delete_exchange_and(env: &TestEnv, queues: &[String]) {
+    for q in queues {
         env.channel
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await
@@ -737,19 +742,7 @@ async fn managed_mode_declares_nothing_and_lists_what_is_missing_at_start() {
         env.topology.tracking_queue.clone(),
         env.topology.wait_queues[3].1.clone(),
     ];
-    for q in &gone {
-        env.channel
-            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-            .await
-            .expect("delete");
-    }
-    env.channel
-        .exchange_delete(
-            env.topology.events_exchange.as_str().into(),
-            ExchangeDeleteOptions::default(),
-        )
-        .await
-        .expect("delete exchange");
+    delete_exchange_and(&env, &gone).await;
 
     let managed = [("VIDU_WORKER__AMQP__DECLARE_TOPOLOGY", "false")];
     let mut worker = env.spawn_worker(&managed);
