@@ -8,7 +8,7 @@
 //! - events really produced by a worker, end to end, validate against their
 //!   schemas, and continue the request's W3C trace;
 //! - every README example marked `<!-- schema: docs/schemas/NAME.json -->`
-//!   validates;
+//!   validates, and every metric the worker exports is in the README's list;
 //! - `docs/asyncapi.yaml` is valid AsyncAPI 3.0.0 (official schema, vendored
 //!   in `deploy/schemas/`), its `$ref`s resolve, and its names, arguments and
 //!   routing keys equal the code's defaults.
@@ -970,6 +970,36 @@ fn marked_blocks_are_found_and_typos_are_errors() {
     ] {
         assert!(marked_blocks(broken).is_err(), "{broken:?}");
     }
+}
+
+#[test]
+fn every_exported_metric_is_in_the_readme() {
+    let readme = read("README.md");
+    let exposition = vidu_worker::metrics::Metrics::new().render();
+    let mut names = Vec::new();
+    for line in exposition.lines() {
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            let mut words = declared.split_whitespace();
+            let (Some(name), Some(kind)) = (words.next(), words.next()) else {
+                panic!("odd TYPE line: {line}");
+            };
+            // Counters are exported (and documented) with their _total suffix.
+            names.push(if kind == "counter" {
+                format!("{name}_total")
+            } else {
+                name.to_owned()
+            });
+        }
+    }
+    assert!(names.len() >= 10, "{exposition}");
+    let missing: Vec<&String> = names
+        .iter()
+        .filter(|n| !readme.contains(&format!("`{n}")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics missing from README.md: {missing:?}"
+    );
 }
 
 #[test]
