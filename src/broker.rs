@@ -11,7 +11,10 @@
 //! once their outputs are confirmed. It never puts a password in an error or
 //! a log line: errors name the broker by [`AmqpSettings::display_url`].
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use lapin::{
     options::{
@@ -22,7 +25,9 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use crate::config::{self, AmqpSettings, ConfigError, QueueArgument, QueueType, Settings};
+use crate::config::{
+    self, AmqpSettings, ConfigError, CreateQuota, QueueArgument, QueueType, Settings,
+};
 
 /// Header carrying why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-vidu-error";
@@ -30,6 +35,10 @@ pub const ERROR_HEADER: &str = "x-vidu-error";
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// Header RabbitMQ quorum queues set on redeliveries.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// Header of a dead-letter copy naming the queue the message came from.
+pub const ORIGINAL_QUEUE_HEADER: &str = "x-vidu-original-queue";
+/// Longest `x-vidu-error` header.
+pub const MAX_ERROR_HEADER: usize = 1000;
 
 /// The delays of the wait queues, shortest first. A ticket waiting `d` hops
 /// through the largest tiers that fit until at most the shortest tier is
@@ -65,6 +74,9 @@ pub struct Topology {
     pub queue_arguments: Vec<(String, AMQPValue)>,
     /// The vhost, for messages.
     pub vhost: String,
+    /// The create-quota ledger (`upstream.create_quota`): its name and the
+    /// quota it keeps.
+    pub quota_ledger: Option<(String, CreateQuota)>,
 }
 
 impl Topology {
@@ -90,7 +102,78 @@ impl Topology {
                 .map(|(name, value)| (name.clone(), argument_value(value)))
                 .collect(),
             vhost: settings.amqp.vhost(),
+            quota_ledger: settings
+                .upstream
+                .create_quota
+                .map(|q| (ledger_name(rq, q), q)),
         }
+    }
+
+    /// The quota ledger's declaration: a classic queue (a quorum queue
+    /// admits a few publishes past its length limit when they arrive
+    /// together; a classic queue refuses exactly), not durable (it holds
+    /// nothing worth keeping, and a non-durable queue of a lost node is
+    /// simply declared again elsewhere), holding at most `creates` messages
+    /// that expire after `window`, refusing publishes beyond that.
+    pub fn ledger_declaration(&self) -> Option<(String, FieldTable)> {
+        let (name, quota) = self.quota_ledger.as_ref()?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongInt(i32::try_from(quota.creates).unwrap_or(i32::MAX)),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(quota.window.as_millis()).unwrap_or(i64::MAX)),
+        );
+        Some((name.clone(), args))
+    }
+
+    /// Declares the quota ledger (at start and whenever it has gone
+    /// missing, e.g. with the broker node that held it). Needs configure
+    /// permission on its name; with `amqp.declare_topology = false` it is
+    /// only checked.
+    pub async fn declare_ledger(&self, conn: &Connection) -> Result<(), BrokerError> {
+        let Some((name, args)) = self.ledger_declaration() else {
+            return Ok(());
+        };
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::Connection)?;
+        let result = channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: false,
+                    passive: !self.declares,
+                    ..QueueDeclareOptions::default()
+                },
+                if self.declares {
+                    args
+                } else {
+                    FieldTable::default()
+                },
+            )
+            .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "ledger declared".into()).await;
+        }
+        result.map(drop).map_err(|e| match reply_code(&e) {
+            Some(404) => BrokerError::Missing {
+                vhost: self.vhost.clone(),
+                missing: vec![format!("queue {name}")],
+            },
+            _ => declare_error("queue", &name, &e),
+        })
     }
 
     /// Every queue name, for operators and test clean-up.
@@ -245,7 +328,7 @@ impl Topology {
                 .map_err(|e| declare_error("queue", &name, &e))?;
         }
         let _ = channel.close(200, "topology declared".into()).await;
-        Ok(())
+        self.declare_ledger(conn).await
     }
 
     /// What of the topology does not exist, as `exchange NAME` / `queue
@@ -302,6 +385,12 @@ impl Topology {
         if channel.status().connected() {
             let _ = channel.close(200, "topology verified".into()).await;
         }
+        if let Err(BrokerError::Missing {
+            missing: ledger, ..
+        }) = self.declare_ledger(conn).await
+        {
+            missing.extend(ledger);
+        }
         Ok(missing)
     }
 
@@ -325,6 +414,16 @@ impl Topology {
         }
         Ok(total)
     }
+}
+
+/// The ledger's name: the request queue's, then the quota, so that a
+/// changed quota gets a ledger of its own (queue arguments cannot change).
+pub fn ledger_name(request_queue: &str, quota: CreateQuota) -> String {
+    format!(
+        "{request_queue}.quota.{}-per-{}s",
+        quota.creates,
+        quota.window.as_secs()
+    )
 }
 
 fn argument_value(value: &QueueArgument) -> AMQPValue {
@@ -439,32 +538,90 @@ pub enum PublishError {
     /// There is no broker session right now (reconnecting).
     #[error("not connected to the broker")]
     NotConnected,
+    /// A name or property is longer than AMQP allows (255 bytes).
+    #[error("a name of {0} bytes is longer than AMQP allows (255)")]
+    TooLong(usize),
 }
 
 /// A confirm-mode channel for publishing. Cheap to clone; many tasks publish
-/// on it concurrently and each awaits its own confirm.
+/// on it concurrently and each awaits its own confirm. When the broker
+/// closes the channel because of one message (a 406 or 404 for it), the
+/// publisher opens a fresh one on the same connection at the next publish:
+/// the refusal is that message's failure, not the session's.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    inner: Arc<PublisherInner>,
+}
+
+struct PublisherInner {
+    conn: Arc<Connection>,
+    channel: Mutex<Channel>,
+    reopening: tokio::sync::Mutex<()>,
+}
+
+async fn confirm_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 impl Publisher {
     /// Opens a channel in confirm mode.
-    pub async fn open(conn: &Connection) -> Result<Self, lapin::Error> {
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+    pub async fn open(conn: Arc<Connection>) -> Result<Self, lapin::Error> {
+        let channel = confirm_channel(&conn).await?;
+        Ok(Self {
+            inner: Arc::new(PublisherInner {
+                conn,
+                channel: Mutex::new(channel),
+                reopening: tokio::sync::Mutex::new(()),
+            }),
+        })
     }
 
-    /// Whether the channel is still usable.
+    /// Whether publishing can work: the connection is up (a closed channel
+    /// is reopened at the next publish).
     pub fn is_open(&self) -> bool {
-        self.channel.status().connected()
+        self.inner.conn.status().connected()
+    }
+
+    fn current(&self) -> Channel {
+        self.inner
+            .channel
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    async fn channel(&self) -> Result<Channel, PublishError> {
+        let channel = self.current();
+        if channel.status().connected() {
+            return Ok(channel);
+        }
+        if !self.is_open() {
+            return Err(PublishError::NotConnected);
+        }
+        let _one_at_a_time = self.inner.reopening.lock().await;
+        let channel = self.current();
+        if channel.status().connected() {
+            return Ok(channel);
+        }
+        let fresh = confirm_channel(&self.inner.conn).await?;
+        *self
+            .inner
+            .channel
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = fresh.clone();
+        tracing::warn!(
+            "the broker closed the publishing channel (it refused a message); opened a new one"
+        );
+        Ok(fresh)
     }
 
     /// Publishes and waits for the broker's confirm. `mandatory` messages
-    /// that no queue takes are failures.
+    /// that no queue takes are failures. Names longer than AMQP allows are
+    /// refused here, before anything is sent.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -473,11 +630,14 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
+        let exchange = short_string(exchange)?;
+        let routing_key = short_string(routing_key)?;
         let confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
-                ShortString::from(exchange),
-                ShortString::from(routing_key),
+                exchange,
+                routing_key,
                 BasicPublishOptions {
                     mandatory,
                     ..BasicPublishOptions::default()
@@ -496,10 +656,88 @@ impl Publisher {
         Ok(())
     }
 
+    /// Claims a slot in the quota ledger `queue`: a small transient
+    /// message the broker confirms while the window has room and refuses
+    /// ([`PublishError::Nacked`]) when it is full.
+    pub async fn claim_slot(&self, queue: &str) -> Result<(), PublishError> {
+        self.publish(
+            "",
+            queue,
+            b"",
+            BasicProperties::default().with_delivery_mode(1),
+            true,
+        )
+        .await
+    }
+
     /// Closes the channel.
     pub async fn close(&self) {
-        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = self.current().close(200, "bye".into()).await;
     }
+}
+
+/// An AMQP short string (exchange and queue names, `message_id`,
+/// `correlation_id`, ...): at most 255 bytes, or the publish is refused
+/// before anything is sent (lapin would panic while writing it).
+pub fn short_string(text: &str) -> Result<ShortString, PublishError> {
+    if text.len() > MAX_SHORT_STRING {
+        return Err(PublishError::TooLong(text.len()));
+    }
+    Ok(ShortString::from(text))
+}
+
+/// Longest AMQP short string, in bytes.
+pub const MAX_SHORT_STRING: usize = 255;
+
+/// The properties of a dead-letter copy, built field by field: never the
+/// producer's `user_id` (the broker closes the channel when it does not
+/// match the publishing user), `expiration` (the copy would vanish),
+/// `priority`, `reply_to` or headers the broker acts on. Kept: the ids the
+/// contract promises (`message_id`, `correlation_id`), the content type and
+/// encoding, the timestamp, a valid `traceparent`, and the two headers that
+/// say why and from where.
+pub fn dead_letter_properties(
+    original: &BasicProperties,
+    why: &str,
+    original_queue: &str,
+    traceparent: Option<&str>,
+) -> BasicProperties {
+    let mut why: String = why.chars().take(MAX_ERROR_HEADER).collect();
+    why.retain(|c| !c.is_control());
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ERROR_HEADER.into(),
+        AMQPValue::LongString(LongString::from(why)),
+    );
+    headers.insert(
+        ORIGINAL_QUEUE_HEADER.into(),
+        AMQPValue::LongString(LongString::from(original_queue)),
+    );
+    if let Some(tp) = traceparent {
+        headers.insert(
+            TRACEPARENT_HEADER.into(),
+            AMQPValue::LongString(LongString::from(tp)),
+        );
+    }
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(v) = original.content_type() {
+        properties = properties.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        properties = properties.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = original.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        properties = properties.with_timestamp(*v);
+    }
+    properties
 }
 
 /// How this process introduces itself to the broker (the connection name

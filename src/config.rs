@@ -296,6 +296,72 @@ pub enum QueueArgument {
     Text(String),
 }
 
+/// An account's create quota: at most `creates` creates in any sliding
+/// `window`, for the whole deployment. Written `20/min`, `2/s`, `100/h` or
+/// `N/<duration>` (`30/90s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateQuota {
+    /// Creates allowed per window (at least 1).
+    pub creates: u32,
+    /// The window (1 s to 24 h).
+    pub window: Duration,
+}
+
+impl CreateQuota {
+    /// Longest window accepted.
+    pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+    /// Parses `N/unit`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let form = || format!("{text:?} is not a quota like 20/min, 2/s, 100/h or 30/90s");
+        let (count, per) = text.trim().split_once('/').ok_or_else(form)?;
+        let creates: u32 = count.trim().parse().map_err(|_| form())?;
+        let window = match per.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => humantime::parse_duration(other).map_err(|_| form())?,
+        };
+        if creates == 0 {
+            return Err(
+                "must allow at least one create (leave it unset to learn the quota)".into(),
+            );
+        }
+        if window < Duration::from_secs(1) || window > Self::MAX_WINDOW {
+            return Err(format!("{text:?}: the window must be from 1s to 24h"));
+        }
+        Ok(Self { creates, window })
+    }
+
+    /// Creates per second, on average.
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.creates) / self.window.as_secs_f64()
+    }
+}
+
+impl fmt::Display for CreateQuota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            self.creates,
+            humantime::format_duration(self.window)
+        )
+    }
+}
+
+/// `upstream.create_quota`: a quota, or nothing for an absent or empty value.
+fn optional_quota<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<Option<CreateQuota>, D::Error> {
+    match Option::<String>::deserialize(de)? {
+        Some(text) if !text.trim().is_empty() => CreateQuota::parse(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        _ => Ok(None),
+    }
+}
+
 /// Queue arguments the worker sets itself, and why they cannot be changed
 /// through `amqp.queue_arguments`.
 const RESERVED_QUEUE_ARGUMENTS: &[(&str, &str)] = &[
@@ -341,11 +407,16 @@ pub struct UpstreamSettings {
     /// Deadline for establishing a connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Ceiling on API calls per second from one worker (create and poll
-    /// together); 0 means no limit.
+    /// The account's create quota, shared by every worker of the deployment
+    /// (`20/min`, `2/s`, `100/h`); none: learn it from the upstream's 429s.
+    #[serde(deserialize_with = "optional_quota")]
+    pub create_quota: Option<CreateQuota>,
+    /// Ceiling on task-result calls per second from one worker; 0 means no
+    /// limit. Creates have their own budget (`create_quota`).
     pub max_requests_per_second: f64,
-    /// Ceiling on API calls in flight at once from one worker (bounds
-    /// connections and their buffers).
+    /// Ceiling on task-result calls in flight at once from one worker
+    /// (bounds connections and their buffers; creates are bounded by
+    /// `amqp.prefetch`).
     pub max_concurrent_requests: u32,
     /// First retry delay after a transient error.
     #[serde(with = "humantime_serde")]
@@ -369,7 +440,8 @@ impl Default for UpstreamSettings {
             api_key: None,
             timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(5),
-            max_requests_per_second: 10.0,
+            create_quota: None,
+            max_requests_per_second: 50.0,
             max_concurrent_requests: 32,
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
@@ -532,6 +604,12 @@ impl Settings {
                         format!("{text:?} is not one of {}", allowed.join(", ")),
                     ));
                 }
+            }
+        }
+        if let Ok(text) = config.get_string("upstream.create_quota") {
+            if !text.trim().is_empty() {
+                CreateQuota::parse(&text)
+                    .map_err(|problem| ConfigError::new("upstream.create_quota", problem))?;
             }
         }
         for key in DURATION_KEYS {

@@ -145,12 +145,12 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
     );
     println!();
 
-    let conn = broker::connect(&settings, "demo").await.map_err(|e| {
+    let conn = std::sync::Arc::new(broker::connect(&settings, "demo").await.map_err(|e| {
         format!(
             "{e} (is RabbitMQ running on {}?)",
             crate::config::redact_url(secrecy::ExposeSecret::expose_secret(&settings.amqp.url))
         )
-    })?;
+    })?);
     topology.declare(&conn).await.map_err(|e| e.to_string())?;
     let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
     let reply_queue = format!("vidu-demo.{run}.replies");
@@ -180,7 +180,9 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
         stop.clone(),
     ));
 
-    let publisher = Publisher::open(&conn).await.map_err(|e| e.to_string())?;
+    let publisher = Publisher::open(conn.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     let samples = samples(&run);
     let mut expected: HashMap<String, &'static str> = HashMap::new();
     for s in &samples {

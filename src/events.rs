@@ -40,6 +40,9 @@ pub enum FailureCode {
     UpstreamRejected,
     /// The task ended failed upstream.
     UpstreamFailed,
+    /// The upstream answered the create with something that is not a task
+    /// id: a task may exist and be billed; the request is not created again.
+    UpstreamUnconfirmed,
     /// The task outlived `polling.max_task_age` (or the off-peak age).
     TimedOut,
 }
@@ -51,6 +54,7 @@ impl FailureCode {
             Self::InvalidRequest => "invalid_request",
             Self::UpstreamRejected => "upstream_rejected",
             Self::UpstreamFailed => "upstream_failed",
+            Self::UpstreamUnconfirmed => "upstream_unconfirmed",
             Self::TimedOut => "timed_out",
         }
     }

@@ -98,11 +98,23 @@ impl Drop for ProbeClaim {
     }
 }
 
+/// What the intake loop may do about taking the next request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntakeTurn {
+    /// Take one: the gate is open, or it is closed for the balance, a probe
+    /// is due and no request is held to make it (the one taken will).
+    Take,
+    /// Take none; look again at this moment, or when the gate changes.
+    Wait(Option<Instant>),
+}
+
 /// Shared gate; cheap to clone.
 #[derive(Clone)]
 pub struct Gate {
     state: Arc<watch::Sender<GateState>>,
     probing: Arc<AtomicBool>,
+    /// Requests waiting in [`Gate::wait_for_turn`].
+    waiting: Arc<AtomicU32>,
     strikes: Arc<AtomicU32>,
     policy: RetryPolicy,
     metrics: Metrics,
@@ -114,6 +126,7 @@ impl Gate {
         Self {
             state: Arc::new(watch::Sender::new(GateState::Open)),
             probing: Arc::new(AtomicBool::new(false)),
+            waiting: Arc::new(AtomicU32::new(0)),
             strikes: Arc::new(AtomicU32::new(0)),
             policy,
             metrics,
@@ -140,6 +153,32 @@ impl Gate {
                 ..
             }
         )
+    }
+
+    /// Whether the intake loop may take a request now. While the gate is
+    /// closed nothing is taken (requests wait in the queue), except, for a
+    /// refused balance, the one request that probes with a real create
+    /// when no held request is waiting to do it.
+    pub fn intake_turn(&self) -> IntakeTurn {
+        match &*self.state.borrow() {
+            GateState::Open => IntakeTurn::Take,
+            GateState::Closed {
+                refusal: Refusal::Billing,
+                retry_at,
+                ..
+            } if self.waiting.load(Ordering::Acquire) == 0
+                && !self.probing.load(Ordering::Acquire) =>
+            {
+                if Instant::now() >= *retry_at {
+                    IntakeTurn::Take
+                } else {
+                    IntakeTurn::Wait(Some(*retry_at))
+                }
+            }
+            GateState::Closed { .. } => {
+                IntakeTurn::Wait(Some(Instant::now() + Duration::from_millis(500)))
+            }
+        }
     }
 
     /// Watches state changes.
@@ -248,6 +287,19 @@ impl Gate {
     /// Waits until the caller may call the upstream (or, for a billing
     /// refusal, holds the probe), or until `deadline` or `cancel`.
     pub async fn wait_for_turn(&self, deadline: Instant, cancel: &CancellationToken) -> Turn {
+        // Counted while waiting, also when the caller drops this future.
+        struct Waiting<'a>(&'a AtomicU32);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.waiting);
+        self.wait_for_turn_inner(deadline, cancel).await
+    }
+
+    async fn wait_for_turn_inner(&self, deadline: Instant, cancel: &CancellationToken) -> Turn {
         let mut rx = self.state.subscribe();
         loop {
             let (refusal, retry_at) = match &*rx.borrow_and_update() {

@@ -1,38 +1,55 @@
 //! Intake: turns one request message into an upstream task and a ticket.
 //!
-//! For each delivery from the request queue: refuse poison and invalid
+//! For each request the intake loop hands over: refuse poison and invalid
 //! requests (failed event plus a dead-lettered copy with `x-vidu-error`),
-//! wait at the upstream gate, create the task with retries, then record the
-//! tracking ticket and the `submitted` event, both publisher-confirmed,
-//! before the request is acknowledged. The create call is the one step that
-//! must not repeat; the code between its answer and the request's ack is
-//! kept as short as possible (that is the documented double-spend window),
-//! and intake cannot be paused inside it (the intake lock).
+//! respect the upstream gate, create the task with retries (each retry
+//! waits for the pacer and, with a quota, a slot in the deployment's
+//! window), then record the tracking ticket and the `submitted` event, both
+//! publisher-confirmed, before the request is acknowledged. The create call
+//! is the one step that must not repeat: it is only sent while the
+//! request's delivery still belongs to this worker's session (checked
+//! immediately before the send), an unreadable success is never retried,
+//! and a redelivered copy of a request this worker already created is
+//! recognised by its id and not created again.
 
-use std::time::Duration;
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
 
 use chrono::Utc;
 use lapin::message::Delivery;
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
     broker::{self, DELIVERY_COUNT_HEADER, TRACEPARENT_HEADER},
     events::{self, EventKind, FailureCode, RequestContext},
-    gate::{ProbeClaim, Refusal, Turn},
+    gate::{GateState, ProbeClaim, Refusal, Turn},
+    quota::SlotError,
     request::{self, GenerationRequest, MessageProps, RequestId},
-    retry::{self, RetryError, RetryHint, Transient},
+    retry::{self, RetryError},
     tracking::{self, Ticket, TICKET_VERSION},
     upstream::UpstreamError,
-    worker::{settle, Disposition, Shared},
+    worker::{Disposition, Lease, Shared},
 };
 
 /// How long the worker keeps trying to record a ticket for a task the
 /// upstream already accepted (across broker reconnects) before giving up.
 const TICKET_PATIENCE: Duration = Duration::from_secs(120);
+/// How long a created request is remembered, so that a redelivered copy
+/// (its delivery was lost while the create or its ack was on the wire) is
+/// not created again.
+const RECENT_TTL: Duration = Duration::from_secs(30);
+/// Most created requests remembered at once.
+const RECENT_CAPACITY: usize = 10_000;
+/// Longest a redelivered copy waits for this worker's own create of the
+/// same request to finish.
+const RECENT_WAIT: Duration = Duration::from_secs(180);
 
 /// Handles one delivery from the request queue.
 #[tracing::instrument(name = "request", skip_all, fields(request_id, task_id))]
-pub(crate) async fn handle(shared: &Shared, delivery: &Delivery) -> Disposition {
+pub(crate) async fn handle(shared: &Shared, delivery: &Delivery, lease: &Lease) -> Disposition {
     let props = &delivery.properties;
     let message_props = MessageProps {
         message_id: props.message_id().as_ref().map(|s| s.as_str()),
@@ -59,7 +76,7 @@ pub(crate) async fn handle(shared: &Shared, delivery: &Delivery) -> Disposition 
     match request::parse(&delivery.data, message_props) {
         Ok(req) => {
             tracing::Span::current().record("request_id", req.request_id.as_str());
-            submit(shared, delivery, req, traceparent).await
+            submit(shared, delivery, lease, req, traceparent).await
         }
         Err(invalid) => {
             tracing::Span::current().record("request_id", invalid.request_id.as_str());
@@ -113,7 +130,7 @@ async fn refuse(shared: &Shared, delivery: &Delivery, r: Refused<'_>) -> Disposi
     );
     let why = format!("{}: {}", r.code.as_str(), r.message);
     let (dead, published) = tokio::join!(
-        shared.dead_letter(delivery, &why),
+        shared.dead_letter(delivery, &why, r.traceparent),
         shared.publish_event(&event)
     );
     match (dead, published) {
@@ -166,19 +183,19 @@ async fn poison(
 }
 
 /// Why a create attempt did not produce a task.
+#[derive(Debug)]
 enum CreateError {
     Upstream(UpstreamError),
-    /// The delivery's channel closed while we waited: the broker has
-    /// already handed the request to someone else, so it must not be
-    /// created here.
-    Abandoned,
+    /// The delivery was lost before the call: the broker has already handed
+    /// the request to someone else, so it must not be created here.
+    NotSent,
 }
 
-impl Transient for CreateError {
-    fn retry_hint(&self) -> RetryHint {
+impl retry::Transient for CreateError {
+    fn retry_hint(&self) -> retry::RetryHint {
         match self {
             Self::Upstream(e) => e.retry_hint(),
-            Self::Abandoned => RetryHint::Never,
+            Self::NotSent => retry::RetryHint::Never,
         }
     }
 }
@@ -186,108 +203,259 @@ impl Transient for CreateError {
 async fn submit(
     shared: &Shared,
     delivery: &Delivery,
+    lease: &Lease,
     req: GenerationRequest,
     traceparent: Option<String>,
 ) -> Disposition {
     let received_at = Utc::now();
+    let mut remembered = match req.stable_id() {
+        Some(id) => match shared.recent.begin(id, delivery.redelivered).await {
+            Begin::Recorded => {
+                // Created by this worker moments ago: its ticket and events
+                // exist, the broker only redelivered the request.
+                tracing::info!("a redelivered request this worker already created and tracks; acknowledging it");
+                shared.metrics.request("duplicate");
+                return Disposition::Ack;
+            }
+            Begin::Go(guard) => guard,
+        },
+        None => None,
+    };
     let hold_until = Instant::now() + shared.settings.amqp.max_hold;
-    let (task_id, intake_guard) = loop {
-        let mut claim = match shared
-            .gate
-            .wait_for_turn(hold_until, &shared.shutdown)
-            .await
-        {
-            Turn::Go => None,
-            Turn::Probe(claim) => Some(claim),
-            Turn::TimedOut => {
+    // The intake loop took this request's first pacing and quota slot.
+    let mut prepaid = true;
+    let task_id = loop {
+        let claim = match shared.gate.state() {
+            GateState::Open => None,
+            GateState::Closed {
+                refusal: Refusal::Key | Refusal::Unavailable,
+                ..
+            } => {
+                // Probed without requests: hand this one back, once.
                 shared.metrics.request("handed_back");
                 return Disposition::Requeue;
             }
-            Turn::Cancelled => return Disposition::Abandon,
+            GateState::Closed {
+                refusal: Refusal::Billing,
+                ..
+            } => {
+                let turn = tokio::select! {
+                    turn = shared.gate.wait_for_turn(hold_until, &shared.shutdown) => turn,
+                    () = lease.lost() => return abandoned(shared),
+                };
+                match turn {
+                    Turn::Go => None,
+                    Turn::Probe(claim) => Some(claim),
+                    Turn::TimedOut => {
+                        shared.metrics.request("handed_back");
+                        return Disposition::Requeue;
+                    }
+                    Turn::Cancelled => return Disposition::Abandon,
+                }
+            }
         };
         let created = retry::retry(
             shared.retry_policy(),
             shared.settings.upstream.create_retry_budget,
             &shared.shutdown,
-            || async {
-                let guard = shared.intake_lock.read().await;
-                if delivery.acker.poisoned() {
-                    return Err(CreateError::Abandoned);
-                }
-                match shared
-                    .upstream
-                    .create(&req.input, traceparent.as_deref())
-                    .await
-                {
-                    Ok(task_id) => Ok((task_id, guard)),
-                    Err(e) => Err(CreateError::Upstream(e)),
-                }
+            || {
+                let first = std::mem::replace(&mut prepaid, false);
+                create_once(shared, lease, &req, traceparent.as_deref(), first)
             },
         )
         .await;
-        let err = match created {
-            Ok(done) => {
+        match created {
+            Ok(task_id) => {
                 shared.gate.open();
-                break done;
+                break task_id;
             }
-            Err(
-                RetryError::Fatal(CreateError::Abandoned)
-                | RetryError::Exhausted(CreateError::Abandoned)
-                | RetryError::Cancelled(_),
-            ) => return Disposition::Abandon,
+            Err(RetryError::Fatal(CreateError::NotSent)) => return abandoned(shared),
+            Err(RetryError::Cancelled(_)) => return Disposition::Abandon,
             Err(RetryError::Exhausted(CreateError::Upstream(err))) => {
-                // Keep the request and pause intake rather than cycling it
-                // through the queue: every redelivery counts towards
-                // amqp.max_deliveries.
-                report_refusal(shared, claim.take(), Refusal::Unavailable, &err);
-                continue;
+                // Still failing after the retry budget: back to the queue
+                // (one delivery counted). A plain outage also closes the
+                // gate, so that nothing more is taken until a probe works.
+                if !matches!(err, UpstreamError::RateLimited { .. }) {
+                    report_refusal(shared, claim, Refusal::Unavailable, &err);
+                }
+                shared.metrics.request("handed_back");
+                return Disposition::Requeue;
             }
-            Err(RetryError::Fatal(CreateError::Upstream(err))) => err,
-        };
-        match err {
-            UpstreamError::KeyRejected { .. } => {
-                report_refusal(shared, claim.take(), Refusal::Key, &err);
-            }
-            UpstreamError::Billing { .. } => {
-                report_refusal(shared, claim.take(), Refusal::Billing, &err);
-            }
-            err => {
-                shared.gate.open();
-                shared.metrics.request("upstream_rejected");
-                let message = match &err {
-                    UpstreamError::Rejected {
-                        status,
-                        reason,
-                        message,
-                    } => rejected_message(*status, reason, message),
-                    other => other.to_string(),
-                };
-                tracing::info!(error = %message, "the upstream rejected the request");
-                return refuse(
-                    shared,
-                    delivery,
-                    Refused {
-                        request_id: &req.request_id,
-                        metadata: req.metadata.as_deref(),
-                        code: FailureCode::UpstreamRejected,
-                        message: &message,
-                        traceparent: traceparent.as_deref(),
-                    },
-                )
-                .await;
-            }
-        }
-        if delivery.acker.poisoned() {
-            return Disposition::Abandon;
+            Err(RetryError::Exhausted(CreateError::NotSent)) => return abandoned(shared),
+            Err(RetryError::Fatal(CreateError::Upstream(err))) => match err {
+                UpstreamError::KeyRejected { .. } => {
+                    report_refusal(shared, claim, Refusal::Key, &err);
+                    shared.metrics.request("handed_back");
+                    return Disposition::Requeue;
+                }
+                UpstreamError::Billing { .. } => {
+                    // Wait at the gate (at most amqp.max_hold), probing.
+                    report_refusal(shared, claim, Refusal::Billing, &err);
+                    prepaid = false;
+                    continue;
+                }
+                UpstreamError::Unconfirmed { .. } => {
+                    if let Some(guard) = remembered.as_mut() {
+                        guard.recorded();
+                    }
+                    return unconfirmed(shared, delivery, &req, &err, traceparent.as_deref()).await;
+                }
+                err => {
+                    shared.gate.open();
+                    shared.metrics.request("upstream_rejected");
+                    let message = match &err {
+                        UpstreamError::Rejected {
+                            status,
+                            reason,
+                            message,
+                        } => rejected_message(*status, reason, message),
+                        other => other.to_string(),
+                    };
+                    tracing::info!(error = %message, "the upstream rejected the request");
+                    return refuse(
+                        shared,
+                        delivery,
+                        Refused {
+                            request_id: &req.request_id,
+                            metadata: req.metadata.as_deref(),
+                            code: FailureCode::UpstreamRejected,
+                            message: &message,
+                            traceparent: traceparent.as_deref(),
+                        },
+                    )
+                    .await;
+                }
+            },
         }
     };
     tracing::Span::current().record("task_id", task_id.as_str());
+    if !lease.alive() {
+        // The create was on the wire when the session was lost: the broker
+        // will redeliver the request. Record the task anyway (its ticket is
+        // published on the next session), and remember it so that a copy
+        // redelivered to this worker is not created again.
+        shared.metrics.create("accepted_after_delivery_lost");
+        tracing::warn!("the upstream accepted a task after the request's delivery was lost; recording it so the redelivered copy is not created again here");
+    }
     let disposition = record(shared, delivery, req, task_id, received_at, traceparent).await;
-    // Acknowledge while still holding the intake lock, so intake cannot be
-    // paused (its channel closed) between the create and this ack.
-    settle(delivery, disposition).await;
-    drop(intake_guard);
-    Disposition::Settled
+    if disposition == Disposition::Ack {
+        if let Some(guard) = remembered.as_mut() {
+            guard.recorded();
+        }
+    }
+    disposition
+}
+
+/// One create attempt: pacing and the quota first (unless the intake loop
+/// already took them for this request), then the call, which is sent only
+/// while the delivery is alive.
+async fn create_once(
+    shared: &Shared,
+    lease: &Lease,
+    req: &GenerationRequest,
+    traceparent: Option<&str>,
+    prepaid: bool,
+) -> Result<String, CreateError> {
+    if !prepaid {
+        take_slot(shared, lease).await?;
+    }
+    let sent_at = Instant::now();
+    let result = shared
+        .upstream
+        .create(&req.input, traceparent, &|| lease.alive())
+        .await;
+    let outcome = match &result {
+        Ok(_) => {
+            shared.pacer.on_accepted();
+            "accepted"
+        }
+        Err(UpstreamError::RateLimited { retry_after, .. }) => {
+            shared.pacer.on_rate_limited(sent_at, *retry_after);
+            "rate_limited"
+        }
+        Err(UpstreamError::NotSent) => {
+            return Err(CreateError::NotSent);
+        }
+        Err(UpstreamError::Unconfirmed { .. }) => "unconfirmed",
+        Err(UpstreamError::Transient { .. }) => "failed",
+        Err(_) => "rejected",
+    };
+    shared.metrics.create(outcome);
+    result.map_err(CreateError::Upstream)
+}
+
+/// Waits for the pacer and a quota slot before a retry, while the delivery
+/// is held (bounded by the retry budget).
+async fn take_slot(shared: &Shared, lease: &Lease) -> Result<(), CreateError> {
+    tokio::select! {
+        ready = shared.pacer.ready(&shared.shutdown) => {
+            if !ready {
+                return Err(CreateError::NotSent);
+            }
+        }
+        () = lease.lost() => return Err(CreateError::NotSent),
+    }
+    let Some(ledger) = &shared.ledger else {
+        return Ok(());
+    };
+    loop {
+        let Some(publisher) = shared.publisher() else {
+            return Err(CreateError::NotSent);
+        };
+        let claimed = tokio::select! {
+            claimed = ledger.claim(&publisher, &shared.metrics, &shared.shutdown) => claimed,
+            () = lease.lost() => return Err(CreateError::NotSent),
+        };
+        match claimed {
+            Ok(()) => return Ok(()),
+            Err(SlotError::Cancelled) => return Err(CreateError::NotSent),
+            Err(SlotError::Broker(e)) => {
+                // The session is probably going; the lease will tell.
+                tracing::debug!(error = %e, "could not claim a quota slot for a retry");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = lease.lost() => return Err(CreateError::NotSent),
+                }
+            }
+        }
+    }
+}
+
+/// The delivery was lost before its create was sent: nothing to do here,
+/// the broker has handed the request to someone else.
+fn abandoned(shared: &Shared) -> Disposition {
+    shared.metrics.create("not_sent");
+    tracing::debug!("the request's delivery was lost while it waited; not creating it");
+    Disposition::Abandon
+}
+
+/// An unreadable success: a task may exist and be billed, so the request
+/// is failed (`upstream_unconfirmed`) and dead-lettered, never created again.
+async fn unconfirmed(
+    shared: &Shared,
+    delivery: &Delivery,
+    req: &GenerationRequest,
+    err: &UpstreamError,
+    traceparent: Option<&str>,
+) -> Disposition {
+    shared.gate.open();
+    shared.metrics.request("upstream_unconfirmed");
+    let message = format!(
+        "{err}; a task may have been created and billed, so the request is not created again"
+    );
+    tracing::error!(error = %err, "the upstream's answer to a create has no readable task id; failing the request instead of creating it again");
+    refuse(
+        shared,
+        delivery,
+        Refused {
+            request_id: &req.request_id,
+            metadata: req.metadata.as_deref(),
+            code: FailureCode::UpstreamUnconfirmed,
+            message: &message,
+            traceparent,
+        },
+    )
+    .await
 }
 
 /// Records the ticket and the submitted event. This is the double-spend
@@ -408,6 +576,126 @@ pub fn continue_trace(incoming: &str) -> Option<String> {
     Some(format!("00-{trace_id}-{span_id:016x}-{flags}"))
 }
 
+/// Requests this worker created recently, by the producer's id.
+///
+/// A delivery lost while its create (or its acknowledgement) was on the
+/// wire is redelivered, often to this same worker once it has reconnected.
+/// The entry says that the request was created and tracked (skip it), or
+/// that its create is still running here (wait for it). Only ids the
+/// producer chose count (a generated id differs per delivery), only
+/// redelivered messages are matched, and entries live [`RECENT_TTL`].
+#[derive(Default)]
+pub(crate) struct RecentCreates {
+    state: Mutex<RecentState>,
+}
+
+#[derive(Default)]
+struct RecentState {
+    entries: HashMap<RequestId, Entry>,
+    recorded: VecDeque<(Instant, RequestId)>,
+}
+
+enum Entry {
+    InFlight(watch::Receiver<bool>),
+    Recorded,
+}
+
+/// What a request with a known id may do.
+pub(crate) enum Begin<'a> {
+    /// Create it (the guard, when there is one, registers the create).
+    Go(Option<CreateGuard<'a>>),
+    /// This worker created and tracks it already.
+    Recorded,
+}
+
+/// Registers one create in flight; on drop it is remembered as recorded
+/// (if [`CreateGuard::recorded`] was called) or forgotten.
+pub(crate) struct CreateGuard<'a> {
+    recent: &'a RecentCreates,
+    id: RequestId,
+    done: watch::Sender<bool>,
+    recorded: bool,
+}
+
+impl CreateGuard<'_> {
+    /// The task exists and its ticket is recorded (or the request must not
+    /// be created again for another reason).
+    pub(crate) fn recorded(&mut self) {
+        self.recorded = true;
+    }
+}
+
+impl Drop for CreateGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.recent.lock();
+        if self.recorded {
+            let now = Instant::now();
+            state.entries.insert(self.id.clone(), Entry::Recorded);
+            state.recorded.push_back((now, self.id.clone()));
+            state.trim(now);
+        } else {
+            state.entries.remove(&self.id);
+        }
+        drop(state);
+        let _ = self.done.send(true);
+    }
+}
+
+impl RecentState {
+    fn trim(&mut self, now: Instant) {
+        while let Some((at, id)) = self.recorded.front() {
+            let expired = now.saturating_duration_since(*at) >= RECENT_TTL
+                || self.recorded.len() > RECENT_CAPACITY;
+            if !expired {
+                break;
+            }
+            if matches!(self.entries.get(id), Some(Entry::Recorded)) {
+                self.entries.remove(id);
+            }
+            self.recorded.pop_front();
+        }
+    }
+}
+
+impl RecentCreates {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecentState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Looks `id` up before creating it. A redelivered request that this
+    /// worker is creating right now waits for that create to end.
+    pub(crate) async fn begin(&self, id: &RequestId, redelivered: bool) -> Begin<'_> {
+        let deadline = Instant::now() + RECENT_WAIT;
+        loop {
+            let mut waiting = {
+                let mut state = self.lock();
+                state.trim(Instant::now());
+                match state.entries.get(id) {
+                    Some(Entry::Recorded) if redelivered => return Begin::Recorded,
+                    Some(Entry::InFlight(rx)) if redelivered => rx.clone(),
+                    // Not a redelivery: a second message with the same id
+                    // is created as before, without taking over the entry.
+                    Some(_) => return Begin::Go(None),
+                    None => {
+                        let (done, rx) = watch::channel(false);
+                        state.entries.insert(id.clone(), Entry::InFlight(rx));
+                        return Begin::Go(Some(CreateGuard {
+                            recent: self,
+                            id: id.clone(),
+                            done,
+                            recorded: false,
+                        }));
+                    }
+                }
+            };
+            let finished = tokio::time::timeout_at(deadline, waiting.wait_for(|done| *done)).await;
+            if finished.is_err() {
+                return Begin::Go(None);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,5 +725,80 @@ mod tests {
         ] {
             assert_eq!(continue_trace(bad), None, "{bad}");
         }
+    }
+
+    fn id(s: &str) -> RequestId {
+        RequestId::parse(s).expect("id")
+    }
+
+    #[tokio::test]
+    async fn a_redelivered_copy_of_a_recorded_create_is_recognised() {
+        let recent = RecentCreates::default();
+        let Begin::Go(Some(mut guard)) = recent.begin(&id("r-1"), false).await else {
+            panic!("the first delivery creates");
+        };
+        guard.recorded();
+        drop(guard);
+        assert!(matches!(
+            recent.begin(&id("r-1"), true).await,
+            Begin::Recorded
+        ));
+        // A message that is not a redelivery is created as before.
+        assert!(matches!(
+            recent.begin(&id("r-1"), false).await,
+            Begin::Go(None)
+        ));
+        // Other ids are unaffected.
+        assert!(matches!(
+            recent.begin(&id("r-2"), true).await,
+            Begin::Go(Some(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failed_create_is_forgotten() {
+        let recent = RecentCreates::default();
+        let Begin::Go(Some(guard)) = recent.begin(&id("r-1"), false).await else {
+            panic!("creates");
+        };
+        drop(guard);
+        assert!(matches!(
+            recent.begin(&id("r-1"), true).await,
+            Begin::Go(Some(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_redelivered_copy_waits_for_the_create_in_flight() {
+        let recent = std::sync::Arc::new(RecentCreates::default());
+        let Begin::Go(Some(mut guard)) = recent.begin(&id("r-1"), false).await else {
+            panic!("creates");
+        };
+        let waiter = {
+            let recent = recent.clone();
+            tokio::spawn(
+                async move { matches!(recent.begin(&id("r-1"), true).await, Begin::Recorded) },
+            )
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished(), "waits while the create runs");
+        guard.recorded();
+        drop(guard);
+        assert!(waiter.await.expect("join"), "then sees it recorded");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire() {
+        let recent = RecentCreates::default();
+        let Begin::Go(Some(mut guard)) = recent.begin(&id("r-1"), false).await else {
+            panic!("creates");
+        };
+        guard.recorded();
+        drop(guard);
+        tokio::time::sleep(RECENT_TTL + Duration::from_secs(1)).await;
+        assert!(matches!(
+            recent.begin(&id("r-1"), true).await,
+            Begin::Go(Some(_))
+        ));
     }
 }

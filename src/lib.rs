@@ -13,6 +13,7 @@ pub mod gate;
 pub mod intake;
 pub mod metrics;
 pub mod ops;
+pub mod quota;
 pub mod request;
 pub mod retry;
 pub mod simulator;

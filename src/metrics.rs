@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -44,6 +46,22 @@ pub struct PollLabels {
     pub result: &'static str,
 }
 
+/// Labels of `creates_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CreateLabels {
+    /// `accepted`, `rate_limited`, `rejected`, `failed`, `unconfirmed`,
+    /// `not_sent`, `accepted_after_delivery_lost`.
+    pub outcome: &'static str,
+}
+
+/// Labels of `create_waits_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaitLabels {
+    /// `quota` (the deployment's window was full), `pause` (after a 429),
+    /// `pace` (the learned rate).
+    pub reason: &'static str,
+}
+
 /// The worker's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -65,6 +83,11 @@ struct Inner {
     upstream_refusing_key: Gauge,
     upstream_paused: Gauge,
     untracked_tasks: Counter,
+    creates: Family<CreateLabels, Counter>,
+    create_waits: Family<WaitLabels, Counter>,
+    create_rate_permitted: Gauge<f64, AtomicU64>,
+    request_hold: Histogram,
+    quota_slots_unused: Counter,
 }
 
 impl Default for Metrics {
@@ -158,6 +181,38 @@ impl Metrics {
             "Upstream tasks created whose tracking ticket could not be recorded",
             untracked_tasks.clone(),
         );
+        let creates = Family::<CreateLabels, Counter>::default();
+        registry.register(
+            "creates",
+            "Create calls (the paid step), by outcome",
+            creates.clone(),
+        );
+        let create_waits = Family::<WaitLabels, Counter>::default();
+        registry.register(
+            "create_waits",
+            "Times a create waited before a request was taken or retried: for the deployment's quota window, a 429 pause, or the learned rate",
+            create_waits.clone(),
+        );
+        let create_rate_permitted = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "create_rate_permitted",
+            "Creates per second permitted: the configured quota (whole deployment), the rate learned from 429s (this worker), or +Inf",
+            create_rate_permitted.clone(),
+        );
+        let request_hold = Histogram::new([
+            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+        ]);
+        registry.register(
+            "request_hold_seconds",
+            "Seconds a request message was held unacknowledged by this worker",
+            request_hold.clone(),
+        );
+        let quota_slots_unused = Counter::default();
+        registry.register(
+            "quota_slots_unused",
+            "Quota slots claimed for a request that another worker took first",
+            quota_slots_unused.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
@@ -174,6 +229,11 @@ impl Metrics {
                 upstream_refusing_key,
                 upstream_paused,
                 untracked_tasks,
+                creates,
+                create_waits,
+                create_rate_permitted,
+                request_hold,
+                quota_slots_unused,
             }),
         }
     }
@@ -258,6 +318,38 @@ impl Metrics {
     /// Counts a task created upstream whose ticket was lost.
     pub fn untracked_task(&self) {
         self.inner.untracked_tasks.inc();
+    }
+
+    /// Counts a create call by outcome.
+    pub fn create(&self, outcome: &'static str) {
+        self.inner
+            .creates
+            .get_or_create(&CreateLabels { outcome })
+            .inc();
+    }
+
+    /// Counts a wait before a create.
+    pub fn create_wait(&self, reason: &'static str) {
+        self.inner
+            .create_waits
+            .get_or_create(&WaitLabels { reason })
+            .inc();
+    }
+
+    /// Sets the permitted create rate (creates per second; infinity when
+    /// no limit is known).
+    pub fn set_create_rate_permitted(&self, per_second: f64) {
+        self.inner.create_rate_permitted.set(per_second);
+    }
+
+    /// Records how long a request message was held.
+    pub fn observe_hold(&self, seconds: f64) {
+        self.inner.request_hold.observe(seconds);
+    }
+
+    /// Counts a quota slot claimed in vain.
+    pub fn quota_slot_unused(&self) {
+        self.inner.quota_slots_unused.inc();
     }
 }
 

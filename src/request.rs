@@ -124,11 +124,25 @@ pub struct ViduInput {
     pub wm_position: Option<String>,
 }
 
+/// Where a request's id came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdSource {
+    /// The body's `request_id`.
+    Body,
+    /// The AMQP `message_id`.
+    MessageId,
+    /// Generated: the request named none, so a redelivered copy gets
+    /// another id and cannot be recognised.
+    Generated,
+}
+
 /// A request that passed every check.
 #[derive(Debug, Clone)]
 pub struct GenerationRequest {
     /// The id events carry as `subject`.
     pub request_id: RequestId,
+    /// Where the id came from.
+    pub id_source: IdSource,
     /// The model; always [`MODEL`] today.
     pub model: &'static str,
     /// The upstream request body.
@@ -138,6 +152,12 @@ pub struct GenerationRequest {
 }
 
 impl GenerationRequest {
+    /// The id, when the producer chose it (so a redelivered copy of this
+    /// message carries the same one).
+    pub fn stable_id(&self) -> Option<&RequestId> {
+        (self.id_source != IdSource::Generated).then_some(&self.request_id)
+    }
+
     /// Whether the upstream may take up to 48 h.
     pub fn off_peak(&self) -> bool {
         self.input.off_peak.unwrap_or(false)
@@ -240,12 +260,15 @@ impl Ctx<'_> {
             },
             _ => None,
         };
-        let request_id = match request_id {
-            Some(id) => id,
+        let (request_id, id_source) = match request_id {
+            Some(id) => (id, IdSource::Body),
             None => match self.props.message_id {
-                Some(mid) => RequestId::parse(mid)
-                    .map_err(|m| problem("message_id", format!("(used as request_id) {m}")))?,
-                None => RequestId::generate(),
+                Some(mid) => (
+                    RequestId::parse(mid)
+                        .map_err(|m| problem("message_id", format!("(used as request_id) {m}")))?,
+                    IdSource::MessageId,
+                ),
+                None => (RequestId::generate(), IdSource::Generated),
             },
         };
         self.request_id = Some(request_id.clone());
@@ -307,6 +330,7 @@ impl Ctx<'_> {
 
         Ok(GenerationRequest {
             request_id,
+            id_source,
             model,
             input,
             metadata: self.metadata.take(),

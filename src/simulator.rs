@@ -65,6 +65,10 @@ const DEFAULT_HANG: Duration = Duration::from_secs(300);
 const GARBAGE_BODY: &str = "<html>upstream proxy error</html>";
 /// Width of the window behind `max_calls_in_any_second`.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
+/// Most calls the call log keeps (the oldest are dropped).
+const CALL_LOG_CAPACITY: usize = 100_000;
+/// Longest prompt or task id kept per call in the call log.
+const CALL_LOG_PROMPT_CHARS: usize = 200;
 /// Top-level fields the create endpoint accepts.
 const KNOWN_FIELDS: &[&str] = &[
     "images",
@@ -101,6 +105,9 @@ pub struct SimulatorConfig {
     pub eta: EtaMode,
     /// Seconds put in `video_url_ttl` (as a string), default 3600.
     pub video_url_ttl: u64,
+    /// The account's create quota at start (none: unlimited); see
+    /// [`Simulator::set_quota`].
+    pub quota: Option<AccountQuota>,
 }
 
 impl Default for SimulatorConfig {
@@ -110,8 +117,50 @@ impl Default for SimulatorConfig {
             generation_time: Duration::from_secs(3),
             eta: EtaMode::Honest,
             video_url_ttl: 3600,
+            quota: None,
         }
     }
+}
+
+/// An account's create quota, as Novita counts it per key: at most
+/// `creates` accepted creates in any sliding `window`; a create beyond it is
+/// answered 429 `RATE_LIMIT_EXCEEDED` with a `Retry-After` of the whole
+/// seconds until the oldest create leaves the window. Serialized as
+/// `{"creates": 40, "window": "60s"}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountQuota {
+    /// Creates admitted per window (at least 1).
+    pub creates: u32,
+    /// Width of the sliding window.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl AccountQuota {
+    /// `creates` per minute.
+    pub fn per_minute(creates: u32) -> Self {
+        Self {
+            creates,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One API call in the call log (`GET /sim/calls`), oldest first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// Milliseconds from the simulator's start (or last reset) to the
+    /// call's arrival.
+    pub at_ms: u64,
+    /// `create` or `poll`.
+    pub endpoint: String,
+    /// The answer: an HTTP status (`"200"`, `"429"`), or `hang`, `garbage`,
+    /// `drop`, `accept-then-drop`, `accept-then-garbage`.
+    pub outcome: String,
+    /// Polls: the task asked for; creates: the task created, if any.
+    pub task_id: Option<String>,
+    /// Creates: the request's prompt (first 200 characters).
+    pub prompt: Option<String>,
 }
 
 impl fmt::Debug for SimulatorConfig {
@@ -121,6 +170,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("generation_time", &self.generation_time)
             .field("eta", &self.eta)
             .field("video_url_ttl", &self.video_url_ttl)
+            .field("quota", &self.quota)
             .finish()
     }
 }
@@ -156,7 +206,7 @@ pub enum AuthMode {
 
 /// One injected fault. Serialized as a string: `"429"`, `"429:<secs>"`,
 /// `"500"`, `"502"`, `"503"`, `"504"`, `"hang"`, `"hang:<duration>"`,
-/// `"garbage"`, `"drop"`, `"accept-then-drop"`.
+/// `"garbage"`, `"drop"`, `"accept-then-drop"`, `"accept-then-garbage"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// 429 `RATE_LIMIT_EXCEEDED` with a `Retry-After: <secs>` header.
@@ -177,6 +227,10 @@ pub enum Fault {
     /// aborted, so the caller never learns the task id. On polls it acts as
     /// [`Fault::Drop`].
     AcceptThenDrop,
+    /// Create only: the task IS created (and billed), then the answer is
+    /// HTTP 200 with an HTML body instead of the task id (an unreadable
+    /// success). On polls it acts as [`Fault::Garbage`].
+    AcceptThenGarbage,
 }
 
 impl fmt::Display for Fault {
@@ -192,6 +246,7 @@ impl fmt::Display for Fault {
             Self::Garbage => f.write_str("garbage"),
             Self::Drop => f.write_str("drop"),
             Self::AcceptThenDrop => f.write_str("accept-then-drop"),
+            Self::AcceptThenGarbage => f.write_str("accept-then-garbage"),
         }
     }
 }
@@ -200,7 +255,7 @@ impl fmt::Display for Fault {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "invalid fault {input:?}: expected 429, 429:<secs>, 500, 502, 503, 504, hang, \
-     hang:<duration>, garbage, drop or accept-then-drop"
+     hang:<duration>, garbage, drop, accept-then-drop or accept-then-garbage"
 )]
 pub struct FaultParseError {
     input: String,
@@ -226,6 +281,7 @@ impl FromStr for Fault {
             "garbage" => Self::Garbage,
             "drop" => Self::Drop,
             "accept-then-drop" => Self::AcceptThenDrop,
+            "accept-then-garbage" => Self::AcceptThenGarbage,
             _ => {
                 if let Some(secs) = s.strip_prefix("429:") {
                     Self::RateLimited {
@@ -363,6 +419,7 @@ pub struct Simulator {
 struct Inner {
     config: SimulatorConfig,
     auth: Mutex<AuthMode>,
+    quota: Mutex<Option<AccountQuota>>,
     faults: Mutex<FaultState>,
     state: Mutex<SimState>,
 }
@@ -387,6 +444,7 @@ impl Simulator {
     pub fn new(config: SimulatorConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
+                quota: Mutex::new(config.quota),
                 config,
                 auth: Mutex::new(AuthMode::Accept),
                 faults: Mutex::new(FaultState::default()),
@@ -419,6 +477,13 @@ impl Simulator {
                     .delete(admin_delete_faults),
             )
             .route("/sim/auth", get(admin_get_auth).put(admin_put_auth))
+            .route(
+                "/sim/quota",
+                get(admin_get_quota)
+                    .put(admin_put_quota)
+                    .delete(admin_delete_quota),
+            )
+            .route("/sim/calls", get(admin_calls))
             .route("/sim/reset", post(admin_reset))
             .route("/sim/tasks", get(admin_tasks))
             .route("/sim/tasks/{task_id}", get(admin_task))
@@ -488,6 +553,28 @@ impl Simulator {
         *lock(&self.inner.auth)
     }
 
+    /// Sets (or with `None` removes) the account's create quota. The
+    /// window's history is kept, so a quota set mid-run counts the creates
+    /// already made.
+    pub fn set_quota(&self, quota: Option<AccountQuota>) {
+        *lock(&self.inner.quota) = quota;
+    }
+
+    /// The account's create quota, if any.
+    pub fn quota(&self) -> Option<AccountQuota> {
+        *lock(&self.inner.quota)
+    }
+
+    /// The call log, oldest first (at most the last 100,000 calls).
+    pub fn calls(&self) -> Vec<CallRecord> {
+        lock(&self.inner.state)
+            .calls
+            .records
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// Forgets all tasks and zeroes all counters (faults and auth mode stay).
     pub fn reset(&self) {
         *lock(&self.inner.state) = SimState::default();
@@ -525,48 +612,64 @@ impl Simulator {
         body: Result<Bytes, BytesRejection>,
         release: &CancellationToken,
     ) -> Response {
+        let mut call = Call::arrive(Endpoint::Create);
         self.note_arrival(Endpoint::Create);
-        if let Some(resp) = self.check_auth(Endpoint::Create, headers) {
-            return self.finish(Endpoint::Create, resp);
+        // Read the body first (cheaply) so the call log can name the request;
+        // its problems are answered after auth, quota and faults, as before.
+        let parsed = match &body {
+            Ok(body) => validate_create_body(body),
+            Err(rejection) => Err(rejection.body_text()),
+        };
+        if let Ok(request) = &parsed {
+            call.prompt = request
+                .get("prompt")
+                .and_then(Value::as_str)
+                .map(|p| p.chars().take(CALL_LOG_PROMPT_CHARS).collect());
         }
-        let accept_then_drop = match self.next_fault(Endpoint::Create) {
-            Some(Fault::AcceptThenDrop) => true,
-            Some(fault) => return self.serve_fault(Endpoint::Create, fault, release).await,
-            None => false,
+        if let Some(resp) = self.check_auth(Endpoint::Create, headers) {
+            return self.finish(&call, resp);
+        }
+        if let Some(resp) = self.check_quota(headers) {
+            return self.finish(&call, resp);
+        }
+        let after = match self.next_fault(Endpoint::Create) {
+            Some(Fault::AcceptThenDrop) => AfterCreate::Drop,
+            Some(Fault::AcceptThenGarbage) => AfterCreate::Garbage,
+            Some(fault) => return self.serve_fault(&call, fault, release).await,
+            None => AfterCreate::Answer,
         };
-        let body = match body {
-            Ok(body) => body,
-            Err(rejection) => {
-                let resp = api_error(
-                    StatusCode::BAD_REQUEST,
-                    "INVALID_REQUEST_BODY",
-                    &rejection.body_text(),
-                );
-                return self.finish(Endpoint::Create, resp);
-            }
-        };
-        let request = match validate_create_body(&body) {
+        let request = match parsed {
             Ok(request) => request,
             Err(message) => {
                 let resp = api_error(StatusCode::BAD_REQUEST, "INVALID_REQUEST_BODY", &message);
-                return self.finish(Endpoint::Create, resp);
+                return self.finish(&call, resp);
             }
         };
         let prompt = request.get("prompt").and_then(Value::as_str).unwrap_or("");
         let directives = parse_directives(prompt);
         if let Some(message) = &directives.reject {
             let resp = api_error(StatusCode::BAD_REQUEST, "ILLEGAL_PROMPT", message);
-            return self.finish(Endpoint::Create, resp);
+            return self.finish(&call, resp);
         }
         let task_id = self.create_task(&request, directives);
-        if accept_then_drop {
-            debug!(%task_id, "sim: task created, dropping the connection");
-            self.record(Endpoint::Create, Outcome::AcceptThenDrop);
-            return drop_connection();
+        call.task_id = Some(task_id.to_string());
+        match after {
+            AfterCreate::Drop => {
+                debug!(%task_id, "sim: task created, dropping the connection");
+                self.record(&call, Outcome::AcceptThenDrop);
+                drop_connection()
+            }
+            AfterCreate::Garbage => {
+                debug!(%task_id, "sim: task created, answering garbage");
+                self.record(&call, Outcome::AcceptThenGarbage);
+                garbage_response()
+            }
+            AfterCreate::Answer => {
+                debug!(%task_id, "sim: task created");
+                let resp = Json(json!({ "task_id": task_id.to_string() })).into_response();
+                self.finish(&call, resp)
+            }
         }
-        debug!(%task_id, "sim: task created");
-        let resp = Json(json!({ "task_id": task_id.to_string() })).into_response();
-        self.finish(Endpoint::Create, resp)
     }
 
     async fn poll(
@@ -575,24 +678,28 @@ impl Simulator {
         query: Result<Query<HashMap<String, String>>, QueryRejection>,
         release: &CancellationToken,
     ) -> Response {
+        let mut call = Call::arrive(Endpoint::Poll);
         self.note_arrival(Endpoint::Poll);
-        if let Some(resp) = self.check_auth(Endpoint::Poll, headers) {
-            return self.finish(Endpoint::Poll, resp);
-        }
-        if let Some(fault) = self.next_fault(Endpoint::Poll) {
-            return self.serve_fault(Endpoint::Poll, fault, release).await;
-        }
         let task_id = query
             .ok()
             .and_then(|Query(mut q)| q.remove("task_id"))
             .filter(|id| !id.is_empty());
+        call.task_id = task_id
+            .as_deref()
+            .map(|t| t.chars().take(CALL_LOG_PROMPT_CHARS).collect());
+        if let Some(resp) = self.check_auth(Endpoint::Poll, headers) {
+            return self.finish(&call, resp);
+        }
+        if let Some(fault) = self.next_fault(Endpoint::Poll) {
+            return self.serve_fault(&call, fault, release).await;
+        }
         let Some(task_id) = task_id else {
             let resp = api_error(
                 StatusCode::BAD_REQUEST,
                 "INVALID_REQUEST_BODY",
                 "query parameter `task_id` is required",
             );
-            return self.finish(Endpoint::Poll, resp);
+            return self.finish(&call, resp);
         };
         let now = Instant::now();
         let snapshot = Uuid::parse_str(&task_id)
@@ -606,7 +713,7 @@ impl Simulator {
             ),
             Some(snap) => self.task_result(&task_id, &snap, now),
         };
-        self.finish(Endpoint::Poll, resp)
+        self.finish(&call, resp)
     }
 
     fn task_result(&self, task_id: &str, snap: &TaskSnapshot, now: Instant) -> Response {
@@ -734,12 +841,7 @@ impl Simulator {
     }
 
     fn key_ok(&self, headers: &HeaderMap) -> bool {
-        let key = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, key)| key.trim());
+        let key = bearer_key(headers);
         match (key, &self.inner.config.api_key) {
             (None, _) => false,
             (Some(""), _) => false,
@@ -758,10 +860,11 @@ impl Simulator {
 
     async fn serve_fault(
         &self,
-        endpoint: Endpoint,
+        call: &Call,
         fault: Fault,
         release: &CancellationToken,
     ) -> Response {
+        let endpoint = call.endpoint;
         debug!(endpoint = endpoint.name(), %fault, "sim: serving fault");
         match fault {
             Fault::RateLimited { retry_after_secs } => {
@@ -772,7 +875,7 @@ impl Simulator {
                 );
                 resp.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-                self.finish(endpoint, resp)
+                self.finish(call, resp)
             }
             Fault::ServerError(code) => {
                 let status = StatusCode::from_u16(code)
@@ -786,10 +889,10 @@ impl Simulator {
                     (_, Endpoint::Create) => ("CREATE_TASK_FAILED", "failed to create task"),
                     (_, Endpoint::Poll) => ("GET_RESULT_FAILED", "failed to get task result"),
                 };
-                self.finish(endpoint, api_error(status, reason, message))
+                self.finish(call, api_error(status, reason, message))
             }
             Fault::Hang(duration) => {
-                self.record(endpoint, Outcome::Hang);
+                self.record(call, Outcome::Hang);
                 tokio::select! {
                     () = tokio::time::sleep(duration.unwrap_or(DEFAULT_HANG)) => {}
                     () = release.cancelled() => {}
@@ -800,15 +903,12 @@ impl Simulator {
                     "upstream timed out",
                 )
             }
-            Fault::Garbage => {
-                self.record(endpoint, Outcome::Garbage);
-                let mut resp = Response::new(Body::from(GARBAGE_BODY));
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-                resp
+            Fault::Garbage | Fault::AcceptThenGarbage => {
+                self.record(call, Outcome::Garbage);
+                garbage_response()
             }
             Fault::Drop | Fault::AcceptThenDrop => {
-                self.record(endpoint, Outcome::Drop);
+                self.record(call, Outcome::Drop);
                 drop_connection()
             }
         }
@@ -857,17 +957,56 @@ impl Simulator {
         state.window.record(now);
     }
 
-    fn record(&self, endpoint: Endpoint, outcome: Outcome) {
+    fn record(&self, call: &Call, outcome: Outcome) {
+        let endpoint = call.endpoint;
         debug!(endpoint = endpoint.name(), %outcome, "sim: answered");
-        *lock(&self.inner.state)
-            .responses
-            .entry((endpoint, outcome))
-            .or_default() += 1;
+        let mut state = lock(&self.inner.state);
+        *state.responses.entry((endpoint, outcome)).or_default() += 1;
+        let at_ms = call
+            .at
+            .saturating_duration_since(state.started)
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX);
+        state.calls.push(CallRecord {
+            at_ms,
+            endpoint: endpoint.name().to_owned(),
+            outcome: outcome.to_string(),
+            task_id: call.task_id.clone(),
+            prompt: call.prompt.clone(),
+        });
     }
 
-    fn finish(&self, endpoint: Endpoint, resp: Response) -> Response {
-        self.record(endpoint, Outcome::Status(resp.status().as_u16()));
+    fn finish(&self, call: &Call, resp: Response) -> Response {
+        self.record(call, Outcome::Status(resp.status().as_u16()));
         resp
+    }
+
+    /// Applies the account quota to a create that passed auth: a create
+    /// beyond `creates` in the sliding window is answered 429 with the
+    /// seconds until the oldest one leaves the window.
+    fn check_quota(&self, headers: &HeaderMap) -> Option<Response> {
+        let quota = (*lock(&self.inner.quota))?;
+        let key = bearer_key(headers).unwrap_or_default().to_owned();
+        let now = Instant::now();
+        let wait = lock(&self.inner.state)
+            .quota_log
+            .entry(key)
+            .or_default()
+            .admit(now, quota)?;
+        let secs = ceil_secs(wait).max(1);
+        let mut resp = api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMIT_EXCEEDED",
+            &format!(
+                "rate limit exceeded: {} creates per {}",
+                quota.creates,
+                humantime::format_duration(quota.window)
+            ),
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        Some(resp)
     }
 }
 
@@ -922,6 +1061,16 @@ impl RunningSimulator {
     /// Sets how credentials are treated.
     pub fn set_auth(&self, mode: AuthMode) {
         self.sim.set_auth(mode);
+    }
+
+    /// Sets or removes the account's create quota.
+    pub fn set_quota(&self, quota: Option<AccountQuota>) {
+        self.sim.set_quota(quota);
+    }
+
+    /// The call log, oldest first.
+    pub fn calls(&self) -> Vec<CallRecord> {
+        self.sim.calls()
     }
 
     /// Forgets all tasks and zeroes all counters.
@@ -1018,6 +1167,32 @@ async fn admin_put_auth(State(app): State<AppState>, body: Bytes) -> Response {
     }
 }
 
+async fn admin_get_quota(State(app): State<AppState>) -> Json<Option<AccountQuota>> {
+    Json(app.sim.quota())
+}
+
+async fn admin_put_quota(State(app): State<AppState>, body: Bytes) -> Response {
+    match serde_json::from_slice::<AccountQuota>(&body) {
+        Ok(quota) if quota.creates >= 1 && !quota.window.is_zero() => {
+            info!(?quota, "sim: account quota set");
+            app.sim.set_quota(Some(quota));
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(_) => bad_admin_body("creates must be at least 1 and window longer than zero"),
+        Err(e) => bad_admin_body(&e.to_string()),
+    }
+}
+
+async fn admin_delete_quota(State(app): State<AppState>) -> StatusCode {
+    info!("sim: account quota removed");
+    app.sim.set_quota(None);
+    StatusCode::NO_CONTENT
+}
+
+async fn admin_calls(State(app): State<AppState>) -> Json<Vec<CallRecord>> {
+    Json(app.sim.calls())
+}
+
 async fn admin_reset(State(app): State<AppState>) -> StatusCode {
     info!("sim: reset");
     app.sim.reset();
@@ -1074,9 +1249,79 @@ fn drop_connection() -> Response {
     Response::new(Body::from_stream(stream))
 }
 
+/// HTTP 200 with an HTML body: a proxy's error page where JSON was expected.
+fn garbage_response() -> Response {
+    let mut resp = Response::new(Body::from(GARBAGE_BODY));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp
+}
+
+/// The key of an `Authorization: Bearer KEY` header.
+fn bearer_key(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
+}
+
 // ---------------------------------------------------------------------------
 // Internal state
 // ---------------------------------------------------------------------------
+
+/// One API call as it is handled: what the call log records of it.
+struct Call {
+    endpoint: Endpoint,
+    at: Instant,
+    prompt: Option<String>,
+    task_id: Option<String>,
+}
+
+impl Call {
+    fn arrive(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            at: Instant::now(),
+            prompt: None,
+            task_id: None,
+        }
+    }
+}
+
+/// What a create does once the task exists.
+enum AfterCreate {
+    Answer,
+    Drop,
+    Garbage,
+}
+
+/// The accepted creates of one key in the quota's sliding window.
+#[derive(Default)]
+struct QuotaLog {
+    accepted: VecDeque<Instant>,
+}
+
+impl QuotaLog {
+    /// Admits a create at `now` (`None`), or says how long until one
+    /// would be admitted.
+    fn admit(&mut self, now: Instant, quota: AccountQuota) -> Option<Duration> {
+        while let Some(&front) = self.accepted.front() {
+            if now.saturating_duration_since(front) >= quota.window {
+                self.accepted.pop_front();
+            } else {
+                break;
+            }
+        }
+        if self.accepted.len() < quota.creates as usize {
+            self.accepted.push_back(now);
+            return None;
+        }
+        let oldest = self.accepted.front().copied().unwrap_or(now);
+        Some((oldest + quota.window).saturating_duration_since(now))
+    }
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -1104,6 +1349,7 @@ enum Outcome {
     Garbage,
     Drop,
     AcceptThenDrop,
+    AcceptThenGarbage,
 }
 
 impl fmt::Display for Outcome {
@@ -1114,11 +1360,11 @@ impl fmt::Display for Outcome {
             Self::Garbage => f.write_str("garbage"),
             Self::Drop => f.write_str("drop"),
             Self::AcceptThenDrop => f.write_str("accept-then-drop"),
+            Self::AcceptThenGarbage => f.write_str("accept-then-garbage"),
         }
     }
 }
 
-#[derive(Default)]
 struct SimState {
     tasks: HashMap<Uuid, TaskRecord>,
     body_hashes: HashSet<u64>,
@@ -1130,6 +1376,44 @@ struct SimState {
     max_polls_per_task: u64,
     responses: HashMap<(Endpoint, Outcome), u64>,
     window: SlidingWindow,
+    started: Instant,
+    calls: CallLog,
+    quota_log: HashMap<String, QuotaLog>,
+}
+
+impl Default for SimState {
+    fn default() -> Self {
+        Self {
+            tasks: HashMap::new(),
+            body_hashes: HashSet::new(),
+            create_calls: 0,
+            tasks_created: 0,
+            duplicate_creates: 0,
+            poll_calls: 0,
+            task_polls: 0,
+            max_polls_per_task: 0,
+            responses: HashMap::new(),
+            window: SlidingWindow::default(),
+            started: Instant::now(),
+            calls: CallLog::default(),
+            quota_log: HashMap::new(),
+        }
+    }
+}
+
+/// The most recent API calls, oldest dropped first.
+#[derive(Default)]
+struct CallLog {
+    records: VecDeque<CallRecord>,
+}
+
+impl CallLog {
+    fn push(&mut self, record: CallRecord) {
+        if self.records.len() >= CALL_LOG_CAPACITY {
+            self.records.pop_front();
+        }
+        self.records.push_back(record);
+    }
 }
 
 impl SimState {
@@ -2158,6 +2442,103 @@ mod tests {
         assert_eq!(stats.tasks_created, 2);
         assert_eq!(stats.duplicate_creates, 1);
         assert_eq!(sim.tasks_matching("request-id 1234").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn accept_then_garbage_bills_a_task_and_answers_html() {
+        let c = client();
+        let sim = start(Duration::ZERO).await;
+        sim.set_faults(plan_for(vec![f("accept-then-garbage")], vec![]));
+        let resp = create(&c, &sim, &body("unreadable success")).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.text().await.expect("text"), GARBAGE_BODY);
+        let stats = sim.stats();
+        assert_eq!(stats.tasks_created, 1);
+        assert_eq!(stats.answered("create:accept-then-garbage"), 1);
+        let calls = sim.calls();
+        assert_eq!(calls.len(), 1);
+        assert!(calls[0].task_id.is_some(), "{calls:?}");
+    }
+
+    #[tokio::test]
+    async fn the_account_quota_is_a_sliding_window_per_key() {
+        let c = client();
+        let sim = Simulator::start(SimulatorConfig {
+            api_key: None,
+            quota: Some(AccountQuota {
+                creates: 3,
+                window: Duration::from_millis(1500),
+            }),
+            ..config(Duration::ZERO)
+        })
+        .await
+        .expect("start");
+        let send = |key: &'static str| {
+            let c = c.clone();
+            let url = format!("{}{CREATE_PATH}", sim.base_url());
+            async move {
+                c.post(url)
+                    .bearer_auth(key)
+                    .json(&body("quota"))
+                    .send()
+                    .await
+                    .expect("send")
+            }
+        };
+        for _ in 0..3 {
+            assert_eq!(send("key-a").await.status(), 200);
+        }
+        let refused = send("key-a").await;
+        assert_eq!(refused.status(), 429);
+        assert_eq!(
+            refused.headers()[header::RETRY_AFTER]
+                .to_str()
+                .expect("ascii"),
+            "2",
+            "whole seconds until the oldest create leaves the window"
+        );
+        let (_, v) = error_body(refused).await;
+        assert_eq!(v["reason"], "RATE_LIMIT_EXCEEDED");
+        // Another key has a quota of its own.
+        assert_eq!(send("key-b").await.status(), 200);
+        assert_eq!(sim.stats().tasks_created, 4);
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        assert_eq!(send("key-a").await.status(), 200, "the window moved on");
+        // Removing the quota admits everything.
+        sim.set_quota(None);
+        for _ in 0..5 {
+            assert_eq!(send("key-a").await.status(), 200);
+        }
+        let outcomes: Vec<String> = sim.calls().into_iter().map(|c| c.outcome).collect();
+        assert_eq!(outcomes.iter().filter(|o| *o == "429").count(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_call_log_names_each_call() {
+        let c = client();
+        let sim = start(Duration::ZERO).await;
+        let id = create_id(&c, &sim, "logged request 7").await;
+        poll_json(&c, &sim, &id).await;
+        let calls = sim.calls();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[0].endpoint, "create");
+        assert_eq!(calls[0].outcome, "200");
+        assert_eq!(calls[0].prompt.as_deref(), Some("logged request 7"));
+        assert_eq!(calls[0].task_id.as_deref(), Some(id.as_str()));
+        assert_eq!(calls[1].endpoint, "poll");
+        assert_eq!(calls[1].task_id.as_deref(), Some(id.as_str()));
+        assert!(calls[1].at_ms >= calls[0].at_ms);
+        let admin: Vec<CallRecord> = c
+            .get(format!("{}/sim/calls", sim.base_url()))
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(admin, calls);
+        sim.reset();
+        assert!(sim.calls().is_empty());
     }
 
     #[tokio::test]

@@ -150,9 +150,11 @@ async fn publish_and_wait(
     request_id: &str,
 ) -> Result<ExitCode, String> {
     let topology = Topology::new(settings);
-    let conn = broker::connect(settings, "submit")
-        .await
-        .map_err(|e| e.to_string())?;
+    let conn = std::sync::Arc::new(
+        broker::connect(settings, "submit")
+            .await
+            .map_err(|e| e.to_string())?,
+    );
     topology.declare(&conn).await.map_err(|e| e.to_string())?;
 
     // Listen before publishing, so no event can slip past.
@@ -164,7 +166,9 @@ async fn publish_and_wait(
         events_stream = Some(consumer);
     }
 
-    let publisher = Publisher::open(&conn).await.map_err(|e| e.to_string())?;
+    let publisher = Publisher::open(conn.clone())
+        .await
+        .map_err(|e| e.to_string())?;
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)

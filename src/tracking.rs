@@ -38,6 +38,9 @@ pub const MAX_NOT_FOUND: u32 = 5;
 pub const NOT_FOUND_GRACE: Duration = Duration::from_secs(60);
 /// Consecutive non-retryable poll errors after which the task is given up.
 pub const MAX_POLL_REJECTIONS: u32 = 10;
+/// How long a ticket is held while the broker refuses its next copy or its
+/// terminal event, retrying, before the worker gives up on this delivery.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Everything needed to finish one request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,7 +169,7 @@ pub(crate) async fn handle(shared: &Shared, delivery: &Delivery) -> Disposition 
         Err(e) => {
             tracing::warn!(error = %e, "dead-lettering a message on the tracking queue that is not a ticket");
             let why = format!("not a tracking ticket: {e}");
-            return match shared.dead_letter(delivery, &why).await {
+            return match shared.dead_letter(delivery, &why, None).await {
                 Ok(()) => Disposition::Ack,
                 Err(_) => Disposition::Requeue,
             };
@@ -189,7 +192,7 @@ pub(crate) async fn handle(shared: &Shared, delivery: &Delivery) -> Disposition 
         .unwrap_or(Duration::ZERO);
     if shared.topology.wait_queue_for(remaining).is_some() {
         // Not due for a while: another hop.
-        return settle(park(shared, &ticket).await);
+        return park_patiently(shared, &ticket).await;
     }
     if !remaining.is_zero() {
         // Due within the shortest tier: wait here, holding the ticket.
@@ -211,7 +214,7 @@ pub(crate) async fn handle(shared: &Shared, delivery: &Delivery) -> Disposition 
             .saturating_duration_since(tokio::time::Instant::now())
             .clamp(Duration::from_secs(1), Duration::from_secs(60));
         ticket.next_poll_at = now + to_chrono(wait);
-        return settle(park(shared, &ticket).await);
+        return park_patiently(shared, &ticket).await;
     }
 
     let result = shared
@@ -230,8 +233,14 @@ pub(crate) async fn handle(shared: &Shared, delivery: &Delivery) -> Disposition 
     }
 }
 
-fn settle(r: Result<(), broker::PublishError>) -> Disposition {
-    match r {
+/// Parks the ticket's next copy, retrying while the broker refuses it (the
+/// ticket stays held meanwhile, so the task is not polled again); hands it
+/// back only when that lasts longer than [`PUBLISH_PATIENCE`].
+async fn park_patiently(shared: &Shared, ticket: &Ticket) -> Disposition {
+    match shared
+        .patiently(PUBLISH_PATIENCE, || park(shared, ticket))
+        .await
+    {
         Ok(()) => Disposition::Ack,
         Err(e) => {
             tracing::warn!(error = %e, "could not park the ticket; handing it back");
@@ -284,12 +293,17 @@ async fn on_result(shared: &Shared, mut ticket: Ticket, result: TaskResult) -> D
                     };
                     let event =
                         events::build(&shared.settings.events.source, &ticket.context(), &kind);
-                    if let Err(e) = shared.publish_event(&event).await {
-                        tracing::warn!(error = %e, "could not publish a progress event; handing the ticket back");
-                        return Disposition::Requeue;
+                    match shared.publish_event(&event).await {
+                        Ok(()) => {
+                            ticket.last_status = Some(name.to_owned());
+                            ticket.last_progress = result.progress_percent;
+                        }
+                        // Not worth holding the ticket for: the next poll
+                        // tries again (the ticket still has the old state).
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not publish a progress event; trying again at the next poll");
+                        }
                     }
-                    ticket.last_status = Some(name.to_owned());
-                    ticket.last_progress = result.progress_percent;
                 }
             }
             let age = (now - ticket.submitted_at)
@@ -297,7 +311,7 @@ async fn on_result(shared: &Shared, mut ticket: Ticket, result: TaskResult) -> D
                 .unwrap_or(Duration::ZERO);
             let delay = next_delay(&shared.settings.polling, result.eta, age);
             ticket.next_poll_at = (now + to_chrono(delay)).min(ticket.deadline);
-            settle(park(shared, &ticket).await)
+            park_patiently(shared, &ticket).await
         }
     }
 }
@@ -337,9 +351,15 @@ async fn on_error(shared: &Shared, mut ticket: Ticket, err: UpstreamError) -> Di
             }
             None
         }
-        UpstreamError::Transient { retry_after, .. } => {
+        UpstreamError::Transient { retry_after, .. }
+        | UpstreamError::RateLimited { retry_after, .. } => {
             ticket.errors += 1;
             *retry_after
+        }
+        // Create-only answers; a poll that somehow meets one retries later.
+        UpstreamError::Unconfirmed { .. } | UpstreamError::NotSent => {
+            ticket.errors += 1;
+            None
         }
     };
     tracing::debug!(error = %err, errors = ticket.errors, "poll failed; trying again later");
@@ -353,7 +373,7 @@ async fn on_error(shared: &Shared, mut ticket: Ticket, err: UpstreamError) -> Di
         retry_after,
     );
     ticket.next_poll_at = now + to_chrono(delay);
-    settle(park(shared, &ticket).await)
+    park_patiently(shared, &ticket).await
 }
 
 async fn time_out(shared: &Shared, ticket: &Ticket) -> Disposition {
@@ -377,9 +397,17 @@ async fn fail(shared: &Shared, ticket: &Ticket, code: FailureCode, message: &str
     finish(shared, ticket, &kind).await
 }
 
+/// Publishes the terminal event, retrying while the broker refuses it (the
+/// ticket stays held and unacknowledged meanwhile). When that lasts longer
+/// than [`PUBLISH_PATIENCE`], the ticket is parked again to be polled later
+/// (and the event tried again then) rather than handed back at once, which
+/// would poll the task again immediately.
 async fn finish(shared: &Shared, ticket: &Ticket, kind: &EventKind<'_>) -> Disposition {
     let event = events::build(&shared.settings.events.source, &ticket.context(), kind);
-    match shared.publish_event(&event).await {
+    match shared
+        .patiently(PUBLISH_PATIENCE, || shared.publish_event(&event))
+        .await
+    {
         Ok(()) => {
             let latency = (Utc::now() - ticket.received_at)
                 .to_std()
@@ -394,8 +422,17 @@ async fn finish(shared: &Shared, ticket: &Ticket, kind: &EventKind<'_>) -> Dispo
             Disposition::Ack
         }
         Err(e) => {
-            tracing::warn!(error = %e, "could not publish the terminal event; handing the ticket back");
-            Disposition::Requeue
+            tracing::warn!(error = %e, "could not publish the terminal event; parking the ticket to try again later");
+            let mut again = ticket.clone();
+            again.errors += 1;
+            let delay = error_delay(
+                &shared.settings.polling,
+                shared.retry_policy(),
+                again.errors.saturating_sub(1),
+                None,
+            );
+            again.next_poll_at = Utc::now() + to_chrono(delay);
+            park_patiently(shared, &again).await
         }
     }
 }
@@ -409,7 +446,7 @@ async fn poison(shared: &Shared, delivery: &Delivery, ticket: &Ticket, count: i6
         "dead-lettering a ticket that keeps failing"
     );
     let why = format!("poison: {message}");
-    if shared.dead_letter(delivery, &why).await.is_err() {
+    if shared.dead_letter(delivery, &why, None).await.is_err() {
         return Disposition::Requeue;
     }
     fail(shared, ticket, FailureCode::UpstreamFailed, &message).await

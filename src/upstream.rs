@@ -1,10 +1,16 @@
 //! The Novita client: create a Vidu Q3 Pro task, read a task's result.
 //!
 //! One HTTP call per method, with the real JSON shapes, a Bearer key marked
-//! sensitive (never logged, never in an error), per-call timeouts and a
-//! shared rate limit. Every failure is classified once, here, into an
-//! [`UpstreamError`] that says what the caller can do: retry later, stop
-//! because the operator must act (key or balance), or give the request up.
+//! sensitive (never logged, never in an error) and per-call timeouts.
+//! Task-result calls share this worker's poll budget and concurrency bound;
+//! creates never wait here (their pacing and quota are taken before the
+//! request is taken from the broker), and a create is only sent after its
+//! caller confirmed, immediately before the send, that the request's
+//! delivery is still alive. Every failure is classified once, here, into an
+//! [`UpstreamError`] that says what the caller can do: retry later, pause
+//! for the rate limit, stop because the operator must act (key or
+//! balance), give the request up, or never create it again (an unreadable
+//! success).
 //! Answers are parsed liberally (numbers as strings, missing or unknown
 //! fields) because a poller that breaks on an odd answer loses a video.
 
@@ -31,11 +37,38 @@ pub const CREATE_PATH: &str = "/v3/async/vidu-q3-pro-i2v";
 pub const RESULT_PATH: &str = "/v3/async/task-result";
 /// Longest upstream message kept in errors and events.
 const MAX_MESSAGE_CHARS: usize = 500;
+/// Longest excerpt of an unreadable answer kept in errors and events.
+const MAX_EXCERPT_CHARS: usize = 200;
 
 /// What went wrong talking to the upstream, by what the caller can do.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
-    /// Worth retrying: 429, 5xx, timeouts, connection errors, garbage.
+    /// The account's rate limit (429): worth retrying after the server's
+    /// `Retry-After`; every create of this worker pauses meanwhile.
+    #[error("the upstream's rate limit: {detail}")]
+    RateLimited {
+        /// Status, reason and message.
+        detail: String,
+        /// The server's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
+    /// A create was answered with a success status but no readable task
+    /// id: a task may exist and be billed, so the request must not be
+    /// created again.
+    #[error(
+        "the upstream answered the create with HTTP {status} but no readable task id: {excerpt}"
+    )]
+    Unconfirmed {
+        /// HTTP status.
+        status: u16,
+        /// The start of the answer, scrubbed.
+        excerpt: String,
+    },
+    /// The create was not sent: the delivery it belongs to was lost before
+    /// the call (the broker has handed the request to someone else).
+    #[error("not sent: the request's delivery was lost before the call")]
+    NotSent,
+    /// Worth retrying: 5xx, timeouts, connection errors, garbage.
     #[error("transient upstream error: {detail}")]
     Transient {
         /// What happened (status, reason or failure kind).
@@ -91,7 +124,9 @@ impl UpstreamError {
 impl Transient for UpstreamError {
     fn retry_hint(&self) -> RetryHint {
         match self {
-            Self::Transient { retry_after, .. } => RetryHint::After(*retry_after),
+            Self::Transient { retry_after, .. } | Self::RateLimited { retry_after, .. } => {
+                RetryHint::After(*retry_after)
+            }
             _ => RetryHint::Never,
         }
     }
@@ -281,13 +316,28 @@ fn error_body(body: &[u8]) -> (String, String) {
 }
 
 fn truncate(s: &str) -> String {
-    if s.chars().count() <= MAX_MESSAGE_CHARS {
+    truncate_to(s, MAX_MESSAGE_CHARS)
+}
+
+fn truncate_to(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
         s.to_owned()
     } else {
-        let mut out: String = s.chars().take(MAX_MESSAGE_CHARS).collect();
+        let mut out: String = s.chars().take(max).collect();
         out.push('…');
         out
     }
+}
+
+/// The start of a body as text without control characters, for messages.
+fn printable(body: &[u8]) -> String {
+    let head = &body[..body.len().min(4 * MAX_EXCERPT_CHARS)];
+    String::from_utf8_lossy(head)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .trim()
+        .to_owned()
 }
 
 fn status_label(status: StatusCode) -> &'static str {
@@ -331,8 +381,11 @@ pub struct UpstreamClient {
     create_url: reqwest::Url,
     result_url: reqwest::Url,
     key: SecretString,
-    limiter: Option<Arc<DefaultDirectRateLimiter>>,
-    in_flight: Arc<tokio::sync::Semaphore>,
+    /// The task-result budget (`upstream.max_requests_per_second`); creates
+    /// are paced by the caller, before it takes a request.
+    poll_limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// Task-result calls in flight (`upstream.max_concurrent_requests`).
+    polls_in_flight: Arc<tokio::sync::Semaphore>,
     metrics: Metrics,
 }
 
@@ -377,36 +430,36 @@ impl UpstreamClient {
             reqwest::Url::parse(&format!("{base}{path}"))
                 .map_err(|e| ConfigError::new("upstream.base_url", e.to_string()))
         };
-        let limiter = rate_limiter(settings.max_requests_per_second);
         Ok(Self {
             http,
             create_url: url(CREATE_PATH)?,
             result_url: url(RESULT_PATH)?,
             key,
-            limiter,
-            in_flight: Arc::new(tokio::sync::Semaphore::new(
+            poll_limiter: rate_limiter(settings.max_requests_per_second),
+            polls_in_flight: Arc::new(tokio::sync::Semaphore::new(
                 settings.max_concurrent_requests as usize,
             )),
             metrics,
         })
     }
 
-    async fn pace(&self) {
-        if let Some(limiter) = &self.limiter {
-            limiter.until_ready().await;
-        }
-    }
-
-    /// Creates a task; one HTTP call, no retries.
+    /// Creates a task: one HTTP call, no retries, no waiting. `alive` is
+    /// asked immediately before the request is sent: when it says the
+    /// request's delivery is gone, nothing is sent ([`UpstreamError::NotSent`]),
+    /// because the broker has handed the request to someone else. Pacing
+    /// and quota are the caller's, before it takes the delivery.
     pub async fn create(
         &self,
         input: &ViduInput,
         traceparent: Option<&str>,
+        alive: &(dyn Fn() -> bool + Sync),
     ) -> Result<String, UpstreamError> {
-        self.pace().await;
         let mut req = self.http.post(self.create_url.clone()).json(input);
         if let Some(tp) = traceparent {
             req = req.header("traceparent", tp);
+        }
+        if !alive() {
+            return Err(UpstreamError::NotSent);
         }
         let (status, retry_after, body) = self.send("create", req).await?;
         if status.is_success() {
@@ -418,9 +471,9 @@ impl UpstreamClient {
                 Ok(c) if !c.task_id.trim().is_empty() => Ok(c.task_id),
                 _ => {
                     self.metrics.upstream_call("create", "garbage");
-                    Err(UpstreamError::Transient {
-                        detail: format!("create answered HTTP {status} without a task_id"),
-                        retry_after: None,
+                    Err(UpstreamError::Unconfirmed {
+                        status: status.as_u16(),
+                        excerpt: truncate_to(&self.scrub(&printable(&body)), MAX_EXCERPT_CHARS),
                     })
                 }
             };
@@ -434,7 +487,11 @@ impl UpstreamClient {
         task_id: &str,
         traceparent: Option<&str>,
     ) -> Result<TaskResult, UpstreamError> {
-        self.pace().await;
+        if let Some(limiter) = &self.poll_limiter {
+            limiter.until_ready().await;
+        }
+        // Closed only if the client is dropped; a call then simply proceeds.
+        let _permit = self.polls_in_flight.acquire().await.ok();
         let mut req = self
             .http
             .get(self.result_url.clone())
@@ -486,8 +543,6 @@ impl UpstreamClient {
                 retry_after: None,
             }
         };
-        // Closed only if the client is dropped; a call then simply proceeds.
-        let _permit = self.in_flight.acquire().await.ok();
         let resp = req.send().await.map_err(fail)?;
         let status = resp.status();
         let retry_after = if status.is_success() {
@@ -532,7 +587,11 @@ impl UpstreamClient {
             500 if polling && upper == "TASK_FAILED" => UpstreamError::TaskFailed {
                 message: if message.is_empty() { reason } else { message },
             },
-            408 | 425 | 429 | 500..=599 => UpstreamError::Transient {
+            429 => UpstreamError::RateLimited {
+                detail: format!("HTTP 429 {}", join(&reason, &message)),
+                retry_after,
+            },
+            408 | 425 | 500..=599 => UpstreamError::Transient {
                 detail: format!("HTTP {code} {}", join(&reason, &message)),
                 retry_after,
             },
@@ -564,12 +623,15 @@ fn join(reason: &str, message: &str) -> String {
     }
 }
 
+/// The poll budget: `per_second` on average, with a burst of one second's
+/// worth, so tasks that finish together are reported together.
 fn rate_limiter(per_second: f64) -> Option<Arc<DefaultDirectRateLimiter>> {
     if per_second <= 0.0 {
         return None;
     }
-    let quota =
-        Quota::with_period(Duration::from_secs_f64(1.0 / per_second))?.allow_burst(NonZeroU32::MIN);
+    let burst =
+        NonZeroU32::new(per_second.floor().clamp(1.0, 10_000.0) as u32).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(Duration::from_secs_f64(1.0 / per_second))?.allow_burst(burst);
     Some(Arc::new(RateLimiter::direct(quota)))
 }
 
@@ -736,7 +798,7 @@ mod tests {
         };
         assert!(matches!(
             classify(429, "{}", false),
-            UpstreamError::Transient { .. }
+            UpstreamError::RateLimited { .. }
         ));
         assert!(matches!(
             classify(503, "", false),

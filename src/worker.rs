@@ -1,34 +1,45 @@
-//! The worker: one supervised broker session at a time, two consumers, and
-//! a handler task per delivery.
+//! The worker: one supervised broker session at a time, the intake loop, the
+//! tracking consumer, and a handler task per delivery.
 //!
 //! [`run`] is the library entry point of `vidu-worker run`: it builds the
-//! upstream client, the gate and the operations endpoint, then keeps a
-//! session alive (connection, topology, confirm-mode publisher, request and
-//! tracking consumers), rebuilding it with backoff whenever the broker goes
-//! away or a channel dies. Each delivery gets its own task whose outcome, a
+//! upstream client, the gate, the create pacer and the operations endpoint,
+//! then keeps a session alive (connection, topology, confirm-mode
+//! publisher, intake and tracking channels), rebuilding it with backoff
+//! whenever the broker goes away or a channel dies. Requests are taken one
+//! at a time with `basic.get`, and only once everything a create waits for
+//! is in hand (a free handler slot, an open gate, the pacer, a quota slot):
+//! a request that is only waiting waits in the broker, never in memory.
+//! Tickets are consumed. Each delivery gets its own task whose outcome, a
 //! [`Disposition`], is applied in one place. Shutdown is one token: stop
-//! consuming, let handlers finish within the grace period, close with 200.
+//! taking work, let handlers finish within the grace period, close with 200.
 
 use std::{future::Future, panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
-    options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
-    types::{AMQPValue, FieldTable, LongString},
-    Channel, Connection, Consumer,
+    options::{
+        BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
+        QueueDeclareOptions,
+    },
+    types::FieldTable,
+    Acker, Channel, Connection, Consumer,
 };
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    broker::{self, BrokerError, PublishError, Publisher, Topology, ERROR_HEADER},
+    broker::{self, BrokerError, PublishError, Publisher, Topology},
     config::{ConfigError, Settings},
     events::Event,
-    gate::{Gate, GateState, Refusal},
-    intake,
+    gate::{Gate, GateState, IntakeTurn, Refusal},
+    intake::{self, RecentCreates},
     metrics::{GaugeGuard, Metrics},
     ops::{self, Health},
+    quota::{Pacer, QuotaLedger, SlotError},
     retry::RetryPolicy,
     tracking,
     upstream::{UpstreamClient, UpstreamError},
@@ -36,12 +47,13 @@ use crate::{
 
 /// The task id used to test the API key without creating anything.
 pub const KEY_PROBE_TASK_ID: &str = "vidu-worker-key-probe";
-/// Longest `x-vidu-error` header.
-const MAX_ERROR_HEADER: usize = 1000;
 /// How often the session checks that its connection and channels live.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(500);
 /// How often the number of tracked tasks is sampled.
 const SAMPLE_PERIOD: Duration = Duration::from_secs(15);
+/// Shortest and longest wait before looking again at an empty request queue.
+const IDLE_MIN: Duration = Duration::from_millis(20);
+const IDLE_MAX: Duration = Duration::from_millis(250);
 
 /// Why `run` ended with an error.
 #[derive(Debug, thiserror::Error)]
@@ -61,11 +73,31 @@ pub enum Disposition {
     Ack,
     /// Give it back to the queue for another try.
     Requeue,
-    /// Leave it unacknowledged: its channel is closing (shutdown or paused
-    /// intake) and the broker returns it to the queue, counting one delivery.
+    /// Leave it unacknowledged: its channel is closing (shutdown) or gone,
+    /// and the broker returns it to the queue, counting one delivery.
     Abandon,
-    /// The handler already acknowledged it.
-    Settled,
+}
+
+/// A request delivery's claim to be worked on: alive while its channel is
+/// open and its session is the current one. Once it is lost the broker has
+/// given (or will give) the request to someone else, so nothing may be
+/// created for it here.
+#[derive(Clone)]
+pub(crate) struct Lease {
+    acker: Acker,
+    session: CancellationToken,
+}
+
+impl Lease {
+    /// Whether the delivery still belongs to this worker's current session.
+    pub(crate) fn alive(&self) -> bool {
+        !self.session.is_cancelled() && !self.acker.poisoned()
+    }
+
+    /// Resolves when the session the delivery came from ends.
+    pub(crate) async fn lost(&self) {
+        self.session.cancelled().await;
+    }
 }
 
 /// What every handler shares.
@@ -77,10 +109,16 @@ pub(crate) struct Shared {
     pub(crate) gate: Gate,
     pub(crate) health: Health,
     pub(crate) shutdown: CancellationToken,
-    /// Held (read) by a request handler from its create call until its
-    /// request is acknowledged; taken (write) before the request channel is
-    /// closed, so a created task's request is never handed back.
-    pub(crate) intake_lock: tokio::sync::RwLock<()>,
+    /// The waits of creates: a 429's pause and the learned rate.
+    pub(crate) pacer: Pacer,
+    /// The deployment's create quota on the broker, when one is set.
+    pub(crate) ledger: Option<QuotaLedger>,
+    /// Creates this worker made recently, by request id, so that a
+    /// redelivered copy of a request it already created is not created again.
+    pub(crate) recent: RecentCreates,
+    /// One permit per request held (`amqp.prefetch`), across sessions: a
+    /// handler that outlives its session still counts.
+    held: Arc<Semaphore>,
     publisher: watch::Sender<Option<Publisher>>,
 }
 
@@ -93,6 +131,11 @@ impl Shared {
         }
     }
 
+    /// The current session's publisher, if connected.
+    pub(crate) fn publisher(&self) -> Option<Publisher> {
+        self.publisher.borrow().clone()
+    }
+
     /// Publishes on the current session, once.
     pub(crate) async fn publish(
         &self,
@@ -102,8 +145,7 @@ impl Shared {
         properties: lapin::BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
-        let publisher = self.publisher.borrow().clone();
-        match publisher {
+        match self.publisher() {
             Some(p) => {
                 p.publish(exchange, routing_key, body, properties, mandatory)
                     .await
@@ -130,7 +172,7 @@ impl Shared {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(e) => {
-                    tracing::debug!(error = %e, "publish failed; retrying on the next session");
+                    tracing::debug!(error = %e, "publish failed; retrying");
                     tokio::select! {
                         _ = sessions.changed() => {}
                         () = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -158,28 +200,21 @@ impl Shared {
         Ok(())
     }
 
-    /// Copies a delivery to the dead-letter queue with `x-vidu-error`.
+    /// Copies a delivery to the dead-letter queue with `x-vidu-error`, with
+    /// properties built afresh (never the producer's `user_id`,
+    /// `expiration` or headers).
     pub(crate) async fn dead_letter(
         &self,
         delivery: &Delivery,
         why: &str,
+        traceparent: Option<&str>,
     ) -> Result<(), PublishError> {
-        let mut why: String = why.chars().take(MAX_ERROR_HEADER).collect();
-        why.retain(|c| !c.is_control());
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            ERROR_HEADER.into(),
-            AMQPValue::LongString(LongString::from(why)),
+        let properties = broker::dead_letter_properties(
+            &delivery.properties,
+            why,
+            delivery.routing_key.as_str(),
+            traceparent,
         );
-        headers.insert(
-            "x-vidu-original-queue".into(),
-            AMQPValue::LongString(LongString::from(delivery.routing_key.as_str())),
-        );
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
         self.publish(
             "",
             &self.topology.dead_queue,
@@ -229,23 +264,31 @@ pub async fn run_with_listener(
         metrics.clone(),
         ops_stop.clone(),
     ));
+    let topology = Topology::new(&settings);
     tracing::info!(
         request_queue = %settings.amqp.request_queue,
         events_exchange = %settings.amqp.events_exchange,
         broker = %crate::config::redact_url(secrecy::ExposeSecret::expose_secret(&settings.amqp.url)),
         upstream = %settings.upstream.base_url,
+        create_quota = %settings.upstream.create_quota.map_or_else(|| "learned from 429s".to_owned(), |q| q.to_string()),
         ops = %listen,
         "vidu-worker starting"
     );
     let shared = Arc::new(Shared {
-        topology: Topology::new(&settings),
+        pacer: Pacer::new(settings.upstream.create_quota, metrics.clone()),
+        ledger: topology
+            .quota_ledger
+            .clone()
+            .map(|(name, quota)| QuotaLedger::new(name, quota)),
+        recent: RecentCreates::default(),
+        held: Arc::new(Semaphore::new(usize::from(settings.amqp.prefetch))),
+        topology,
         settings,
         upstream,
         metrics,
         gate,
         health,
         shutdown,
-        intake_lock: tokio::sync::RwLock::new(()),
         publisher: watch::Sender::new(None),
     });
     let prober = tokio::spawn(probe_key(shared.clone()));
@@ -333,30 +376,26 @@ enum SessionEnd {
     Lost(String),
 }
 
-#[derive(Clone, Copy)]
-enum Role {
-    Request,
-    Ticket,
-}
-
 struct Session {
-    conn: Connection,
+    conn: Arc<Connection>,
     publisher: Publisher,
-    /// Closed while intake is paused, and opened again when it resumes.
+    /// Requests are taken (`basic.get`) and acknowledged on this channel.
     intake_channel: Channel,
-    /// The request consumer, while intake runs.
-    intake: Option<Consumer>,
     tracking_channel: Channel,
+    /// Cancelled when the session is lost: every lease of its deliveries
+    /// ends with it.
+    token: CancellationToken,
 }
 
 impl Session {
     async fn open(shared: &Shared) -> Result<Self, BrokerError> {
-        let conn = broker::connect(&shared.settings, "worker").await?;
+        let conn = Arc::new(broker::connect(&shared.settings, "worker").await?);
         shared.topology.declare(&conn).await?;
-        let publisher = Publisher::open(&conn)
+        let publisher = Publisher::open(conn.clone())
             .await
             .map_err(BrokerError::Connection)?;
-        let intake_channel = consuming_channel(&conn, shared.settings.amqp.prefetch)
+        let intake_channel = conn
+            .create_channel()
             .await
             .map_err(BrokerError::Connection)?;
         let tracking_channel = consuming_channel(&conn, shared.settings.polling.prefetch)
@@ -366,8 +405,8 @@ impl Session {
             conn,
             publisher,
             intake_channel,
-            intake: None,
             tracking_channel,
+            token: CancellationToken::new(),
         })
     }
 
@@ -375,10 +414,7 @@ impl Session {
         if !self.conn.status().connected() {
             return Err("the connection closed");
         }
-        if !self.publisher.is_open() {
-            return Err("the publishing channel closed");
-        }
-        if self.intake.is_some() && !self.intake_channel.status().connected() {
+        if !self.intake_channel.status().connected() {
             return Err("the request channel closed");
         }
         if !self.tracking_channel.status().connected() {
@@ -387,7 +423,7 @@ impl Session {
         Ok(())
     }
 
-    async fn run(mut self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
+    async fn run(self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
         shared.publisher.send_replace(Some(self.publisher.clone()));
         shared.health.broker_up();
         shared.metrics.set_broker_connected(true);
@@ -405,18 +441,21 @@ impl Session {
         shared.health.set_consuming(false);
         match &end {
             SessionEnd::Shutdown => {
-                // Consumers are not cancelled (on RabbitMQ 3.10 a cancel racing
-                // with quorum-queue deliveries crashes the channel): what they
-                // delivered but nobody took stays unacknowledged and returns to
-                // the queue when the connection closes, after the handlers
-                // already running have finished.
+                // The tracking consumer is not cancelled (on RabbitMQ 3.10 a
+                // cancel racing with quorum-queue deliveries crashes the
+                // channel): what it delivered but nobody took stays
+                // unacknowledged and returns to the queue when the
+                // connection closes, after the handlers already running
+                // have finished.
                 drain_handlers(shared, tracker).await;
+                self.token.cancel();
                 self.publisher.close().await;
                 let _ = self.tracking_channel.close(200, "shutdown".into()).await;
                 let _ = self.intake_channel.close(200, "shutdown".into()).await;
                 let _ = self.conn.close(200, "shutdown".into()).await;
             }
             SessionEnd::Lost(_) => {
+                self.token.cancel();
                 let _ = tokio::time::timeout(
                     Duration::from_secs(2),
                     self.conn.close(320, "session lost".into()),
@@ -427,7 +466,7 @@ impl Session {
         end
     }
 
-    async fn consume(&mut self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
+    async fn consume(&self, shared: &Arc<Shared>, tracker: &TaskTracker) -> SessionEnd {
         let tag_base = format!("vidu-worker.{}.{}", broker::host_name(), std::process::id());
         let mut tracking = match start_consumer(
             &self.tracking_channel,
@@ -439,13 +478,11 @@ impl Session {
             Ok(c) => c,
             Err(e) => return SessionEnd::Lost(format!("cannot consume the tracking queue: {e}")),
         };
-        let intake_tag = format!("{tag_base}.requests");
-        let mut gate_changes = shared.gate.subscribe();
+        shared.health.set_consuming(true);
+        let intake = intake_loop(shared, self, tracker);
+        tokio::pin!(intake);
         let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
         loop {
-            if let Err(reason) = self.reconcile_intake(shared, &intake_tag).await {
-                return SessionEnd::Lost(reason);
-            }
             tokio::select! {
                 biased;
                 () = shared.shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -454,53 +491,119 @@ impl Session {
                         return SessionEnd::Lost(reason.into());
                     }
                 }
-                delivery = next_delivery(&mut self.intake) => match delivery {
-                    Some(Ok(d)) => spawn_handler(tracker, shared.clone(), d, Role::Request),
-                    Some(Err(e)) => return SessionEnd::Lost(format!("request consumer failed: {e}")),
-                    None => return SessionEnd::Lost("the broker cancelled the request consumer".into()),
-                },
+                reason = &mut intake => return SessionEnd::Lost(reason),
                 delivery = tracking.next() => match delivery {
-                    Some(Ok(d)) => spawn_handler(tracker, shared.clone(), d, Role::Ticket),
+                    Some(Ok(d)) => spawn_ticket(tracker, shared.clone(), d),
                     Some(Err(e)) => return SessionEnd::Lost(format!("tracking consumer failed: {e}")),
                     None => return SessionEnd::Lost("the broker cancelled the tracking consumer".into()),
                 },
-                _ = gate_changes.changed() => {}
             }
         }
     }
+}
 
-    /// Starts or pauses intake to match the gate. Pausing closes the request
-    /// channel (rather than cancelling the consumer, see `run`), after the
-    /// creates in flight have been recorded and acknowledged: everything
-    /// else the channel held returns to the queue, and handlers still waiting
-    /// at the gate see their delivery gone and let it be.
-    async fn reconcile_intake(&mut self, shared: &Shared, tag: &str) -> Result<(), String> {
-        match (shared.gate.accepting(), self.intake.is_some()) {
-            (true, false) => {
-                if !self.intake_channel.status().connected() {
-                    self.intake_channel =
-                        consuming_channel(&self.conn, shared.settings.amqp.prefetch)
-                            .await
-                            .map_err(|e| format!("cannot open the request channel: {e}"))?;
+/// Takes requests, one at a time, once a create could follow at once: a
+/// free handler slot, the gate, the pacer and (with a quota) a slot in the
+/// deployment's window come first, the delivery last. Returns why it
+/// stopped when the session cannot serve it any more; shutdown simply
+/// drops it.
+async fn intake_loop(shared: &Arc<Shared>, session: &Session, tracker: &TaskTracker) -> String {
+    let channel = &session.intake_channel;
+    let queue = shared.topology.request_queue.as_str();
+    let mut idle = IDLE_MIN;
+    // Ready requests the last look reported; with a quota a slot is only
+    // claimed when some are known to be there.
+    let mut known_ready: u32 = 0;
+    let mut gate_changes = shared.gate.subscribe();
+    loop {
+        let Ok(held) = shared.held.clone().acquire_owned().await else {
+            return "the handler slots were closed".into();
+        };
+        loop {
+            match shared.gate.intake_turn() {
+                IntakeTurn::Take => break,
+                IntakeTurn::Wait(at) => {
+                    tokio::select! {
+                        _ = gate_changes.changed() => {}
+                        () = sleep_until_opt(at) => {}
+                    }
                 }
-                let consumer =
-                    start_consumer(&self.intake_channel, &shared.topology.request_queue, tag)
-                        .await
-                        .map_err(|e| format!("cannot consume the request queue: {e}"))?;
-                self.intake = Some(consumer);
-                shared.health.set_consuming(true);
             }
-            (false, true) => {
-                self.intake = None;
-                shared.health.set_consuming(false);
-                let _no_creates = shared.intake_lock.write().await;
-                let _ = self.intake_channel.close(200, "intake paused".into()).await;
-                tracing::info!("intake paused; requests stay in the queue");
-            }
-            _ => {}
         }
-        Ok(())
+        if !shared.pacer.ready(&shared.shutdown).await {
+            return std::future::pending().await;
+        }
+        let mut slot = false;
+        if let Some(ledger) = &shared.ledger {
+            while known_ready == 0 {
+                match ready_requests(channel, queue).await {
+                    Ok(0) => {
+                        tokio::time::sleep(idle).await;
+                        idle = (idle * 2).min(IDLE_MAX);
+                    }
+                    Ok(n) => known_ready = n,
+                    Err(e) => return format!("cannot look at the request queue: {e}"),
+                }
+            }
+            match ledger
+                .claim(&session.publisher, &shared.metrics, &shared.shutdown)
+                .await
+            {
+                Ok(()) => slot = true,
+                Err(SlotError::Cancelled) => return std::future::pending().await,
+                Err(SlotError::Broker(PublishError::Unroutable(_))) => {
+                    tracing::warn!(
+                        ledger = ledger.queue(),
+                        "the quota ledger is gone (its broker node?); declaring it again"
+                    );
+                    if let Err(e) = shared.topology.declare_ledger(&session.conn).await {
+                        return format!("cannot declare the quota ledger: {e}");
+                    }
+                    continue;
+                }
+                Err(SlotError::Broker(e)) => return format!("cannot claim a quota slot: {e}"),
+            }
+        }
+        match channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+        {
+            Ok(Some(message)) => {
+                idle = IDLE_MIN;
+                known_ready = message.message_count;
+                let lease = Lease {
+                    acker: message.delivery.acker.clone(),
+                    session: session.token.clone(),
+                };
+                spawn_request(tracker, shared.clone(), message.delivery, held, lease);
+            }
+            Ok(None) => {
+                known_ready = 0;
+                if slot {
+                    shared.metrics.quota_slot_unused();
+                }
+                drop(held);
+                tokio::time::sleep(idle).await;
+                idle = (idle * 2).min(IDLE_MAX);
+            }
+            Err(e) => return format!("cannot take requests: {e}"),
+        }
     }
+}
+
+/// Ready messages in a queue (a passive declaration).
+async fn ready_requests(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
 }
 
 /// A channel for one consumer, with its prefetch.
@@ -510,13 +613,6 @@ async fn consuming_channel(conn: &Connection, prefetch: u16) -> Result<Channel, 
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     Ok(channel)
-}
-
-async fn next_delivery(consumer: &mut Option<Consumer>) -> Option<Result<Delivery, lapin::Error>> {
-    match consumer {
-        Some(c) => c.next().await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -543,21 +639,19 @@ async fn start_consumer(
         .await
 }
 
-fn spawn_handler(tracker: &TaskTracker, shared: Arc<Shared>, delivery: Delivery, role: Role) {
-    tracker.spawn(async move {
-        let gauge = match role {
-            Role::Request => shared.metrics.in_flight_requests().clone(),
-            Role::Ticket => shared.metrics.in_flight_tickets().clone(),
-        };
-        let _in_flight = GaugeGuard::new(&gauge);
-        // Boxed: the handlers' state machines are large, and moving them
-        // into the spawned task by value showed up in profiles.
-        let handler: std::pin::Pin<Box<dyn Future<Output = Disposition> + Send + '_>> = match role {
-            Role::Request => Box::pin(intake::handle(&shared, &delivery)),
-            Role::Ticket => Box::pin(tracking::handle(&shared, &delivery)),
-        };
-        let handled = AssertUnwindSafe(handler).catch_unwind().await;
-        let disposition = handled.unwrap_or_else(|panic| {
+/// Runs a handler under `catch_unwind`: a panic hands the message back.
+async fn guarded<F>(handler: F) -> Disposition
+where
+    F: Future<Output = Disposition> + Send,
+{
+    // Boxed: the handlers' state machines are large, and moving them into
+    // the spawned task by value showed up in profiles.
+    let handler: std::pin::Pin<Box<dyn Future<Output = Disposition> + Send + '_>> =
+        Box::pin(handler);
+    AssertUnwindSafe(handler)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
@@ -565,7 +659,30 @@ fn spawn_handler(tracker: &TaskTracker, shared: Arc<Shared>, delivery: Delivery,
                 .unwrap_or_default();
             tracing::error!(panic = %what, "a handler panicked; handing its message back");
             Disposition::Requeue
-        });
+        })
+}
+
+fn spawn_request(
+    tracker: &TaskTracker,
+    shared: Arc<Shared>,
+    delivery: Delivery,
+    held: OwnedSemaphorePermit,
+    lease: Lease,
+) {
+    tracker.spawn(async move {
+        let _held = held;
+        let _in_flight = GaugeGuard::new(shared.metrics.in_flight_requests());
+        let taken = Instant::now();
+        let disposition = guarded(intake::handle(&shared, &delivery, &lease)).await;
+        settle(&delivery, disposition).await;
+        shared.metrics.observe_hold(taken.elapsed().as_secs_f64());
+    });
+}
+
+fn spawn_ticket(tracker: &TaskTracker, shared: Arc<Shared>, delivery: Delivery) {
+    tracker.spawn(async move {
+        let _in_flight = GaugeGuard::new(shared.metrics.in_flight_tickets());
+        let disposition = guarded(tracking::handle(&shared, &delivery)).await;
         settle(&delivery, disposition).await;
     });
 }
@@ -574,7 +691,7 @@ fn spawn_handler(tracker: &TaskTracker, shared: Arc<Shared>, delivery: Delivery,
 /// broker will redeliver: someone else will do it.
 pub(crate) async fn settle(delivery: &Delivery, disposition: Disposition) {
     let result = match disposition {
-        Disposition::Abandon | Disposition::Settled => return,
+        Disposition::Abandon => return,
         Disposition::Ack => {
             delivery
                 .acker
@@ -660,7 +777,7 @@ async fn probe_key(shared: Arc<Shared>) {
             }
             // Still down, or a refused key that now times out: the refusal
             // stands as it was.
-            Err(e @ UpstreamError::Transient { .. }) => {
+            Err(e @ (UpstreamError::Transient { .. } | UpstreamError::RateLimited { .. })) => {
                 shared.gate.probe_failed(claim, refusal, &e.to_string());
             }
             // A task-result answer, even a 404 for the made-up id, means the

@@ -60,10 +60,12 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
     eprintln!("broker restart: worker ready again {recovery:?} after start_app");
 
     // New requests after the restart flow too.
-    let conn = lapin::Connection::connect(&node.url(), lapin::ConnectionProperties::default())
-        .await
-        .expect("broker back");
-    let publisher = vidu_worker::broker::Publisher::open(&conn)
+    let conn = std::sync::Arc::new(
+        lapin::Connection::connect(&node.url(), lapin::ConnectionProperties::default())
+            .await
+            .expect("broker back"),
+    );
+    let publisher = vidu_worker::broker::Publisher::open(conn)
         .await
         .expect("publisher");
     for id in &subjects[n / 2..] {

@@ -65,7 +65,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
         s.amqp.prefetch = 16;
         s.polling.min_interval = Duration::from_millis(500);
         // Paced so that intake is still creating tasks when the kills come.
-        s.upstream.max_requests_per_second = 120.0;
+        s.upstream.create_quota = vidu_worker::config::CreateQuota::parse("100/s").ok();
     })
     .await;
     let tap = env.tap().await;
@@ -123,20 +123,25 @@ async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
         s.upstream.retry_max = Duration::from_secs(2);
     })
     .await;
-    let mix = faults(&[
+    // A create answered 200 with garbage is never retried (a task may exist:
+    // `upstream_unconfirmed`, tested on its own), and a 429 lowers the
+    // learned create rate; so creates meet transient faults here, polls
+    // meet every kind.
+    let create_mix = faults(&["500", "502", "503", "504", "hang:3s", "drop"]);
+    let poll_mix = faults(&[
         "429:1", "500", "502", "503", "504", "hang:3s", "garbage", "drop",
     ]);
     env.sim.set_faults(FaultPlan {
         create: EndpointFaults {
-            script: faults(&["hang:3s", "garbage", "drop", "429:1", "503"]),
+            script: faults(&["hang:3s", "drop", "429:1", "503"]),
             rate: 0.3,
-            mix: mix.clone(),
+            mix: create_mix,
             seed: 7,
         },
         poll: EndpointFaults {
             script: faults(&["garbage", "drop", "hang:3s", "429:1", "500"]),
             rate: 0.3,
-            mix,
+            mix: poll_mix,
             seed: 11,
         },
     });
@@ -169,7 +174,8 @@ async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
             stats
                 .responses
                 .keys()
-                .any(|k| k.starts_with("create:") && k.ends_with(kind)),
+                .any(|k| k.starts_with("create:") && k.ends_with(kind))
+                || kind == "garbage",
             "create saw {kind}: {:?}",
             stats.responses
         );
@@ -361,7 +367,9 @@ async fn a_long_upstream_outage_pauses_intake_instead_of_failing_or_cycling() {
         .wait_not_ready("keeps failing", Duration::from_secs(30))
         .await;
     assert!(reason.contains("503"), "{reason}");
-    // Paused: calls stop growing quickly, nothing fails, nothing is handed back.
+    // Paused: calls stop growing quickly, nothing fails, and each request
+    // held when the outage began goes back to the queue once (with
+    // amqp.max_deliveries = 2, a second hand-back would make it poison).
     let calls = env.sim.stats().create_calls;
     wait_for_probes(&env, "poll:503", 0, 3).await;
     let more = env.sim.stats().create_calls;
@@ -370,12 +378,10 @@ async fn a_long_upstream_outage_pauses_intake_instead_of_failing_or_cycling() {
         "{calls} -> {more}"
     );
     assert!(tap.terminal().is_empty(), "no request failed");
-    assert_eq!(
-        worker
-            .metric("vidu_worker_requests_received_total", "handed_back")
-            .await,
-        0.0
-    );
+    let handed_back = worker
+        .metric("vidu_worker_requests_received_total", "handed_back")
+        .await;
+    assert!(handed_back <= n as f64, "{handed_back} hand-backs");
     assert_eq!(worker.metric("vidu_worker_upstream_paused", "").await, 1.0);
     assert_session_kept(&worker);
     env.sim.clear_faults();

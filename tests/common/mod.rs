@@ -189,7 +189,7 @@ pub struct TestEnv {
     pub settings: Settings,
     pub topology: Topology,
     pub sim: RunningSimulator,
-    pub conn: Connection,
+    pub conn: Arc<Connection>,
     pub channel: Channel,
     pub publisher: Publisher,
     extra_queues: Mutex<Vec<String>>,
@@ -235,12 +235,14 @@ impl TestEnv {
         tweak(&mut settings);
         let topology = Topology::new(&settings);
         let url = secrecy::ExposeSecret::expose_secret(&settings.amqp.url).to_owned();
-        let conn = Connection::connect(&url, ConnectionProperties::default())
-            .await
-            .expect("RabbitMQ reachable");
+        let conn = Arc::new(
+            Connection::connect(&url, ConnectionProperties::default())
+                .await
+                .expect("RabbitMQ reachable"),
+        );
         topology.declare(&conn).await.expect("topology");
         let channel = conn.create_channel().await.expect("channel");
-        let publisher = Publisher::open(&conn).await.expect("publisher");
+        let publisher = Publisher::open(conn.clone()).await.expect("publisher");
         Self {
             name,
             api_key,
@@ -305,6 +307,13 @@ impl TestEnv {
             (
                 "VIDU_WORKER__UPSTREAM__MAX_REQUESTS_PER_SECOND".into(),
                 s.upstream.max_requests_per_second.to_string(),
+            ),
+            (
+                "VIDU_WORKER__UPSTREAM__CREATE_QUOTA".into(),
+                s.upstream
+                    .create_quota
+                    .map(|q| format!("{}/{}ms", q.creates, q.window.as_millis()))
+                    .unwrap_or_default(),
             ),
             (
                 "VIDU_WORKER__POLLING__MIN_INTERVAL".into(),

@@ -1,0 +1,482 @@
+//! Create pacing: when this worker may make its next paid create.
+//!
+//! Creates cost money and Novita limits them per account and per minute, so
+//! they have a budget of their own, separate from polls. With
+//! `upstream.create_quota` set, the budget is the deployment's: every create
+//! first claims a slot in the quota ledger, a queue on the broker that holds
+//! at most `creates` messages, each expiring after `window` (see
+//! [`crate::broker::Topology::quota_ledger`]); the broker refuses a slot when
+//! the window is full, so all workers together stay within the quota with no
+//! other coordination. Without a quota this worker learns one ([`Learner`]):
+//! a 429 halves its create rate, calm time adds to it again. Either way a
+//! 429's `Retry-After` pauses all of this worker's creates, not just the one
+//! call. Everything here is waited for *before* a request is taken from the
+//! broker, so a request that is only waiting waits in the queue. This
+//! module never calls the upstream and never holds a delivery.
+
+use std::{
+    collections::VecDeque,
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    broker::{PublishError, Publisher},
+    config::CreateQuota,
+    metrics::Metrics,
+    retry::MAX_RETRY_AFTER,
+};
+
+/// How far back the learner counts accepted creates.
+pub const LEARN_WINDOW: Duration = Duration::from_secs(60);
+/// The shortest span the accepted creates are spread over when the rate is
+/// estimated (a worker that has run for less than the window has only seen
+/// that long).
+pub const MIN_SPAN: Duration = Duration::from_secs(1);
+/// Factor applied to the create rate at a 429.
+pub const DECREASE: f64 = 0.5;
+/// Creates per second added to the learned rate per second of calm: one
+/// create per minute more every 30 seconds.
+pub const INCREASE_PER_SECOND: f64 = 1.0 / 60.0 / 30.0;
+/// The learned rate never drops below one create per minute.
+pub const MIN_RATE: f64 = 1.0 / 60.0;
+/// Above this learned rate (creates per second) the worker stops pacing:
+/// the account's limit is evidently not near.
+pub const UNLIMITED_ABOVE: f64 = 20.0;
+/// How long a 429 without `Retry-After` pauses creates.
+pub const DEFAULT_PAUSE: Duration = Duration::from_secs(2);
+
+/// An estimate of the account's create rate learned from 429s: additive
+/// increase, multiplicative decrease, on the rate of creates (not on a
+/// window of calls in flight). Plain data: every method takes the time.
+#[derive(Debug, Clone)]
+pub struct Learner {
+    /// When learning started (the worker's start).
+    started: Instant,
+    /// Creates per second when `since`; `None`: no limit known.
+    rate: Option<f64>,
+    since: Instant,
+    /// Accepted creates in the last [`LEARN_WINDOW`].
+    accepted: VecDeque<Instant>,
+    /// When the rate was last decreased.
+    decreased_at: Option<Instant>,
+}
+
+impl Learner {
+    /// No limit known yet.
+    pub fn new(now: Instant) -> Self {
+        Self {
+            started: now,
+            rate: None,
+            since: now,
+            accepted: VecDeque::new(),
+            decreased_at: None,
+        }
+    }
+
+    /// The permitted rate at `now`, in creates per second; `None` when no
+    /// limit is known (or the learned one has grown past
+    /// [`UNLIMITED_ABOVE`]).
+    pub fn rate(&self, now: Instant) -> Option<f64> {
+        let r = self.rate?;
+        let grown =
+            r + INCREASE_PER_SECOND * now.saturating_duration_since(self.since).as_secs_f64();
+        (grown <= UNLIMITED_ABOVE).then_some(grown)
+    }
+
+    /// The upstream accepted a create.
+    pub fn on_accepted(&mut self, now: Instant) {
+        self.trim(now);
+        self.accepted.push_back(now);
+    }
+
+    /// The upstream answered 429 to a create sent at `sent_at`. Calls sent
+    /// before the last decrease were part of the same burst and do not
+    /// decrease the rate again.
+    pub fn on_rate_limited(&mut self, sent_at: Instant, now: Instant) {
+        if self.decreased_at.is_some_and(|at| sent_at <= at) {
+            return;
+        }
+        self.trim(now);
+        let span = now
+            .saturating_duration_since(self.started)
+            .clamp(MIN_SPAN, LEARN_WINDOW);
+        let observed = self.accepted.len().max(1) as f64 / span.as_secs_f64();
+        let current = self.rate(now).unwrap_or(f64::INFINITY);
+        let next = (current.min(observed) * DECREASE).max(MIN_RATE);
+        self.rate = Some(next);
+        self.since = now;
+        self.decreased_at = Some(now);
+    }
+
+    fn trim(&mut self, now: Instant) {
+        while let Some(&front) = self.accepted.front() {
+            if now.saturating_duration_since(front) >= LEARN_WINDOW {
+                self.accepted.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+/// What a create has to wait for before it may be sent.
+#[derive(Debug)]
+struct PacerState {
+    /// `None` with a configured quota (the ledger paces).
+    learner: Option<Learner>,
+    /// Until when every create waits (a 429's `Retry-After`).
+    paused_until: Option<Instant>,
+    /// The earliest moment of the next create under the learned rate.
+    next_slot: Instant,
+}
+
+/// The waits of this worker's creates: the pause after a 429 and the
+/// learned rate. Shared by the intake loop and the request handlers.
+pub struct Pacer {
+    state: Mutex<PacerState>,
+    quota: Option<CreateQuota>,
+    metrics: Metrics,
+}
+
+impl Pacer {
+    /// A pacer that learns the rate (no quota), or only pauses (the quota
+    /// ledger paces).
+    pub fn new(quota: Option<CreateQuota>, metrics: Metrics) -> Self {
+        let now = Instant::now();
+        let pacer = Self {
+            state: Mutex::new(PacerState {
+                learner: quota.is_none().then(|| Learner::new(now)),
+                paused_until: None,
+                next_slot: now,
+            }),
+            quota,
+            metrics,
+        };
+        pacer.publish_rate(now);
+        pacer
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PacerState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Creates per second this worker may make now: the configured quota
+    /// (the whole deployment's), the learned rate, or infinity.
+    pub fn permitted_rate(&self) -> f64 {
+        let now = Instant::now();
+        let state = self.lock();
+        self.rate_locked(&state, now)
+    }
+
+    fn rate_locked(&self, state: &PacerState, now: Instant) -> f64 {
+        match (&self.quota, &state.learner) {
+            (Some(q), _) => q.per_second(),
+            (None, Some(l)) => l.rate(now).unwrap_or(f64::INFINITY),
+            (None, None) => f64::INFINITY,
+        }
+    }
+
+    fn publish_rate(&self, now: Instant) {
+        let rate = {
+            let state = self.lock();
+            self.rate_locked(&state, now)
+        };
+        self.metrics.set_create_rate_permitted(rate);
+    }
+
+    /// Waits until this worker may make one more create, and reserves it.
+    /// Returns `false` when `cancel` fired first.
+    pub async fn ready(&self, cancel: &CancellationToken) -> bool {
+        loop {
+            let now = Instant::now();
+            let wait = {
+                let mut state = self.lock();
+                let paused = state.paused_until.filter(|until| *until > now);
+                let rate = state.learner.as_ref().and_then(|l| l.rate(now));
+                let at = match (paused, rate) {
+                    (Some(until), _) => Some(until.max(state.next_slot)),
+                    (None, Some(_)) if state.next_slot > now => Some(state.next_slot),
+                    _ => None,
+                };
+                match at {
+                    Some(at) => at,
+                    None => {
+                        if let Some(rate) = rate {
+                            state.next_slot =
+                                now.max(state.next_slot) + Duration::from_secs_f64(1.0 / rate);
+                        }
+                        return true;
+                    }
+                }
+            };
+            let reason = if self.lock().paused_until.is_some_and(|u| u > now) {
+                "pause"
+            } else {
+                "pace"
+            };
+            self.metrics.create_wait(reason);
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                () = tokio::time::sleep_until(wait) => {}
+            }
+        }
+    }
+
+    /// The upstream accepted a create.
+    pub fn on_accepted(&self) {
+        let now = Instant::now();
+        if let Some(l) = self.lock().learner.as_mut() {
+            l.on_accepted(now);
+        }
+        self.publish_rate(now);
+    }
+
+    /// The upstream answered 429 to a create sent at `sent_at`: pause every
+    /// create for `retry_after` (or [`DEFAULT_PAUSE`]), and lower the
+    /// learned rate.
+    pub fn on_rate_limited(&self, sent_at: Instant, retry_after: Option<Duration>) {
+        let now = Instant::now();
+        let pause = retry_after.unwrap_or(DEFAULT_PAUSE).min(MAX_RETRY_AFTER);
+        {
+            let mut state = self.lock();
+            let until = now + pause;
+            state.paused_until = Some(state.paused_until.map_or(until, |u| u.max(until)));
+            if let Some(l) = state.learner.as_mut() {
+                l.on_rate_limited(sent_at, now);
+            }
+        }
+        self.publish_rate(now);
+    }
+
+    /// Until when creates are paused, if they are.
+    pub fn paused_until(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.lock().paused_until.filter(|u| *u > now)
+    }
+}
+
+/// Why a slot could not be claimed.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// `cancel` fired while waiting for a free slot.
+    #[error("cancelled while waiting for a quota slot")]
+    Cancelled,
+    /// The broker could not be asked.
+    #[error("cannot claim a quota slot: {0}")]
+    Broker(#[from] PublishError),
+}
+
+/// The deployment's create quota, kept by the broker: a slot is a message
+/// in the ledger queue, which holds at most `creates` of them and drops each
+/// after `window`. A slot is claimed by publishing one; the broker confirms
+/// it (a slot was free) or refuses it (`reject-publish`: the window is
+/// full). The ledger holds no data worth keeping: losing it (a broker
+/// restart) only forgets the current window.
+pub struct QuotaLedger {
+    queue: String,
+    quota: CreateQuota,
+}
+
+/// Longest wait between two claims while the window is full.
+const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(2);
+/// First wait after a refused claim.
+const MIN_CLAIM_BACKOFF: Duration = Duration::from_millis(100);
+
+impl QuotaLedger {
+    /// The ledger of `quota` in queue `queue`.
+    pub fn new(queue: String, quota: CreateQuota) -> Self {
+        Self { queue, quota }
+    }
+
+    /// The ledger queue's name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The quota it keeps.
+    pub fn quota(&self) -> CreateQuota {
+        self.quota
+    }
+
+    /// Claims one slot, waiting while the window is full (retrying with a
+    /// growing, jittered delay up to two seconds, never longer than the
+    /// average spacing of the quota). Broker failures are returned: the
+    /// caller decides whether to try again on the next session.
+    pub async fn claim(
+        &self,
+        publisher: &Publisher,
+        metrics: &Metrics,
+        cancel: &CancellationToken,
+    ) -> Result<(), SlotError> {
+        let spacing = Duration::from_secs_f64(1.0 / self.quota.per_second());
+        let ceiling = MAX_CLAIM_BACKOFF.min(spacing).max(MIN_CLAIM_BACKOFF);
+        let mut delay = MIN_CLAIM_BACKOFF;
+        loop {
+            match publisher.claim_slot(&self.queue).await {
+                Ok(()) => return Ok(()),
+                Err(PublishError::Nacked) => {
+                    metrics.create_wait("quota");
+                }
+                Err(e) => return Err(SlotError::Broker(e)),
+            }
+            let jittered = delay.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+            tokio::select! {
+                () = cancel.cancelled() => return Err(SlotError::Cancelled),
+                () = tokio::time::sleep(jittered) => {}
+            }
+            delay = (delay * 2).min(ceiling);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    #[test]
+    fn no_limit_is_known_until_the_first_429() {
+        let t0 = Instant::now();
+        let mut l = Learner::new(t0);
+        for i in 0..100 {
+            l.on_accepted(t0 + secs(f64::from(i) * 0.01));
+        }
+        assert_eq!(l.rate(t0 + secs(1.0)), None);
+    }
+
+    #[test]
+    fn a_429_halves_the_rate_the_upstream_accepted() {
+        // Table: accepted creates, how long the worker has been learning when
+        // the 429 comes, and the rate after it (creates per minute).
+        let cases: &[(u32, f64, f64)] = &[
+            // A full minute of history: the accepted count is the rate.
+            (40, 90.0, 20.0),
+            (13, 90.0, 6.5),
+            (1, 90.0, 1.0),
+            (0, 90.0, 1.0),
+            // A young worker spreads what it saw over its age, at least 1 s.
+            (13, 5.0, 78.0),
+            (13, 0.5, 390.0),
+            (2, 30.0, 2.0),
+        ];
+        for &(accepted, age, want) in cases {
+            let t0 = Instant::now();
+            let mut l = Learner::new(t0);
+            let at = t0 + secs(age);
+            for i in 0..accepted {
+                l.on_accepted(at - secs(f64::from(i) * 0.01));
+            }
+            l.on_rate_limited(at, at);
+            let got = l.rate(at).expect("a limit is known") * 60.0;
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{accepted} in {age} s: {got} != {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_burst_of_429s_decreases_once() {
+        let t0 = Instant::now();
+        let mut l = Learner::new(t0);
+        for i in 0..20 {
+            l.on_accepted(t0 + secs(f64::from(i) * 0.1));
+        }
+        let first = t0 + secs(3.0);
+        l.on_rate_limited(first - secs(0.5), first);
+        let after_one = l.rate(first).expect("rate");
+        // Calls sent before the decrease answer 429 a little later.
+        for k in 1..10 {
+            l.on_rate_limited(first - secs(0.1), first + secs(f64::from(k) * 0.01));
+        }
+        assert_eq!(l.rate(first), Some(after_one));
+        // A call sent after the decrease that still hits the limit lowers it again.
+        let later = first + secs(10.0);
+        l.on_rate_limited(later, later);
+        assert!(l.rate(later).expect("rate") < after_one);
+    }
+
+    #[test]
+    fn calm_time_adds_one_create_per_minute_every_thirty_seconds() {
+        let t0 = Instant::now();
+        let mut l = Learner::new(t0);
+        for i in 0..20 {
+            l.on_accepted(t0 + secs(60.0 + f64::from(i)));
+        }
+        let at = t0 + secs(80.0);
+        l.on_rate_limited(at, at);
+        let base = l.rate(at).expect("rate") * 60.0;
+        assert!((base - 10.0).abs() < 1e-9, "{base}");
+        let per_min = |after: f64| l.rate(at + secs(after)).expect("rate") * 60.0;
+        assert!((per_min(30.0) - 11.0).abs() < 1e-6);
+        assert!((per_min(300.0) - 20.0).abs() < 1e-6);
+        // Long calm: the learned limit is forgotten.
+        assert_eq!(l.rate(at + secs(40_000.0)), None);
+    }
+
+    #[test]
+    fn decreases_never_go_below_the_floor() {
+        let t0 = Instant::now();
+        let mut l = Learner::new(t0);
+        for k in 0..50 {
+            let at = t0 + secs(f64::from(k) * 10.0);
+            l.on_rate_limited(at, at);
+            assert!(l.rate(at).expect("rate") >= MIN_RATE);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_pacer_spaces_creates_at_the_learned_rate_and_pauses_on_429() {
+        let pacer = Pacer::new(None, Metrics::new());
+        let cancel = CancellationToken::new();
+        tokio::time::sleep(LEARN_WINDOW).await;
+        // Unlimited: no waiting.
+        let t0 = Instant::now();
+        for _ in 0..50 {
+            assert!(pacer.ready(&cancel).await);
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        for _ in 0..30 {
+            pacer.on_accepted();
+        }
+        pacer.on_rate_limited(Instant::now(), Some(Duration::from_secs(5)));
+        // 30 accepted in the last minute: 15 per minute, one every 4 s (a
+        // little less, as calm time adds to the rate), after the 5 s pause.
+        let rate = pacer.permitted_rate();
+        assert!((rate * 60.0 - 15.0).abs() < 0.01, "{rate}");
+        let t1 = Instant::now();
+        assert!(pacer.ready(&cancel).await);
+        assert_eq!(t1.elapsed(), Duration::from_secs(5));
+        assert!(pacer.ready(&cancel).await);
+        let second = t1.elapsed();
+        assert!(
+            second >= Duration::from_millis(8_900) && second <= Duration::from_millis(9_000),
+            "{second:?}"
+        );
+        cancel.cancel();
+        assert!(!pacer.ready(&cancel).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_a_quota_the_pacer_only_pauses() {
+        let quota = CreateQuota::parse("2/min").expect("quota");
+        let pacer = Pacer::new(Some(quota), Metrics::new());
+        let cancel = CancellationToken::new();
+        assert!((pacer.permitted_rate() - 2.0 / 60.0).abs() < 1e-9);
+        for _ in 0..10 {
+            assert!(pacer.ready(&cancel).await);
+        }
+        pacer.on_rate_limited(Instant::now(), None);
+        let t = Instant::now();
+        assert!(pacer.ready(&cancel).await);
+        assert_eq!(t.elapsed(), DEFAULT_PAUSE);
+        assert!((pacer.permitted_rate() - 2.0 / 60.0).abs() < 1e-9);
+    }
+}
