@@ -184,6 +184,7 @@ impl Topology {
             self.tracking_queue.clone(),
         ];
         names.extend(self.wait_queues.iter().map(|(_, n)| n.clone()));
+        names.extend(self.quota_ledger.iter().map(|(n, _)| n.clone()));
         names
     }
 

@@ -189,13 +189,15 @@ enum CreateError {
     /// The delivery was lost before the call: the broker has already handed
     /// the request to someone else, so it must not be created here.
     NotSent,
+    /// Shutdown while waiting for a slot.
+    Cancelled,
 }
 
 impl retry::Transient for CreateError {
     fn retry_hint(&self) -> retry::RetryHint {
         match self {
             Self::Upstream(e) => e.retry_hint(),
-            Self::NotSent => retry::RetryHint::Never,
+            Self::NotSent | Self::Cancelled => retry::RetryHint::Never,
         }
     }
 }
@@ -239,18 +241,20 @@ async fn submit(
                 refusal: Refusal::Billing,
                 ..
             } => {
+                // A lost delivery ends the wait; the create attempt then
+                // finds it lost and sends nothing.
                 let turn = tokio::select! {
-                    turn = shared.gate.wait_for_turn(hold_until, &shared.shutdown) => turn,
-                    () = lease.lost() => return abandoned(shared),
+                    turn = shared.gate.wait_for_turn(hold_until, &shared.shutdown) => Some(turn),
+                    () = lease.lost() => None,
                 };
                 match turn {
-                    Turn::Go => None,
-                    Turn::Probe(claim) => Some(claim),
-                    Turn::TimedOut => {
+                    None | Some(Turn::Go) => None,
+                    Some(Turn::Probe(claim)) => Some(claim),
+                    Some(Turn::TimedOut) => {
                         shared.metrics.request("handed_back");
                         return Disposition::Requeue;
                     }
-                    Turn::Cancelled => return Disposition::Abandon,
+                    Some(Turn::Cancelled) => return Disposition::Abandon,
                 }
             }
         };
@@ -270,7 +274,9 @@ async fn submit(
                 break task_id;
             }
             Err(RetryError::Fatal(CreateError::NotSent)) => return abandoned(shared),
-            Err(RetryError::Cancelled(_)) => return Disposition::Abandon,
+            Err(RetryError::Cancelled(_) | RetryError::Fatal(CreateError::Cancelled)) => {
+                return Disposition::Abandon
+            }
             Err(RetryError::Exhausted(CreateError::Upstream(err))) => {
                 // Still failing after the retry budget: back to the queue
                 // (one delivery counted). A plain outage also closes the
@@ -282,6 +288,7 @@ async fn submit(
                 return Disposition::Requeue;
             }
             Err(RetryError::Exhausted(CreateError::NotSent)) => return abandoned(shared),
+            Err(RetryError::Exhausted(CreateError::Cancelled)) => return Disposition::Abandon,
             Err(RetryError::Fatal(CreateError::Upstream(err))) => match err {
                 UpstreamError::KeyRejected { .. } => {
                     report_refusal(shared, claim, Refusal::Key, &err);
@@ -385,36 +392,39 @@ async fn create_once(
 }
 
 /// Waits for the pacer and a quota slot before a retry, while the delivery
-/// is held (bounded by the retry budget).
+/// is held (bounded by the retry budget). A lost delivery ends the waits:
+/// the create that follows finds it lost and sends nothing (that check, in
+/// [`crate::upstream::UpstreamClient::create`], is the one that decides).
 async fn take_slot(shared: &Shared, lease: &Lease) -> Result<(), CreateError> {
     tokio::select! {
         ready = shared.pacer.ready(&shared.shutdown) => {
             if !ready {
-                return Err(CreateError::NotSent);
+                return Err(CreateError::Cancelled);
             }
         }
-        () = lease.lost() => return Err(CreateError::NotSent),
+        () = lease.lost() => return Ok(()),
     }
     let Some(ledger) = &shared.ledger else {
         return Ok(());
     };
     loop {
         let Some(publisher) = shared.publisher() else {
-            return Err(CreateError::NotSent);
+            // Between sessions: this delivery's session is gone.
+            return Ok(());
         };
         let claimed = tokio::select! {
             claimed = ledger.claim(&publisher, &shared.metrics, &shared.shutdown) => claimed,
-            () = lease.lost() => return Err(CreateError::NotSent),
+            () = lease.lost() => return Ok(()),
         };
         match claimed {
             Ok(()) => return Ok(()),
-            Err(SlotError::Cancelled) => return Err(CreateError::NotSent),
+            Err(SlotError::Cancelled) => return Err(CreateError::Cancelled),
             Err(SlotError::Broker(e)) => {
                 // The session is probably going; the lease will tell.
                 tracing::debug!(error = %e, "could not claim a quota slot for a retry");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    () = lease.lost() => return Err(CreateError::NotSent),
+                    () = lease.lost() => return Ok(()),
                 }
             }
         }

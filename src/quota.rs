@@ -123,6 +123,13 @@ impl Learner {
     }
 }
 
+/// One create's place in the learned pacing, returned by [`Pacer::reserve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reservation {
+    prev: Instant,
+    end: Instant,
+}
+
 /// What a create has to wait for before it may be sent.
 #[derive(Debug)]
 struct PacerState {
@@ -138,6 +145,8 @@ struct PacerState {
 /// learned rate. Shared by the intake loop and the request handlers.
 pub struct Pacer {
     state: Mutex<PacerState>,
+    /// Wakes waiters when a reservation is given back.
+    released: tokio::sync::Notify,
     quota: Option<CreateQuota>,
     metrics: Metrics,
 }
@@ -148,6 +157,7 @@ impl Pacer {
     pub fn new(quota: Option<CreateQuota>, metrics: Metrics) -> Self {
         let now = Instant::now();
         let pacer = Self {
+            released: tokio::sync::Notify::new(),
             state: Mutex::new(PacerState {
                 learner: quota.is_none().then(|| Learner::new(now)),
                 paused_until: None,
@@ -191,7 +201,15 @@ impl Pacer {
     /// Waits until this worker may make one more create, and reserves it.
     /// Returns `false` when `cancel` fired first.
     pub async fn ready(&self, cancel: &CancellationToken) -> bool {
+        self.reserve(cancel).await.is_some()
+    }
+
+    /// Like [`Pacer::ready`], returning the reservation so that it can be
+    /// given back ([`Pacer::release`]) when no create follows (the queue
+    /// was empty after all).
+    pub async fn reserve(&self, cancel: &CancellationToken) -> Option<Reservation> {
         loop {
+            let released = self.released.notified();
             let now = Instant::now();
             let wait = {
                 let mut state = self.lock();
@@ -205,11 +223,15 @@ impl Pacer {
                 match at {
                     Some(at) => at,
                     None => {
+                        let prev = state.next_slot;
                         if let Some(rate) = rate {
                             state.next_slot =
                                 now.max(state.next_slot) + Duration::from_secs_f64(1.0 / rate);
                         }
-                        return true;
+                        return Some(Reservation {
+                            prev,
+                            end: state.next_slot,
+                        });
                     }
                 }
             };
@@ -220,9 +242,20 @@ impl Pacer {
             };
             self.metrics.create_wait(reason);
             tokio::select! {
-                () = cancel.cancelled() => return false,
+                () = cancel.cancelled() => return None,
                 () = tokio::time::sleep_until(wait) => {}
+                () = released => {}
             }
+        }
+    }
+
+    /// Gives a reservation back, if no later one was made since.
+    pub fn release(&self, reservation: Reservation) {
+        let mut state = self.lock();
+        if state.next_slot == reservation.end {
+            state.next_slot = reservation.prev;
+            drop(state);
+            self.released.notify_waiters();
         }
     }
 
@@ -460,6 +493,12 @@ mod tests {
             second >= Duration::from_millis(8_900) && second <= Duration::from_millis(9_000),
             "{second:?}"
         );
+        // A reservation given back frees its place.
+        let third = pacer.reserve(&cancel).await.expect("reserved");
+        let at = Instant::now();
+        pacer.release(third);
+        assert!(pacer.ready(&cancel).await);
+        assert_eq!(Instant::now(), at, "the freed place is taken at once");
         cancel.cancel();
         assert!(!pacer.ready(&cancel).await);
     }

@@ -530,9 +530,9 @@ async fn intake_loop(shared: &Arc<Shared>, session: &Session, tracker: &TaskTrac
                 }
             }
         }
-        if !shared.pacer.ready(&shared.shutdown).await {
+        let Some(pace) = shared.pacer.reserve(&shared.shutdown).await else {
             return std::future::pending().await;
-        }
+        };
         let mut slot = false;
         if let Some(ledger) = &shared.ledger {
             while known_ready == 0 {
@@ -559,6 +559,7 @@ async fn intake_loop(shared: &Arc<Shared>, session: &Session, tracker: &TaskTrac
                     if let Err(e) = shared.topology.declare_ledger(&session.conn).await {
                         return format!("cannot declare the quota ledger: {e}");
                     }
+                    shared.pacer.release(pace);
                     continue;
                 }
                 Err(SlotError::Broker(e)) => return format!("cannot claim a quota slot: {e}"),
@@ -579,6 +580,7 @@ async fn intake_loop(shared: &Arc<Shared>, session: &Session, tracker: &TaskTrac
             }
             Ok(None) => {
                 known_ready = 0;
+                shared.pacer.release(pace);
                 if slot {
                     shared.metrics.quota_slot_unused();
                 }

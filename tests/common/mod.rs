@@ -608,6 +608,15 @@ impl TestEnv {
         })
     }
 
+    /// Ready and unacknowledged messages of a queue, once the broker's
+    /// statistics show exactly `n` (they refresh every few seconds).
+    pub async fn wait_total_messages(&self, queue: &str, n: u64, timeout: Duration) {
+        eventually(timeout, &format!("{n} messages in {queue}"), || async {
+            (self.total_messages(queue) == Some(n)).then_some(())
+        })
+        .await;
+    }
+
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
         self.channel
@@ -776,6 +785,51 @@ impl WorkerProcess {
             .ok()?
             .code()
     }
+}
+
+/// Closes a worker's broker connection from the broker's side, as a network
+/// cut or a load balancer reset would (`rabbitmqctl close_connection`), on
+/// the shared broker (`node` none) or a private one. Returns whether a
+/// connection was found and closed.
+pub fn close_worker_connection(node: Option<&node::BrokerNode>, pid: u32) -> bool {
+    let run = |args: &[&str]| -> Option<String> {
+        match node {
+            Some(n) => Some(n.ctl_output(args)),
+            None => {
+                let out = std::process::Command::new("rabbitmqctl")
+                    .args(args)
+                    .output()
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+            }
+        }
+    };
+    let Some(list) = run(&[
+        "-q",
+        "list_connections",
+        "pid",
+        "client_properties",
+        "--no-table-headers",
+    ]) else {
+        return false;
+    };
+    let needle = format!("#{pid} ");
+    let Some(conn) = list
+        .lines()
+        .find(|l| l.contains("vidu-worker worker") && l.contains(&needle))
+        .and_then(|l| l.split('\t').next())
+        .map(str::to_owned)
+    else {
+        return false;
+    };
+    run(&[
+        "close_connection",
+        &conn,
+        "closed by the test (a network cut)",
+    ])
+    .is_some()
 }
 
 /// A valid request body.
