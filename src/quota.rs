@@ -46,8 +46,16 @@ pub const MIN_RATE: f64 = 1.0 / 60.0;
 /// Above this learned rate (creates per second) the worker stops pacing:
 /// the account's limit is evidently not near.
 pub const UNLIMITED_ABOVE: f64 = 20.0;
-/// How long a 429 without `Retry-After` pauses creates.
+/// How long a first 429 without `Retry-After` pauses creates.
 pub const DEFAULT_PAUSE: Duration = Duration::from_secs(2);
+/// The longest pause after 429s without `Retry-After`.
+pub const MAX_DEFAULT_PAUSE: Duration = Duration::from_secs(60);
+
+/// The pause after the `refusals`-th 429 in a row without `Retry-After`.
+pub fn default_pause(refusals: u32) -> Duration {
+    let doublings = refusals.saturating_sub(1).min(16);
+    (DEFAULT_PAUSE * 2u32.pow(doublings)).min(MAX_DEFAULT_PAUSE)
+}
 
 /// An estimate of the account's create rate learned from 429s: additive
 /// increase, multiplicative decrease, on the rate of creates (not on a
@@ -93,11 +101,15 @@ impl Learner {
         self.accepted.push_back(now);
     }
 
-    /// The upstream answered 429 to a create sent at `sent_at`. Calls sent
-    /// before the last decrease were part of the same burst and do not
-    /// decrease the rate again.
+    /// The upstream answered 429 to a create sent at `sent_at`. The rate is
+    /// decreased at most once per [`LEARN_WINDOW`]: 429s soon after a
+    /// decrease mean the window the upstream counts is still full of the
+    /// creates made before it, not that the new rate is too high (the
+    /// pause deals with them).
     pub fn on_rate_limited(&mut self, sent_at: Instant, now: Instant) {
-        if self.decreased_at.is_some_and(|at| sent_at <= at) {
+        if self.decreased_at.is_some_and(|at| {
+            sent_at <= at || now.saturating_duration_since(at) < LEARN_WINDOW
+        }) {
             return;
         }
         self.trim(now);
@@ -139,6 +151,10 @@ struct PacerState {
     paused_until: Option<Instant>,
     /// The earliest moment of the next create under the learned rate.
     next_slot: Instant,
+    /// 429s since the last accepted create (a burst counts once).
+    refusals: u32,
+    /// When the last counted 429 arrived.
+    refused_at: Option<Instant>,
 }
 
 /// The waits of this worker's creates: the pause after a 429 and the
@@ -162,6 +178,8 @@ impl Pacer {
                 learner: quota.is_none().then(|| Learner::new(now)),
                 paused_until: None,
                 next_slot: now,
+                refusals: 0,
+                refused_at: None,
             }),
             quota,
             metrics,
@@ -262,20 +280,34 @@ impl Pacer {
     /// The upstream accepted a create.
     pub fn on_accepted(&self) {
         let now = Instant::now();
-        if let Some(l) = self.lock().learner.as_mut() {
-            l.on_accepted(now);
+        {
+            let mut state = self.lock();
+            state.refusals = 0;
+            state.refused_at = None;
+            if let Some(l) = state.learner.as_mut() {
+                l.on_accepted(now);
+            }
         }
         self.publish_rate(now);
     }
 
     /// The upstream answered 429 to a create sent at `sent_at`: pause every
-    /// create for `retry_after` (or [`DEFAULT_PAUSE`]), and lower the
+    /// create for `retry_after` (without one: [`DEFAULT_PAUSE`], doubling
+    /// with each 429 in a row up to [`MAX_DEFAULT_PAUSE`]), and lower the
     /// learned rate.
     pub fn on_rate_limited(&self, sent_at: Instant, retry_after: Option<Duration>) {
         let now = Instant::now();
-        let pause = retry_after.unwrap_or(DEFAULT_PAUSE).min(MAX_RETRY_AFTER);
         {
             let mut state = self.lock();
+            // Calls sent before the last 429 arrived were one burst: they
+            // count as one refusal.
+            if state.refused_at.is_none_or(|at| sent_at > at) {
+                state.refusals = state.refusals.saturating_add(1);
+                state.refused_at = Some(now);
+            }
+            let pause = retry_after
+                .unwrap_or_else(|| default_pause(state.refusals))
+                .min(MAX_RETRY_AFTER);
             let until = now + pause;
             state.paused_until = Some(state.paused_until.map_or(until, |u| u.max(until)));
             if let Some(l) = state.learner.as_mut() {
@@ -430,8 +462,13 @@ mod tests {
             l.on_rate_limited(first - secs(0.1), first + secs(f64::from(k) * 0.01));
         }
         assert_eq!(l.rate(first), Some(after_one));
-        // A call sent after the decrease that still hits the limit lowers it again.
-        let later = first + secs(10.0);
+        // Within the window after a decrease, later calls that still meet
+        // the limit meet the creates made before it: no second decrease.
+        let soon = first + secs(10.0);
+        l.on_rate_limited(soon, soon);
+        assert!(l.rate(soon).expect("rate") >= after_one);
+        // A window later, a 429 is news: the rate goes down again.
+        let later = first + LEARN_WINDOW + secs(1.0);
         l.on_rate_limited(later, later);
         assert!(l.rate(later).expect("rate") < after_one);
     }
@@ -459,7 +496,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Learner::new(t0);
         for k in 0..50 {
-            let at = t0 + secs(f64::from(k) * 10.0);
+            let at = t0 + secs(f64::from(k) * 61.0);
             l.on_rate_limited(at, at);
             assert!(l.rate(at).expect("rate") >= MIN_RATE);
         }
@@ -503,6 +540,16 @@ mod tests {
         assert!(!pacer.ready(&cancel).await);
     }
 
+    #[test]
+    fn pauses_without_retry_after_double_up_to_a_minute() {
+        let want = [2, 4, 8, 16, 32, 60, 60];
+        for (k, secs) in want.iter().enumerate() {
+            let refusals = u32::try_from(k + 1).expect("small");
+            assert_eq!(default_pause(refusals), Duration::from_secs(*secs), "{refusals}");
+        }
+        assert_eq!(default_pause(u32::MAX), MAX_DEFAULT_PAUSE);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn with_a_quota_the_pacer_only_pauses() {
         let quota = CreateQuota::parse("2/min").expect("quota");
@@ -512,6 +559,20 @@ mod tests {
         for _ in 0..10 {
             assert!(pacer.ready(&cancel).await);
         }
+        let sent = Instant::now();
+        pacer.on_rate_limited(sent, None);
+        // Calls sent together with the first answer 429 too: one refusal.
+        pacer.on_rate_limited(sent, None);
+        let t = Instant::now();
+        assert!(pacer.ready(&cancel).await);
+        assert_eq!(t.elapsed(), DEFAULT_PAUSE);
+        // A second 429 in a row pauses twice as long; an accepted create
+        // starts again from the first pause.
+        pacer.on_rate_limited(Instant::now(), None);
+        let t = Instant::now();
+        assert!(pacer.ready(&cancel).await);
+        assert_eq!(t.elapsed(), DEFAULT_PAUSE * 2);
+        pacer.on_accepted();
         pacer.on_rate_limited(Instant::now(), None);
         let t = Instant::now();
         assert!(pacer.ready(&cancel).await);

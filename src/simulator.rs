@@ -125,8 +125,9 @@ impl Default for SimulatorConfig {
 /// An account's create quota, as Novita counts it per key: at most
 /// `creates` accepted creates in any sliding `window`; a create beyond it is
 /// answered 429 `RATE_LIMIT_EXCEEDED` with a `Retry-After` of the whole
-/// seconds until the oldest create leaves the window. Serialized as
-/// `{"creates": 40, "window": "60s"}`.
+/// seconds until the oldest create leaves the window (Novita does not
+/// document whether it sends one: `"retry_after": false` leaves it out).
+/// Serialized as `{"creates": 40, "window": "60s", "retry_after": true}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccountQuota {
     /// Creates admitted per window (at least 1).
@@ -134,14 +135,30 @@ pub struct AccountQuota {
     /// Width of the sliding window.
     #[serde(with = "humantime_serde")]
     pub window: Duration,
+    /// Whether a 429 carries `Retry-After` (default true).
+    #[serde(default = "yes")]
+    pub retry_after: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl AccountQuota {
-    /// `creates` per minute.
+    /// `creates` per minute, with `Retry-After`.
     pub fn per_minute(creates: u32) -> Self {
         Self {
             creates,
             window: Duration::from_secs(60),
+            retry_after: true,
+        }
+    }
+
+    /// The same quota without `Retry-After` on its 429s.
+    pub fn without_retry_after(self) -> Self {
+        Self {
+            retry_after: false,
+            ..self
         }
     }
 }
@@ -1004,8 +1021,10 @@ impl Simulator {
                 humantime::format_duration(quota.window)
             ),
         );
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        if quota.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         Some(resp)
     }
 }
@@ -2468,6 +2487,7 @@ mod tests {
             quota: Some(AccountQuota {
                 creates: 3,
                 window: Duration::from_millis(1500),
+                retry_after: true,
             }),
             ..config(Duration::ZERO)
         })
@@ -2504,13 +2524,22 @@ mod tests {
         assert_eq!(sim.stats().tasks_created, 4);
         tokio::time::sleep(Duration::from_millis(1600)).await;
         assert_eq!(send("key-a").await.status(), 200, "the window moved on");
+        // Without Retry-After the refusal is the same, the header absent.
+        sim.set_quota(Some(AccountQuota {
+            creates: 1,
+            window: Duration::from_secs(60),
+            retry_after: false,
+        }));
+        let bare = send("key-a").await;
+        assert_eq!(bare.status(), 429);
+        assert!(bare.headers().get(header::RETRY_AFTER).is_none());
         // Removing the quota admits everything.
         sim.set_quota(None);
         for _ in 0..5 {
             assert_eq!(send("key-a").await.status(), 200);
         }
         let outcomes: Vec<String> = sim.calls().into_iter().map(|c| c.outcome).collect();
-        assert_eq!(outcomes.iter().filter(|o| *o == "429").count(), 1);
+        assert_eq!(outcomes.iter().filter(|o| *o == "429").count(), 2);
     }
 
     #[tokio::test]

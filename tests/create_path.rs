@@ -339,14 +339,22 @@ async fn an_unreadable_success_fails_the_request_once_and_never_creates_it_again
     assert_eq!(tap.for_subject("garbled").len(), 1, "one event");
 }
 
-/// Three workers, one key, the simulator allowing 40 creates a minute.
-async fn three_workers_share_one_quota(name: &str, configured: Option<CreateQuota>) {
+/// Three workers, one key, the simulator allowing 40 creates a minute (and
+/// saying when to retry, or not: Novita does not document `Retry-After`).
+async fn three_workers_share_one_quota(
+    name: &str,
+    configured: Option<CreateQuota>,
+    retry_after: bool,
+) {
     let n = 60;
     let per_minute = 40;
     let env = TestEnv::with(
         name,
         SimulatorConfig {
-            quota: Some(AccountQuota::per_minute(per_minute)),
+            quota: Some(AccountQuota {
+                retry_after,
+                ..AccountQuota::per_minute(per_minute)
+            }),
             ..sim(Duration::from_secs(1))
         },
         |s| {
@@ -375,7 +383,7 @@ async fn three_workers_share_one_quota(name: &str, configured: Option<CreateQuot
     let windows = (n as u32).div_ceil(per_minute) - 1;
     let limit = Duration::from_secs(60 * u64::from(windows));
     eprintln!(
-        "{name}: {n} requests, 3 workers, {per_minute}/min: {} creates, {refused} refused with 429 ({per_request:.2} per request), makespan {makespan:?} against the quota's limit {limit:?} ({:.2}x)",
+        "{name}: {n} requests, 3 workers, {per_minute}/min (Retry-After: {retry_after}): {} creates, {refused} refused with 429 ({per_request:.2} per request), makespan {makespan:?} against the quota's limit {limit:?} ({:.2}x)",
         stats.create_calls,
         makespan.as_secs_f64() / limit.as_secs_f64()
     );
@@ -390,12 +398,17 @@ async fn three_workers_share_one_quota(name: &str, configured: Option<CreateQuot
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_stay_within_a_configured_account_quota() {
-    three_workers_share_one_quota("quotaset", quota("40/min")).await;
+    three_workers_share_one_quota("quotaset", quota("40/min"), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_workers_learn_the_account_quota_from_429s() {
-    three_workers_share_one_quota("quotalearn", None).await;
+async fn three_workers_learn_the_account_quota_from_429s_without_retry_after() {
+    three_workers_share_one_quota("quotalearn", None, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_learn_the_account_quota_from_429s_with_retry_after() {
+    three_workers_share_one_quota("quotalearnra", None, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
