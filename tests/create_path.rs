@@ -616,8 +616,7 @@ async fn a_ticket_stays_unacknowledged_while_its_terminal_event_is_refused() {
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    env.wait_total_messages(
+    env.steady_total_messages(
         &env.topology.tracking_queue,
         n as u64,
         Duration::from_secs(20),
@@ -679,7 +678,7 @@ impl RefusingPolicy {
                 "queues",
                 &name,
                 &pattern,
-                r#"{"max-length":0}"#,
+                r#"{"max-length":0,"overflow":"reject-publish"}"#,
             ])
             .status()
             .map(|s| s.success())
@@ -703,28 +702,19 @@ impl Drop for RefusingPolicy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_stay_unacknowledged_while_their_tickets_are_refused() {
-    // The first poll 20 s out: every first ticket goes to the 16 s wait
-    // queue, which the policy keeps full with one message.
+    // Classic queues: a quorum queue lets the first publishes of a new
+    // publisher past its length limit, a classic queue refuses them all.
     let env = TestEnv::with("refusetickets", sim(Duration::from_millis(500)), |s| {
-        s.polling.min_interval = Duration::from_secs(20);
-        s.polling.max_interval = Duration::from_secs(30);
+        s.amqp.queue_type = vidu_worker::config::QueueType::Classic;
     })
     .await;
     let tap = env.tap().await;
     let worker = env.start_worker().await;
-    // From here the blocker has 16 s before it expires and lets one ticket
-    // through: the refusal is lifted well before that.
     let policy = RefusingPolicy::set(&env);
-    let tier = env
-        .topology
-        .wait_queues
-        .iter()
-        .find(|(d, _)| *d == Duration::from_secs(16))
-        .map(|(_, q)| q.clone())
-        .expect("16 s tier");
+    let (_, longest) = env.topology.wait_queues.last().expect("tiers").clone();
     eventually(Duration::from_secs(10), "the policy to refuse", || async {
         env.publisher
-            .publish("", &tier, b"blocker", BasicProperties::default(), true)
+            .publish("", &longest, b"probe", BasicProperties::default(), true)
             .await
             .is_err()
             .then_some(())
@@ -742,10 +732,10 @@ async fn requests_stay_unacknowledged_while_their_tickets_are_refused() {
         worker.metric("vidu_worker_in_flight_requests", "").await,
         n as f64
     );
-    env.wait_total_messages(
+    env.steady_total_messages(
         &env.topology.request_queue,
         n as u64,
-        Duration::from_secs(10),
+        Duration::from_secs(12),
     )
     .await;
     assert_eq!(env.sim.stats().tasks_created, n as u64);

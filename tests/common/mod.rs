@@ -617,6 +617,32 @@ impl TestEnv {
         .await;
     }
 
+    /// Waits until the broker's statistics show exactly `n` messages
+    /// (ready and unacknowledged) in `queue` and keep showing it for longer
+    /// than one statistics interval (5 s), so that a stale figure cannot
+    /// pass for a fresh one.
+    pub async fn steady_total_messages(&self, queue: &str, n: u64, timeout: Duration) {
+        let steady = Duration::from_secs(6);
+        let deadline = Instant::now() + timeout;
+        let mut since: Option<Instant> = None;
+        loop {
+            if self.total_messages(queue) == Some(n) {
+                let first = *since.get_or_insert_with(Instant::now);
+                if first.elapsed() >= steady {
+                    return;
+                }
+            } else {
+                since = None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{queue} did not hold {n} messages steadily within {timeout:?}: {:?}",
+                self.total_messages(queue)
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
         self.channel
