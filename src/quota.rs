@@ -107,9 +107,10 @@ impl Learner {
     /// creates made before it, not that the new rate is too high (the
     /// pause deals with them).
     pub fn on_rate_limited(&mut self, sent_at: Instant, now: Instant) {
-        if self.decreased_at.is_some_and(|at| {
-            sent_at <= at || now.saturating_duration_since(at) < LEARN_WINDOW
-        }) {
+        if self
+            .decreased_at
+            .is_some_and(|at| sent_at <= at || now.saturating_duration_since(at) < LEARN_WINDOW)
+        {
             return;
         }
         self.trim(now);
@@ -545,7 +546,11 @@ mod tests {
         let want = [2, 4, 8, 16, 32, 60, 60];
         for (k, secs) in want.iter().enumerate() {
             let refusals = u32::try_from(k + 1).expect("small");
-            assert_eq!(default_pause(refusals), Duration::from_secs(*secs), "{refusals}");
+            assert_eq!(
+                default_pause(refusals),
+                Duration::from_secs(*secs),
+                "{refusals}"
+            );
         }
         assert_eq!(default_pause(u32::MAX), MAX_DEFAULT_PAUSE);
     }

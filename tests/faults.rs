@@ -118,6 +118,9 @@ async fn sigkill_at_random_moments_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
     let env = TestEnv::with("upfaults", sim(Duration::from_secs(1)), |s| {
+        // A known quota: the 429s here are faults, not an account limit to
+        // learn (tests/create_path.rs covers learning).
+        s.upstream.create_quota = vidu_worker::config::CreateQuota::parse("100/s").ok();
         s.upstream.timeout = Duration::from_secs(1);
         s.upstream.retry_initial = Duration::from_millis(200);
         s.upstream.retry_max = Duration::from_secs(2);
