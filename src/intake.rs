@@ -42,7 +42,7 @@ const TICKET_PATIENCE: Duration = Duration::from_secs(120);
 /// not created again.
 const RECENT_TTL: Duration = Duration::from_secs(30);
 /// Most created requests remembered at once.
-const RECENT_CAPACITY: usize = 10_000;
+const RECENT_CAPACITY: usize = 2_048;
 /// Longest a redelivered copy waits for this worker's own create of the
 /// same request to finish.
 const RECENT_WAIT: Duration = Duration::from_secs(180);
