@@ -29,21 +29,6 @@ pub const API_KEY_ENV: &str = "NOVITA_API_KEY";
 /// The shipped defaults file, relative to the working directory.
 pub const DEFAULT_FILE: &str = "config/default.toml";
 
-/// Keys holding durations, checked up front so an error names the key.
-const DURATION_KEYS: &[&str] = &[
-    "amqp.max_hold",
-    "upstream.timeout",
-    "upstream.connect_timeout",
-    "upstream.retry_initial",
-    "upstream.retry_max",
-    "upstream.create_retry_budget",
-    "polling.min_interval",
-    "polling.max_interval",
-    "polling.max_task_age",
-    "polling.max_off_peak_task_age",
-    "shutdown.grace_period",
-];
-
 /// Keys holding one of a few words.
 const ENUM_KEYS: &[(&str, &[&str])] = &[
     ("log.format", &["json", "pretty"]),
@@ -88,7 +73,51 @@ pub struct Settings {
     pub events: EventSettings,
     /// Shutdown behaviour.
     pub shutdown: ShutdownSettings,
+    /// Tracking-ticket signatures.
+    pub tickets: TicketSettings,
 }
+
+/// `[tickets]`: the secret that signs tracking tickets, so that a message a
+/// producer writes into an internal queue is never acted on.
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TicketSettings {
+    /// Signs every ticket; when unset, the key is derived from the API key
+    /// (no new secret to manage). Never logged.
+    pub secret: Option<SecretString>,
+    /// Secrets (or, for a deployment that signs with its API key, API keys)
+    /// still accepted when verifying tickets written before a rotation.
+    /// Keep them for `polling.max_off_peak_task_age` (72 h) after it.
+    pub previous_secrets: Vec<SecretString>,
+}
+
+impl fmt::Debug for TicketSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TicketSettings")
+            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
+            .field("previous_secrets", &self.previous_secrets.len())
+            .finish()
+    }
+}
+
+/// The longest value each duration setting accepts (checked at start, so
+/// that an absurd value cannot overflow a deadline later).
+pub const DURATION_LIMITS: &[(&str, Duration)] = &[
+    ("amqp.max_hold", Duration::from_secs(25 * 60)),
+    ("upstream.timeout", Duration::from_secs(10 * 60)),
+    ("upstream.connect_timeout", Duration::from_secs(5 * 60)),
+    ("upstream.retry_initial", Duration::from_secs(10 * 60)),
+    ("upstream.retry_max", Duration::from_secs(3600)),
+    ("upstream.create_retry_budget", Duration::from_secs(25 * 60)),
+    ("polling.min_interval", Duration::from_secs(3600)),
+    ("polling.max_interval", Duration::from_secs(24 * 3600)),
+    ("polling.max_task_age", Duration::from_secs(30 * 24 * 3600)),
+    (
+        "polling.max_off_peak_task_age",
+        Duration::from_secs(30 * 24 * 3600),
+    ),
+    ("shutdown.grace_period", Duration::from_secs(3600)),
+];
 
 /// Queue types the worker can declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -612,7 +641,7 @@ impl Settings {
                     .map_err(|problem| ConfigError::new("upstream.create_quota", problem))?;
             }
         }
-        for key in DURATION_KEYS {
+        for (key, _) in DURATION_LIMITS {
             if let Ok(text) = config.get_string(key) {
                 if let Err(e) = humantime::parse_duration(&text) {
                     return Err(ConfigError::new(
@@ -656,8 +685,59 @@ impl Settings {
         path(&mut self.upstream.ca_file);
     }
 
+    /// Every duration setting with its value, by key.
+    fn durations(&self) -> [(&'static str, Duration); 11] {
+        [
+            ("amqp.max_hold", self.amqp.max_hold),
+            ("upstream.timeout", self.upstream.timeout),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.retry_initial", self.upstream.retry_initial),
+            ("upstream.retry_max", self.upstream.retry_max),
+            (
+                "upstream.create_retry_budget",
+                self.upstream.create_retry_budget,
+            ),
+            ("polling.min_interval", self.polling.min_interval),
+            ("polling.max_interval", self.polling.max_interval),
+            ("polling.max_task_age", self.polling.max_task_age),
+            (
+                "polling.max_off_peak_task_age",
+                self.polling.max_off_peak_task_age,
+            ),
+            ("shutdown.grace_period", self.shutdown.grace_period),
+        ]
+    }
+
     /// Checks the values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in self.durations() {
+            let limit = DURATION_LIMITS
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, l)| *l)
+                .unwrap_or(Duration::MAX);
+            if value > limit {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "{} is longer than the limit of {}",
+                        humantime::format_duration(value),
+                        humantime::format_duration(limit)
+                    ),
+                ));
+            }
+        }
+        if self
+            .tickets
+            .secret
+            .as_ref()
+            .is_some_and(|s| s.expose_secret().len() < 16)
+        {
+            return Err(ConfigError::new(
+                "tickets.secret",
+                "must be at least 16 characters (or unset, to derive the key from the API key)",
+            ));
+        }
         let url = self.amqp.url.expose_secret();
         if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
             return Err(ConfigError::new(
@@ -961,7 +1041,7 @@ fn from_config_error(err: config::ConfigError) -> ConfigError {
         ),
         E::FileParse { uri, cause } => ConfigError::new(
             uri.unwrap_or_else(|| "<file>".into()),
-            cause.to_string().replace('\n', " "),
+            parse_problem(&cause.to_string()),
         ),
         E::NotFound(key) => ConfigError::new(key, "not found"),
         E::At { error, key, .. } => {
@@ -975,6 +1055,31 @@ fn from_config_error(err: config::ConfigError) -> ConfigError {
         }
         E::Message(msg) => message_error(&msg),
         other => ConfigError::new("<config>", other.to_string().replace('\n', " ")),
+    }
+}
+
+/// A file's syntax error without the file's text: TOML errors quote the
+/// offending line, which may hold a secret (`api_key = "sk-…`). Kept: where
+/// (line and column) and what (the parser's last line, unless it quotes).
+fn parse_problem(text: &str) -> String {
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let place = lines
+        .first()
+        .filter(|l| l.contains("line") && !l.contains('|'))
+        .map_or("a syntax error", |l| *l);
+    let what = lines
+        .iter()
+        .skip(1)
+        .rev()
+        .find(|l| !l.contains('|') && !l.contains('"') && !l.contains('\''))
+        .copied();
+    match what {
+        Some(what) => format!("{place}: {what} (the line is not shown: it may hold a secret)"),
+        None => format!("{place} (the line is not shown: it may hold a secret)"),
     }
 }
 
@@ -1092,6 +1197,27 @@ mod tests {
             let line = err.to_string();
             assert!(!line.contains('\n'), "one line: {line}");
         }
+    }
+
+    #[test]
+    fn every_duration_setting_has_a_limit_and_is_checked() {
+        let s = Settings::default();
+        let keys: Vec<&str> = s.durations().iter().map(|(k, _)| *k).collect();
+        let limited: Vec<&str> = DURATION_LIMITS.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, limited);
+        for (key, limit) in DURATION_LIMITS {
+            let var = format!(
+                "VIDU_WORKER__{}",
+                key.to_ascii_uppercase().replace('.', "__")
+            );
+            let too_long = format!("{}s", limit.as_secs() + 1);
+            let err = load(&[(&var, &too_long)]).expect_err(key);
+            assert_eq!(&err.key, key, "{err}");
+            assert!(err.problem.contains("longer than the limit"), "{err}");
+        }
+        let err =
+            load(&[("VIDU_WORKER__POLLING__MAX_TASK_AGE", "300000years")]).expect_err("absurd");
+        assert_eq!(err.key, "polling.max_task_age");
     }
 
     #[test]
@@ -1308,6 +1434,16 @@ mod tests {
         )
         .expect_err("length limit on classic queues");
         assert!(err.problem.contains("drops"), "{err}");
+    }
+
+    #[test]
+    fn a_syntax_error_never_shows_the_line() {
+        let err = load_file("[upstream]\napi_key = \"sk-LEAK-123\nbase_url = \"x\"\n")
+            .expect_err("syntax error");
+        let line = err.to_string();
+        assert!(!line.contains("sk-LEAK"), "{line}");
+        assert!(line.contains("line 2"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
     }
 
     #[test]

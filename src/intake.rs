@@ -55,6 +55,9 @@ pub(crate) async fn handle(shared: &Shared, delivery: &Delivery, lease: &Lease) 
         message_id: props.message_id().as_ref().map(|s| s.as_str()),
         content_type: props.content_type().as_ref().map(|s| s.as_str()),
         content_encoding: props.content_encoding().as_ref().map(|s| s.as_str()),
+        correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
+        reply_to: props.reply_to().as_ref().map(|s| s.as_str()),
+        request_queue: &shared.topology.request_queue,
     };
     let traceparent = broker::header_str(props, TRACEPARENT_HEADER).and_then(continue_trace);
 
@@ -111,12 +114,11 @@ struct Refused<'a> {
 /// Dead-letters the message with `x-vidu-error` and publishes the failed
 /// event; acknowledges only when both are confirmed.
 async fn refuse(shared: &Shared, delivery: &Delivery, r: Refused<'_>) -> Disposition {
-    let props = &delivery.properties;
     let ctx = RequestContext {
         request_id: r.request_id,
         metadata: r.metadata,
-        correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
-        reply_to: props.reply_to().as_ref().map(|s| s.as_str()),
+        correlation_id: correlation_id(delivery),
+        reply_to: reply_to(shared, delivery),
         traceparent: r.traceparent,
     };
     let event = events::build(
@@ -485,15 +487,14 @@ async fn record(
     } else {
         polling.max_task_age
     };
-    let props = &delivery.properties;
     let ticket = Ticket {
         v: TICKET_VERSION,
         request_id: req.request_id,
         task_id,
         model: req.model.to_owned(),
         metadata: req.metadata,
-        correlation_id: props.correlation_id().as_ref().map(|s| s.to_string()),
-        reply_to: props.reply_to().as_ref().map(|s| s.to_string()),
+        correlation_id: correlation_id(delivery).map(str::to_owned),
+        reply_to: reply_to(shared, delivery).map(str::to_owned),
         traceparent,
         received_at,
         submitted_at: now,
@@ -532,6 +533,26 @@ async fn record(
     shared.metrics.request("submitted");
     tracing::debug!("task submitted and tracked");
     Disposition::Ack
+}
+
+/// The request's `correlation_id`, when it may go into events.
+fn correlation_id(delivery: &Delivery) -> Option<&str> {
+    delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .map(|s| s.as_str())
+        .filter(|c| request::check_correlation_id(c).is_ok())
+}
+
+/// The request's `reply_to`, when the terminal event may go there.
+fn reply_to<'a>(shared: &Shared, delivery: &'a Delivery) -> Option<&'a str> {
+    delivery
+        .properties
+        .reply_to()
+        .as_ref()
+        .map(|s| s.as_str())
+        .filter(|r| request::check_reply_to(r, &shared.topology.request_queue).is_ok())
 }
 
 /// Tells the gate why this create could not be served.

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod quota;
 pub mod request;
 pub mod retry;
+pub mod signing;
 pub mod simulator;
 pub mod submit;
 pub mod telemetry;

@@ -25,6 +25,13 @@ pub const MAX_REQUEST_ID_CHARS: usize = 128;
 pub const MAX_PROMPT_CHARS: usize = 1500;
 /// Longest URL accepted in `input`.
 pub const MAX_URL_CHARS: usize = 2048;
+/// Deepest nesting of arrays and objects accepted anywhere in a body (the
+/// request itself needs three levels; the rest is for `metadata`).
+pub const MAX_DEPTH: usize = 32;
+/// Longest AMQP short-string property (`correlation_id`, `reply_to`, ...).
+pub const MAX_PROPERTY_BYTES: usize = 255;
+/// The one `amq.` name a `reply_to` may use: RabbitMQ's direct reply-to.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 const IMAGE_EXTENSIONS: [&str; 4] = [".jpg", ".jpeg", ".png", ".webp"];
 const RESOLUTIONS: [&str; 3] = ["540p", "720p", "1080p"];
@@ -33,10 +40,18 @@ const STYLES: [&str; 2] = ["general", "anime"];
 const WM_POSITIONS: [&str; 4] = ["top-left", "top-right", "bottom-left", "bottom-right"];
 const TOP_LEVEL_FIELDS: [&str; 4] = ["request_id", "model", "input", "metadata"];
 
-/// A request id: 1–128 characters of `[A-Za-z0-9._:-]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+/// A request id: 1–128 characters of `[A-Za-z0-9._:-]`. Deserializing one
+/// (from a ticket) checks the same rules.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(transparent)]
 pub struct RequestId(String);
+
+impl<'de> serde::Deserialize<'de> for RequestId {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let raw = Cow::<'de, str>::deserialize(de)?;
+        Self::parse(&raw).map_err(|why| serde::de::Error::custom(format!("request_id {why}")))
+    }
+}
 
 impl RequestId {
     /// Checks the id rules.
@@ -79,6 +94,73 @@ pub struct MessageProps<'a> {
     pub content_type: Option<&'a str>,
     /// `content_encoding`; only none or identity is accepted.
     pub content_encoding: Option<&'a str>,
+    /// `correlation_id`, copied to every event.
+    pub correlation_id: Option<&'a str>,
+    /// `reply_to`, where the terminal event also goes.
+    pub reply_to: Option<&'a str>,
+    /// The deployment's request queue: `reply_to` may not name it or
+    /// anything that starts with it (its internal queues).
+    pub request_queue: &'a str,
+}
+
+/// Checks `correlation_id`: at most 255 bytes, no control characters
+/// (it is copied into every event's properties).
+pub fn check_correlation_id(value: &str) -> Result<(), String> {
+    check_property(value)
+}
+
+fn check_property(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_PROPERTY_BYTES {
+        return Err(format!("must be 1 to {MAX_PROPERTY_BYTES} bytes"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err("may not contain control characters".into());
+    }
+    Ok(())
+}
+
+/// Checks `reply_to`: a queue name the worker may publish the terminal
+/// event to. Not the deployment's own queues (`request_queue` and every
+/// name starting with it), not another deployment's internal queues
+/// (`….tracking`, `….dead`, `….wait.<n>s`, `….quota.…`), and no `amq.`
+/// name except direct reply-to.
+pub fn check_reply_to(value: &str, request_queue: &str) -> Result<(), String> {
+    check_property(value)?;
+    if value.chars().any(char::is_whitespace) {
+        return Err("may not contain spaces".into());
+    }
+    if !request_queue.is_empty() && value.starts_with(request_queue) {
+        return Err(format!(
+            "{:?} is this deployment's own queue; reply_to must name a queue of the producer's",
+            excerpt(value)
+        ));
+    }
+    if value.starts_with("amq.") && !value.starts_with(DIRECT_REPLY_TO) {
+        return Err(format!(
+            "{:?} is a broker-reserved name (amq.); only {DIRECT_REPLY_TO} may be used",
+            excerpt(value)
+        ));
+    }
+    if looks_internal(value) {
+        return Err(format!(
+            "{:?} is the name of a vidu-worker deployment's internal queue",
+            excerpt(value)
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a name has the shape of a deployment's internal queue.
+fn looks_internal(name: &str) -> bool {
+    if name.ends_with(".tracking") || name.ends_with(".dead") || name.contains(".quota.") {
+        return true;
+    }
+    match name.rsplit_once(".wait.") {
+        Some((_, tier)) => tier
+            .strip_suffix('s')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())),
+        None => false,
+    }
 }
 
 /// The validated Vidu Q3 Pro request body, serialized as the upstream wants it.
@@ -239,6 +321,7 @@ impl Ctx<'_> {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(problem("body", "is empty; expected a JSON object"));
         }
+        check_structure(body)?;
         let fields: HashMap<Cow<'_, str>, &RawValue> =
             serde_json::from_slice(body).map_err(|e| problem("body", json_problem(body, &e)))?;
 
@@ -272,6 +355,12 @@ impl Ctx<'_> {
             },
         };
         self.request_id = Some(request_id.clone());
+        if let Some(c) = self.props.correlation_id {
+            check_correlation_id(c).map_err(|m| problem("correlation_id", m))?;
+        }
+        if let Some(r) = self.props.reply_to {
+            check_reply_to(r, self.props.request_queue).map_err(|m| problem("reply_to", m))?;
+        }
 
         if let Some(raw) = fields.get("metadata").filter(|r| r.get() != "null") {
             if !raw.get().starts_with('{') {
@@ -368,6 +457,145 @@ fn check_content_type(props: MessageProps<'_>) -> Result<(), Problem> {
     Ok(())
 }
 
+/// Walks the whole body once: no key twice in one object (JSON parsers
+/// disagree on which one wins, so the worker would send upstream what a
+/// reviewer does not see), nesting at most [`MAX_DEPTH`], numbers that fit
+/// a double, strings that are valid Unicode (serde_json refuses lone
+/// surrogates and unrepresentable numbers itself).
+fn check_structure(body: &[u8]) -> Result<(), Problem> {
+    use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use std::cell::RefCell;
+
+    struct Walk<'a> {
+        path: String,
+        depth: usize,
+        found: &'a RefCell<Option<Problem>>,
+    }
+
+    impl Walk<'_> {
+        fn fail<E: serde::de::Error>(&self, p: Problem) -> E {
+            let text = p.1.clone();
+            *self.found.borrow_mut() = Some(p);
+            E::custom(text)
+        }
+
+        fn field(&self) -> String {
+            if self.path.is_empty() {
+                "body".to_owned()
+            } else {
+                self.path.clone()
+            }
+        }
+
+        fn child(&self, segment: String) -> Result<Walk<'_>, Problem> {
+            if self.depth + 1 > MAX_DEPTH {
+                return Err(problem(
+                    self.field(),
+                    format!("nests deeper than {MAX_DEPTH} levels"),
+                ));
+            }
+            Ok(Walk {
+                path: segment,
+                depth: self.depth + 1,
+                found: self.found,
+            })
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Walk<'_> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, de: D) -> Result<(), D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Walk<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(self.fail(problem(self.field(), "is a number too large for a double")))
+            }
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            let mut i = 0usize;
+            loop {
+                let child = self
+                    .child(format!("{}[{i}]", self.path))
+                    .map_err(|p| self.fail::<A::Error>(p))?;
+                if seq.next_element_seed(child)?.is_none() {
+                    return Ok(());
+                }
+                i += 1;
+            }
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                let name = excerpt(&key);
+                let seg = if self.path.is_empty() {
+                    name.clone()
+                } else if self.path.len() > 200 {
+                    // Long enough to find the place; the rest would only
+                    // repeat untrusted names.
+                    self.path.clone()
+                } else {
+                    format!("{}.{name}", self.path)
+                };
+                if !seen.insert(key) {
+                    return Err(self.fail(problem(
+                        seg,
+                        format!("duplicate key {name:?}: each key may appear once"),
+                    )));
+                }
+                let child = self.child(seg).map_err(|p| self.fail::<A::Error>(p))?;
+                map.next_value_seed(child)?;
+            }
+            Ok(())
+        }
+    }
+
+    let found = RefCell::new(None);
+    let walk = Walk {
+        path: String::new(),
+        depth: 0,
+        found: &found,
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let result = walk.deserialize(&mut de).and_then(|()| de.end());
+    match (result, found.into_inner()) {
+        (Ok(()), _) => Ok(()),
+        (Err(_), Some(p)) => Err(p),
+        (Err(e), None) => Err(problem("body", json_problem(body, &e))),
+    }
+}
+
+/// Text with control characters replaced, for names quoted in messages.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
 fn json_problem(body: &[u8], err: &serde_json::Error) -> String {
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     match (err.classify(), first) {
@@ -384,16 +612,15 @@ fn json_problem(body: &[u8], err: &serde_json::Error) -> String {
     }
 }
 
-/// Shortens untrusted text for error messages.
+/// Shortens untrusted text for error messages, with control characters
+/// replaced (they would forge log lines and terminal output).
 fn excerpt(s: &str) -> String {
     const MAX: usize = 64;
-    if s.chars().count() <= MAX {
-        s.to_owned()
-    } else {
-        let mut out: String = s.chars().take(MAX).collect();
+    let mut out: String = printable(&s.chars().take(MAX).collect::<String>());
+    if s.chars().count() > MAX {
         out.push('…');
-        out
     }
+    out
 }
 
 fn parse_input(mut map: Map<String, Value>) -> Result<ViduInput, Problem> {
@@ -763,12 +990,10 @@ mod tests {
             assert_eq!(err.field, "body", "{bad:?}");
         }
         let deep = format!("{}{}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
-        assert_eq!(
-            parse(deep.as_bytes(), MessageProps::default())
-                .expect_err("deep")
-                .field,
-            "body"
-        );
+        let err = parse(deep.as_bytes(), MessageProps::default()).expect_err("deep");
+        assert!(err.field.starts_with("a.a.a"), "{}", err.field);
+        assert!(err.field.len() <= 210, "{}", err.field.len());
+        assert!(err.message.contains("deeper than"), "{}", err.message);
     }
 
     #[test]
@@ -819,6 +1044,113 @@ mod tests {
             ),
             "metadata"
         );
+    }
+
+    #[test]
+    fn duplicate_keys_anywhere_are_refused_by_name() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"{"input": {"images": ["https://e.com/a.jpg"]}, "input": {"images": ["https://e.com/b.jpg"]}}"#,
+                "input",
+            ),
+            (
+                r#"{"input": {"images": ["https://e.com/a.jpg"], "duration": 5, "duration": 6}}"#,
+                "input.duration",
+            ),
+            (
+                r#"{"input": {"images": ["https://e.com/a.jpg"]}, "metadata": {"a": {"b": 1, "b": 2}}}"#,
+                "metadata.a.b",
+            ),
+            (
+                r#"{"input": {"images": ["https://e.com/a.jpg"]}, "metadata": {"l": [{"x": 1, "x": 1}]}}"#,
+                "metadata.l[0].x",
+            ),
+        ];
+        for (body, field) in cases {
+            let err = parse(body.as_bytes(), MessageProps::default()).expect_err(body);
+            assert_eq!(err.field, *field, "{body}");
+            assert!(err.message.starts_with("duplicate key"), "{}", err.message);
+        }
+    }
+
+    #[test]
+    fn metadata_is_parsed_with_limits() {
+        let img = r#""input": {"images": ["https://e.com/a.jpg"]}"#;
+        // 31 levels inside metadata (32 with the body) are fine, one more is not.
+        let nest = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+        let ok = format!("{{{img}, \"metadata\": {}}}", nest(MAX_DEPTH - 1));
+        assert!(parse(ok.as_bytes(), MessageProps::default()).is_ok());
+        let over = format!("{{{img}, \"metadata\": {}}}", nest(MAX_DEPTH));
+        assert!(parse(over.as_bytes(), MessageProps::default()).is_err());
+        let deep = format!("{{{img}, \"metadata\": {}}}", nest(1500));
+        let err = parse(deep.as_bytes(), MessageProps::default()).expect_err("deep");
+        assert!(err.field.starts_with("metadata"), "{}", err.field);
+        assert!(err.message.contains("deeper than 32"), "{}", err.message);
+        for bad in [
+            format!(r#"{{{img}, "metadata": {{"n": 1e999999}}}}"#),
+            format!(r#"{{{img}, "metadata": {{"s": "\ud800"}}}}"#),
+            format!(r#"{{{img}, "metadata": {{"s": "\udc00x"}}}}"#),
+        ] {
+            let err = parse(bad.as_bytes(), MessageProps::default()).expect_err(&bad);
+            assert_eq!(err.field, "body", "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn properties_are_checked() {
+        let body = br#"{"input": {"images": ["https://e.com/a.jpg"]}}"#;
+        let with = |correlation_id: Option<&'static str>, reply_to: Option<&'static str>| {
+            parse(
+                body,
+                MessageProps {
+                    correlation_id,
+                    reply_to,
+                    request_queue: "vidu.requests",
+                    ..MessageProps::default()
+                },
+            )
+        };
+        assert!(with(Some("corr-1"), Some("my.replies")).is_ok());
+        assert!(with(None, Some("amq.rabbitmq.reply-to.g1hkABCD")).is_ok());
+        assert!(with(None, Some("team.waiting.room")).is_ok());
+        for (c, r, field) in [
+            (Some("a\nb"), None, "correlation_id"),
+            (None, Some("vidu.requests"), "reply_to"),
+            (None, Some("vidu.requests.tracking"), "reply_to"),
+            (None, Some("vidu.requests.wait.2s"), "reply_to"),
+            (None, Some("vidu.requests.dead"), "reply_to"),
+            (None, Some("other-team.requests.tracking"), "reply_to"),
+            (None, Some("other-team.requests.wait.64s"), "reply_to"),
+            (
+                None,
+                Some("other-team.requests.quota.20-per-60s"),
+                "reply_to",
+            ),
+            (None, Some("amq.gen-abc"), "reply_to"),
+            (None, Some("two words"), "reply_to"),
+        ] {
+            let err = with(c, r).expect_err(field);
+            assert_eq!(err.field, field, "{c:?} {r:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn control_characters_never_reach_messages() {
+        let err = parse(
+            br#"{"input": {"images": ["https://e.com/a.jpg"], "x\u001b[31m\nforged": 1}}"#,
+            MessageProps::default(),
+        )
+        .expect_err("unknown field");
+        let text = err.to_string();
+        assert!(!text.chars().any(char::is_control), "{text:?}");
+    }
+
+    #[test]
+    fn request_ids_are_checked_when_read_back() {
+        assert!(serde_json::from_str::<RequestId>(r#""order-1""#).is_ok());
+        assert!(serde_json::from_str::<RequestId>(r#""a\nb""#).is_err());
+        let long = format!("\"{}\"", "x".repeat(129));
+        assert!(serde_json::from_str::<RequestId>(&long).is_err());
     }
 
     #[test]
