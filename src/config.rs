@@ -89,6 +89,10 @@ pub struct TicketSettings {
     /// still accepted when verifying tickets written before a rotation.
     /// Keep them for `polling.max_off_peak_task_age` (72 h) after it.
     pub previous_secrets: Vec<SecretString>,
+    /// Accept tickets without a signature: only while upgrading from a
+    /// version that did not sign them (they can be in flight for 72 h).
+    /// Anyone who can write to the vhost can forge an unsigned ticket.
+    pub accept_unsigned: bool,
 }
 
 impl fmt::Debug for TicketSettings {
@@ -96,6 +100,7 @@ impl fmt::Debug for TicketSettings {
         f.debug_struct("TicketSettings")
             .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
             .field("previous_secrets", &self.previous_secrets.len())
+            .field("accept_unsigned", &self.accept_unsigned)
             .finish()
     }
 }
@@ -622,6 +627,8 @@ impl Settings {
                 .prefix_separator("__")
                 .separator("__")
                 .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("tickets.previous_secrets")
                 .source(Some(prefixed.into_iter().collect())),
         );
         let config = builder.build().map_err(from_config_error)?;

@@ -27,6 +27,27 @@ pub const FAILED: &str = "video.generation.failed";
 /// AMQP content type of every event.
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
 
+/// Whether `value` is a W3C `traceparent` the worker can continue:
+/// version, 32-hex trace id (not all zero), 16-hex parent id, 2-hex flags,
+/// lowercase.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let [version, trace_id, parent_id, flags] = parts.as_slice() else {
+        return false;
+    };
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    hex(version, 2)
+        && *version != "ff"
+        && hex(trace_id, 32)
+        && !trace_id.bytes().all(|b| b == b'0')
+        && hex(parent_id, 16)
+        && hex(flags, 2)
+}
+
 /// Namespace of the UUID v5 event ids.
 const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5d1c_6f3a_8b9e_4c27_a1f0_3e6d_2b7c_9a41);
 

@@ -580,24 +580,14 @@ fn rejected_message(status: u16, reason: &str, message: &str) -> String {
 /// Continues an incoming W3C trace: same trace id and flags, a new parent id
 /// for the worker's own span. Malformed headers are ignored.
 pub fn continue_trace(incoming: &str) -> Option<String> {
-    let parts: Vec<&str> = incoming.trim().split('-').collect();
-    let [version, trace_id, parent_id, flags] = parts.as_slice() else {
-        return None;
-    };
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    if !hex(version, 2)
-        || *version == "ff"
-        || !hex(trace_id, 32)
-        || trace_id.bytes().all(|b| b == b'0')
-        || !hex(parent_id, 16)
-        || !hex(flags, 2)
-    {
+    let incoming = incoming.trim();
+    if !events::is_traceparent(incoming) {
         return None;
     }
+    let parts: Vec<&str> = incoming.split('-').collect();
+    let [_, trace_id, _, flags] = parts.as_slice() else {
+        return None;
+    };
     let span_id = loop {
         let v: u64 = rand::random();
         if v != 0 {

@@ -62,6 +62,13 @@ pub struct WaitLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `tickets_rejected_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TicketLabels {
+    /// `unsigned`, `forged`, `invalid`, `oversized`.
+    pub reason: &'static str,
+}
+
 /// The worker's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -88,6 +95,8 @@ struct Inner {
     create_rate_permitted: Gauge<f64, AtomicU64>,
     request_hold: Histogram,
     quota_slots_unused: Counter,
+    tickets_rejected: Family<TicketLabels, Counter>,
+    reply_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -207,6 +216,18 @@ impl Metrics {
             "Seconds a request message was held unacknowledged by this worker",
             request_hold.clone(),
         );
+        let tickets_rejected = Family::<TicketLabels, Counter>::default();
+        registry.register(
+            "tickets_rejected",
+            "Messages on the tracking queues that were not this deployment's tickets (dead-lettered, never acted on), by reason",
+            tickets_rejected.clone(),
+        );
+        let reply_failures = Counter::default();
+        registry.register(
+            "reply_failures",
+            "Terminal events the broker refused to deliver to a request's reply_to (the events exchange had them)",
+            reply_failures.clone(),
+        );
         let quota_slots_unused = Counter::default();
         registry.register(
             "quota_slots_unused",
@@ -234,6 +255,8 @@ impl Metrics {
                 create_rate_permitted,
                 request_hold,
                 quota_slots_unused,
+                tickets_rejected,
+                reply_failures,
             }),
         }
     }
@@ -345,6 +368,19 @@ impl Metrics {
     /// Records how long a request message was held.
     pub fn observe_hold(&self, seconds: f64) {
         self.inner.request_hold.observe(seconds);
+    }
+
+    /// Counts a message refused on a tracking queue.
+    pub fn ticket_rejected(&self, reason: &'static str) {
+        self.inner
+            .tickets_rejected
+            .get_or_create(&TicketLabels { reason })
+            .inc();
+    }
+
+    /// Counts a terminal event `reply_to` did not take.
+    pub fn reply_failure(&self) {
+        self.inner.reply_failures.inc();
     }
 
     /// Counts a quota slot claimed in vain.

@@ -8,10 +8,11 @@
 use std::{
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
+    time::Duration,
 };
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{gate::Gate, metrics::Metrics};
 
@@ -134,7 +135,18 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
         .map_err(|e| format!("http.listen: cannot listen on {addr}: {e}"))
 }
 
-/// Serves until `shutdown` fires.
+/// Longest a client may take to send a request's headers; also how long a
+/// connection may sit idle before the next request.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection is kept, however busy (a scraper reconnects).
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
+/// Most connections served at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Serves until `shutdown` fires. Each connection has a header-read and
+/// idle timeout and a maximum age, and at most [`MAX_CONNECTIONS`] are
+/// open at once, so that half-open or idle clients cannot pile up (the
+/// endpoint listens on all interfaces by default).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Health,
@@ -142,10 +154,45 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let app = router(health, metrics);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-    {
-        tracing::error!(error = %e, "the operations endpoint stopped");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::debug!(error = %e, "the operations endpoint could not accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Over the cap: closed at once.
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                () = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
+                () = stop.cancelled() => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        });
     }
+    connections.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
 }

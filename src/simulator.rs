@@ -668,6 +668,7 @@ impl Simulator {
             let resp = api_error(StatusCode::BAD_REQUEST, "ILLEGAL_PROMPT", message);
             return self.finish(&call, resp);
         }
+        let directives_task_id_bytes = directives.hostile.task_id_bytes;
         let task_id = self.create_task(&request, directives);
         call.task_id = Some(task_id.to_string());
         match after {
@@ -683,7 +684,11 @@ impl Simulator {
             }
             AfterCreate::Answer => {
                 debug!(%task_id, "sim: task created");
-                let resp = Json(json!({ "task_id": task_id.to_string() })).into_response();
+                let answered = match directives_task_id_bytes {
+                    Some(n) => "t".repeat(n),
+                    None => task_id.to_string(),
+                };
+                let resp = Json(json!({ "task_id": answered })).into_response();
                 self.finish(&call, resp)
             }
         }
@@ -728,12 +733,24 @@ impl Simulator {
                 "TASK_NOT_FOUND",
                 &format!("task {task_id} not found"),
             ),
-            Some(snap) => self.task_result(&task_id, &snap, now),
+            Some(snap) => {
+                let auth = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                self.task_result(&task_id, &snap, now, auth)
+            }
         };
         self.finish(&call, resp)
     }
 
-    fn task_result(&self, task_id: &str, snap: &TaskSnapshot, now: Instant) -> Response {
+    fn task_result(
+        &self,
+        task_id: &str,
+        snap: &TaskSnapshot,
+        now: Instant,
+        auth: &str,
+    ) -> Response {
         let elapsed = now.saturating_duration_since(snap.created);
         let p = progress(snap.generation, elapsed);
         if p.phase == Phase::Done && snap.fail500 {
@@ -744,9 +761,20 @@ impl Simulator {
             );
         }
         let config = &self.inner.config;
+        let hostile = &snap.hostile;
+        let echoed;
+        let long_reason;
         let (status, reason) = match (p.phase, &snap.fail) {
             (Phase::Queued, _) => ("TASK_STATUS_QUEUED", ""),
             (Phase::Processing, _) => ("TASK_STATUS_PROCESSING", ""),
+            (Phase::Done, _) if hostile.echo_auth => {
+                echoed = format!("proxy error; the request's headers were: Authorization: {auth}");
+                ("TASK_STATUS_FAILED", echoed.as_str())
+            }
+            (Phase::Done, _) if hostile.reason_bytes.is_some() => {
+                long_reason = "r".repeat(hostile.reason_bytes.unwrap_or(0));
+                ("TASK_STATUS_FAILED", long_reason.as_str())
+            }
             (Phase::Done, Some(reason)) => ("TASK_STATUS_FAILED", &**reason),
             (Phase::Done, None) => ("TASK_STATUS_SUCCEED", ""),
         };
@@ -783,7 +811,11 @@ impl Simulator {
             let mut video = Map::new();
             video.insert(
                 "video_url".into(),
-                format!("{VIDEO_URL_PREFIX}{task_id}.mp4").into(),
+                hostile
+                    .video_url
+                    .clone()
+                    .unwrap_or_else(|| format!("{VIDEO_URL_PREFIX}{task_id}.mp4"))
+                    .into(),
             );
             video.insert(
                 "video_url_ttl".into(),
@@ -793,7 +825,8 @@ impl Simulator {
             if snap.odd {
                 video.insert("sim_codec".into(), "h264".into());
             }
-            videos.push(Value::Object(video));
+            let copies = hostile.videos.unwrap_or(1).max(1);
+            videos = vec![Value::Object(video); copies];
         }
 
         let mut debug_info = Map::new();
@@ -818,7 +851,10 @@ impl Simulator {
         if snap.odd {
             body.insert("sim_trace".into(), json!({ "hops": [1, 2], "ok": true }));
         }
-        Json(Value::Object(body)).into_response()
+        match hostile.huge {
+            Some(bytes) => huge_response(&Value::Object(body), bytes),
+            None => Json(Value::Object(body)).into_response(),
+        }
     }
 
     fn check_auth(&self, endpoint: Endpoint, headers: &HeaderMap) -> Option<Response> {
@@ -952,6 +988,7 @@ impl Simulator {
             fail500: directives.fail500,
             noeta: directives.noeta,
             odd: directives.odd,
+            hostile: directives.hostile,
             body: body.into_boxed_str(),
             polls: 0,
         };
@@ -1268,6 +1305,31 @@ fn drop_connection() -> Response {
     Response::new(Body::from_stream(stream))
 }
 
+/// A JSON answer with a `sim_padding` string of about `bytes` bytes in
+/// front, streamed in 64 KiB chunks (never held whole).
+fn huge_response(body: &Value, bytes: u64) -> Response {
+    use futures_util::StreamExt;
+    const CHUNK: usize = 64 * 1024;
+    let rest = body.to_string();
+    let tail = format!("\",{}", rest.strip_prefix('{').unwrap_or(&rest));
+    let chunks = bytes.div_ceil(CHUNK as u64);
+    let padding = futures_util::stream::iter(0..chunks)
+        .map(|_| Ok::<Bytes, io::Error>(Bytes::from_static(&[b'x'; CHUNK])));
+    let stream = futures_util::stream::once(async {
+        Ok::<Bytes, io::Error>(Bytes::from_static(b"{\"sim_padding\":\""))
+    })
+    .chain(padding)
+    .chain(futures_util::stream::once(async move {
+        Ok::<Bytes, io::Error>(Bytes::from(tail))
+    }));
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 /// HTTP 200 with an HTML body: a proxy's error page where JSON was expected.
 fn garbage_response() -> Response {
     let mut resp = Response::new(Body::from(GARBAGE_BODY));
@@ -1472,6 +1534,7 @@ impl SimState {
             fail500: task.fail500,
             noeta: task.noeta,
             odd: task.odd,
+            hostile: task.hostile.clone(),
         };
         self.task_polls += 1;
         self.max_polls_per_task = self.max_polls_per_task.max(polls);
@@ -1509,6 +1572,7 @@ struct TaskRecord {
     fail500: bool,
     noeta: bool,
     odd: bool,
+    hostile: Hostile,
     /// Canonical (sorted keys, compact) JSON of the request body.
     body: Box<str>,
     polls: u64,
@@ -1549,6 +1613,7 @@ struct TaskSnapshot {
     fail500: bool,
     noeta: bool,
     odd: bool,
+    hostile: Hostile,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1704,6 +1769,42 @@ struct Directives {
     fail500: bool,
     noeta: bool,
     odd: bool,
+    hostile: Hostile,
+}
+
+/// Answers of an upstream that is broken or hostile, per task (the
+/// `[sim:huge=…]`, `[sim:echo-auth]`, … directives).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Hostile {
+    /// Task-result answers padded to about this many bytes (streamed).
+    huge: Option<u64>,
+    /// The task fails with the poll's `Authorization` header in its reason.
+    echo_auth: bool,
+    /// The task fails with a reason this many bytes long.
+    reason_bytes: Option<usize>,
+    /// The finished task's video URL.
+    video_url: Option<String>,
+    /// The finished task lists this many videos.
+    videos: Option<usize>,
+    /// The create answers a task id this many bytes long.
+    task_id_bytes: Option<usize>,
+}
+
+/// A size like `400MiB`, `64KiB` or `1000`.
+fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (number, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let n: u64 = number.parse().ok()?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1024,
+        "MiB" | "M" => 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(factor)
 }
 
 fn parse_directives(prompt: &str) -> Directives {
@@ -1729,6 +1830,16 @@ fn parse_directives(prompt: &str) -> Directives {
             ("fail500", _) => d.fail500 = true,
             ("noeta", _) => d.noeta = true,
             ("odd", _) => d.odd = true,
+            ("huge", Some(v)) => d.hostile.huge = parse_size(v),
+            ("echo-auth", _) => d.hostile.echo_auth = true,
+            ("reason-bytes", Some(v)) => {
+                d.hostile.reason_bytes = parse_size(v).and_then(|n| usize::try_from(n).ok())
+            }
+            ("video-url", Some(v)) => d.hostile.video_url = Some(v.to_owned()),
+            ("videos", Some(v)) => d.hostile.videos = v.parse().ok(),
+            ("task-id-bytes", Some(v)) => {
+                d.hostile.task_id_bytes = parse_size(v).and_then(|n| usize::try_from(n).ok())
+            }
             _ => debug!(directive, "sim: ignoring unknown directive"),
         }
     }

@@ -16,14 +16,17 @@ use lapin::{message::Delivery, BasicProperties};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
 use crate::{
     broker::{self, DELIVERY_COUNT_HEADER},
     config::PollingSettings,
     events::{self, EventKind, FailureCode, RequestContext},
     gate::{GateState, Refusal},
-    request::RequestId,
+    request::{self, RequestId},
     retry::RetryPolicy,
-    upstream::{TaskResult, TaskStatus, UpstreamError},
+    signing::{SignatureError, SIGNATURE_HEADER},
+    upstream::{valid_task_id, TaskResult, TaskStatus, UpstreamError},
     worker::{Disposition, Shared},
 };
 
@@ -102,13 +105,109 @@ impl Ticket {
         }
     }
 
-    /// AMQP properties of a ticket message.
-    pub fn properties(&self) -> BasicProperties {
+    /// AMQP properties of a ticket message whose body signs as `signature`.
+    pub fn properties(signature: String) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            SIGNATURE_HEADER.into(),
+            AMQPValue::LongString(LongString::from(signature)),
+        );
         BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_type(TICKET_TYPE.into())
+            .with_headers(headers)
     }
+
+    /// Checks every field with the rules a request's meet, so that what a
+    /// ticket says can go into a poll and into events as it is.
+    pub fn validate(&self, request_queue: &str) -> Result<(), String> {
+        if self.v != TICKET_VERSION {
+            return Err(format!("version {} is not {TICKET_VERSION}", self.v));
+        }
+        if !valid_task_id(&self.task_id) {
+            return Err("task_id is not 1 to 128 printable characters".into());
+        }
+        if self.model != request::MODEL {
+            return Err("model is not one this worker serves".into());
+        }
+        if let Some(m) = &self.metadata {
+            if !m.get().starts_with('{') || m.get().len() > request::MAX_METADATA_BYTES {
+                return Err("metadata is not an object of at most 16 KiB".into());
+            }
+        }
+        if let Some(c) = &self.correlation_id {
+            request::check_correlation_id(c).map_err(|e| format!("correlation_id {e}"))?;
+        }
+        if let Some(r) = &self.reply_to {
+            request::check_reply_to(r, request_queue).map_err(|e| format!("reply_to: {e}"))?;
+        }
+        if self
+            .traceparent
+            .as_deref()
+            .is_some_and(|t| !events::is_traceparent(t))
+        {
+            return Err("traceparent is malformed".into());
+        }
+        let longest = chrono::Duration::days(31);
+        if self.received_at > self.submitted_at
+            || self.deadline < self.submitted_at
+            || self.deadline - self.submitted_at > longest
+            || self.next_poll_at - self.submitted_at > longest
+        {
+            return Err("its times are out of order or span more than 31 days".into());
+        }
+        if self
+            .last_status
+            .as_deref()
+            .is_some_and(|s| !matches!(s, "queued" | "processing"))
+            || self.last_progress.is_some_and(|p| p > 100)
+        {
+            return Err("last_status or last_progress is out of range".into());
+        }
+        Ok(())
+    }
+}
+
+/// Largest ticket read; a larger message on a tracking queue is not ours.
+pub const MAX_TICKET_BYTES: usize = 64 * 1024;
+
+/// Why a message on a tracking queue is not acted on.
+fn refusal(shared: &Shared, delivery: &Delivery) -> Result<Ticket, (&'static str, String)> {
+    if delivery.data.len() > MAX_TICKET_BYTES {
+        return Err((
+            "oversized",
+            format!(
+                "{} bytes, more than a ticket's {MAX_TICKET_BYTES}",
+                delivery.data.len()
+            ),
+        ));
+    }
+    let signature = broker::header_str(&delivery.properties, SIGNATURE_HEADER);
+    if let Err(e) = shared.signer.verify(&delivery.data, signature) {
+        if !(shared.settings.tickets.accept_unsigned && signature.is_none()) {
+            let reason = match e {
+                SignatureError::Missing => "unsigned",
+                SignatureError::Malformed | SignatureError::Invalid => "forged",
+            };
+            return Err((reason, e.to_string()));
+        }
+    }
+    let ticket: Ticket = serde_json::from_slice(&delivery.data).map_err(|e| {
+        // serde's words may quote the message: shortened, control
+        // characters dropped.
+        (
+            "invalid",
+            format!(
+                "not a tracking ticket: {}",
+                crate::upstream::clean_text(&e.to_string(), 200)
+            ),
+        )
+    })?;
+    ticket
+        .validate(&shared.topology.request_queue)
+        .map_err(|e| ("invalid", e))?;
+    Ok(ticket)
 }
 
 /// The wait before the next look at a running task: the upstream's `eta`
@@ -154,8 +253,9 @@ pub(crate) async fn park(shared: &Shared, ticket: &Ticket) -> Result<(), broker:
         .wait_queue_for(remaining)
         .map_or(shared.topology.tracking_queue.as_str(), |(_, q)| q.as_str());
     let body = serde_json::to_vec(ticket).unwrap_or_default();
+    let signature = shared.signer.sign(&body);
     shared
-        .publish("", queue, &body, ticket.properties(), true)
+        .publish("", queue, &body, Ticket::properties(signature), true)
         .await?;
     shared.metrics.ticket_hop();
     Ok(())
@@ -164,11 +264,14 @@ pub(crate) async fn park(shared: &Shared, ticket: &Ticket) -> Result<(), broker:
 /// Handles one delivery from the tracking queue.
 #[tracing::instrument(name = "ticket", skip_all, fields(request_id, task_id))]
 pub(crate) async fn handle(shared: &Shared, delivery: &Delivery) -> Disposition {
-    let mut ticket: Ticket = match serde_json::from_slice(&delivery.data) {
+    let mut ticket = match refusal(shared, delivery) {
         Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(error = %e, "dead-lettering a message on the tracking queue that is not a ticket");
-            let why = format!("not a tracking ticket: {e}");
+        Err((reason, why)) => {
+            // Not written by this deployment, or not valid: no poll, no
+            // event, only the dead-letter copy saying why.
+            shared.metrics.ticket_rejected(reason);
+            tracing::warn!(reason, problem = %why, "dead-lettering a message on a tracking queue that is not one of this deployment's tickets");
+            let why = format!("not a ticket of this deployment ({reason}): {why}");
             return match shared.dead_letter(delivery, &why, None).await {
                 Ok(()) => Disposition::Ack,
                 Err(_) => Disposition::Requeue,
@@ -252,6 +355,14 @@ async fn park_patiently(shared: &Shared, ticket: &Ticket) -> Disposition {
 async fn on_result(shared: &Shared, mut ticket: Ticket, result: TaskResult) -> Disposition {
     let now = Utc::now();
     match result.status {
+        TaskStatus::Succeeded if result.bad_video.is_some() => {
+            shared.metrics.poll("failed");
+            let message = format!(
+                "the upstream reported the task done with {}; the video is not handed to consumers",
+                result.bad_video.as_deref().unwrap_or("an unusable video")
+            );
+            fail(shared, &ticket, FailureCode::UpstreamFailed, &message).await
+        }
         TaskStatus::Succeeded if !result.videos.is_empty() => {
             shared.metrics.poll("succeeded");
             let kind = EventKind::Succeeded {
@@ -343,7 +454,7 @@ async fn on_error(shared: &Shared, mut ticket: Ticket, err: UpstreamError) -> Di
             }
             None
         }
-        UpstreamError::Rejected { .. } => {
+        UpstreamError::Rejected { .. } | UpstreamError::Unusable { .. } => {
             ticket.errors += 1;
             if ticket.errors >= MAX_POLL_REJECTIONS {
                 let message = format!("the upstream keeps refusing to report the task: {err}");

@@ -68,6 +68,13 @@ pub enum UpstreamError {
     /// the call (the broker has handed the request to someone else).
     #[error("not sent: the request's delivery was lost before the call")]
     NotSent,
+    /// A task-result answer that cannot be used (larger than
+    /// [`MAX_ANSWER_BYTES`]): polling again may help, but not for ever.
+    #[error("the upstream's answer cannot be used: {detail}")]
+    Unusable {
+        /// What is wrong with it.
+        detail: String,
+    },
     /// Worth retrying: 5xx, timeouts, connection errors, garbage.
     #[error("transient upstream error: {detail}")]
     Transient {
@@ -132,6 +139,15 @@ impl Transient for UpstreamError {
     }
 }
 
+/// Longest task id accepted from the upstream.
+pub const MAX_TASK_ID_CHARS: usize = 128;
+
+/// Whether `id` can be a task id: 1 to 128 printable ASCII characters (it
+/// goes into tickets, events and a query string).
+pub fn valid_task_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_TASK_ID_CHARS && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// Upstream task states.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskStatus {
@@ -171,8 +187,51 @@ pub struct TaskResult {
     pub eta: Option<Duration>,
     /// Progress, 0..=100.
     pub progress_percent: Option<u8>,
-    /// Videos, once succeeded.
+    /// Videos, once succeeded (at most [`MAX_VIDEOS`], each URL checked).
     pub videos: Vec<Video>,
+    /// What was wrong with a video the answer listed (a URL that is not
+    /// http(s), or too long), if anything: the task cannot be reported as a
+    /// success with it.
+    pub bad_video: Option<String>,
+}
+
+/// Most videos reported for one task (the rest are dropped).
+pub const MAX_VIDEOS: usize = 16;
+/// Longest video URL accepted.
+pub const MAX_VIDEO_URL_BYTES: usize = 2048;
+/// Largest answer read from the upstream; the rest is never read.
+pub const MAX_ANSWER_BYTES: usize = 256 * 1024;
+
+/// Why a video URL cannot be handed to consumers, if it cannot.
+pub fn video_url_problem(url: &str) -> Option<String> {
+    if url.len() > MAX_VIDEO_URL_BYTES {
+        return Some(format!(
+            "a video URL of {} bytes (at most {MAX_VIDEO_URL_BYTES})",
+            url.len()
+        ));
+    }
+    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Some("a video URL with spaces or control characters".into());
+    }
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => None,
+        Ok(u) => Some(format!(
+            "a video URL with the scheme {:?}, not http(s)",
+            clean_text(u.scheme(), 16)
+        )),
+        Err(_) => Some("a video URL that does not parse".into()),
+    }
+}
+
+/// Text from the network made fit for events and logs: control characters
+/// dropped, at most `max` characters (with an ellipsis).
+pub fn clean_text(text: &str, max: usize) -> String {
+    let kept: String = text
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(max + 1)
+        .collect();
+    truncate_to(kept.trim(), max)
 }
 
 impl TaskResult {
@@ -191,25 +250,37 @@ impl TaskResult {
             Some("TASK_STATUS_FAILED") => TaskStatus::Failed,
             _ => TaskStatus::Unknown,
         };
+        let mut bad_video = None;
         let videos = raw
             .videos
             .unwrap_or_default()
             .into_iter()
             .filter_map(|v| {
                 let url = v.video_url.filter(|u| !u.trim().is_empty())?;
+                if let Some(problem) = video_url_problem(&url) {
+                    bad_video.get_or_insert(problem);
+                    return None;
+                }
                 Some(Video {
                     url,
                     ttl_seconds: v
                         .video_url_ttl
                         .filter(|t| *t >= 1.0 && t.is_finite())
                         .map(|t| t as u64),
-                    kind: v.video_type.filter(|t| !t.is_empty()),
+                    kind: v.video_type.filter(|t| {
+                        !t.is_empty() && t.len() <= 32 && t.bytes().all(|b| b.is_ascii_graphic())
+                    }),
                 })
             })
+            .take(MAX_VIDEOS)
             .collect();
         Ok(Self {
             status,
-            reason: task.reason.filter(|r| !r.trim().is_empty()),
+            bad_video,
+            reason: task
+                .reason
+                .map(|r| clean_text(&r, MAX_MESSAGE_CHARS))
+                .filter(|r| !r.is_empty()),
             eta: task
                 .eta
                 .filter(|e| e.is_finite() && *e >= 0.0)
@@ -374,6 +445,15 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
+/// An answer, read up to [`MAX_ANSWER_BYTES`].
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
+    /// The answer was longer than the cap; `body` is its start.
+    truncated: bool,
+}
+
 /// The Novita API client. Cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
@@ -461,14 +541,36 @@ impl UpstreamClient {
         if !alive() {
             return Err(UpstreamError::NotSent);
         }
-        let (status, retry_after, body) = self.send("create", req).await?;
+        let Answer {
+            status,
+            retry_after,
+            body,
+            truncated,
+        } = self.send("create", req).await?;
         if status.is_success() {
             #[derive(Deserialize)]
             struct Created {
                 task_id: String,
             }
+            if truncated {
+                self.metrics.upstream_call("create", "too_large");
+                return Err(UpstreamError::Unconfirmed {
+                    status: status.as_u16(),
+                    excerpt: format!("an answer of more than {MAX_ANSWER_BYTES} bytes"),
+                });
+            }
             return match serde_json::from_slice::<Created>(&body) {
-                Ok(c) if !c.task_id.trim().is_empty() => Ok(c.task_id),
+                Ok(c) if valid_task_id(&c.task_id) => Ok(c.task_id),
+                Ok(c) => {
+                    self.metrics.upstream_call("create", "garbage");
+                    Err(UpstreamError::Unconfirmed {
+                        status: status.as_u16(),
+                        excerpt: format!(
+                            "a task_id of {} bytes that is not 1 to {MAX_TASK_ID_CHARS} printable characters",
+                            c.task_id.len()
+                        ),
+                    })
+                }
                 _ => {
                     self.metrics.upstream_call("create", "garbage");
                     Err(UpstreamError::Unconfirmed {
@@ -499,17 +601,35 @@ impl UpstreamClient {
         if let Some(tp) = traceparent {
             req = req.header("traceparent", tp);
         }
-        let (status, retry_after, body) = self.send("task_result", req).await?;
-        if status.is_success() {
-            return TaskResult::parse(&body).map_err(|_| {
-                self.metrics.upstream_call("task_result", "garbage");
-                UpstreamError::Transient {
-                    detail: format!(
-                        "task-result answered HTTP {status} with a body that is not JSON"
-                    ),
-                    retry_after: None,
-                }
+        let Answer {
+            status,
+            retry_after,
+            body,
+            truncated,
+        } = self.send("task_result", req).await?;
+        if status.is_success() && truncated {
+            self.metrics.upstream_call("task_result", "too_large");
+            return Err(UpstreamError::Unusable {
+                detail: format!(
+                    "task-result answered HTTP {status} with more than {MAX_ANSWER_BYTES} bytes"
+                ),
             });
+        }
+        if status.is_success() {
+            return TaskResult::parse(&body)
+                .map(|mut r| {
+                    r.reason = r.reason.map(|t| self.scrub(&t));
+                    r
+                })
+                .map_err(|_| {
+                    self.metrics.upstream_call("task_result", "garbage");
+                    UpstreamError::Transient {
+                        detail: format!(
+                            "task-result answered HTTP {status} with a body that is not JSON"
+                        ),
+                        retry_after: None,
+                    }
+                });
         }
         Err(self.classify(status, retry_after, &body, true))
     }
@@ -518,7 +638,7 @@ impl UpstreamClient {
         &self,
         endpoint: &'static str,
         req: reqwest::RequestBuilder,
-    ) -> Result<(StatusCode, Option<Duration>, bytes::Bytes), UpstreamError> {
+    ) -> Result<Answer, UpstreamError> {
         let fail = |e: reqwest::Error| {
             let kind = if e.is_timeout() {
                 "timeout"
@@ -543,16 +663,33 @@ impl UpstreamClient {
                 retry_after: None,
             }
         };
-        let resp = req.send().await.map_err(fail)?;
+        let mut resp = req.send().await.map_err(fail)?;
         let status = resp.status();
         let retry_after = if status.is_success() {
             None
         } else {
             parse_retry_after(resp.headers())
         };
-        let body = resp.bytes().await.map_err(fail)?;
+        // Read as a stream, at most MAX_ANSWER_BYTES: a huge answer is cut
+        // off (the connection dropped), never buffered whole.
+        let mut body = Vec::new();
+        let mut truncated = false;
+        while let Some(chunk) = resp.chunk().await.map_err(fail)? {
+            let room = MAX_ANSWER_BYTES - body.len();
+            if chunk.len() > room {
+                body.extend_from_slice(&chunk[..room]);
+                truncated = true;
+                break;
+            }
+            body.extend_from_slice(&chunk);
+        }
         self.metrics.upstream_call(endpoint, status_label(status));
-        Ok((status, retry_after, body))
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+            truncated,
+        })
     }
 
     fn classify(
@@ -734,6 +871,76 @@ mod tests {
         );
         assert_eq!(r.status, TaskStatus::Failed);
         assert_eq!(r.reason.as_deref(), Some("moderation"));
+    }
+
+    #[test]
+    fn hostile_answers_are_bounded_and_cleaned() {
+        let many: Vec<String> = (0..200)
+            .map(|i| format!(r#"{{"video_url": "https://cdn.x/{i}.mp4"}}"#))
+            .collect();
+        let r = parse(&format!(
+            r#"{{"task": {{"status": "TASK_STATUS_SUCCEED"}}, "videos": [{}]}}"#,
+            many.join(",")
+        ));
+        assert_eq!(r.videos.len(), MAX_VIDEOS);
+        assert_eq!(r.bad_video, None);
+        let reason = format!("{}\u{1b}[31m{}", "x".repeat(10), "y".repeat(5000));
+        let r = parse(
+            &serde_json::json!({"task": {"status": "TASK_STATUS_FAILED", "reason": reason}})
+                .to_string(),
+        );
+        let got = r.reason.expect("reason");
+        assert!(
+            got.chars().count() <= MAX_MESSAGE_CHARS + 1,
+            "{}",
+            got.len()
+        );
+        assert!(!got.chars().any(char::is_control));
+        let kind = parse(
+            r#"{"task": {"status": "TASK_STATUS_SUCCEED"}, "videos": [{"video_url": "https://x/v.mp4", "video_type": "mp4\nforged"}]}"#,
+        );
+        assert_eq!(kind.videos[0].kind, None);
+    }
+
+    #[test]
+    fn unusable_video_urls_are_named() {
+        let long = format!("https://x/{}", "a".repeat(MAX_VIDEO_URL_BYTES));
+        let cases: &[(&str, Option<&str>)] = &[
+            ("https://cdn.example.com/v.mp4", None),
+            ("http://cdn.example.com/v.mp4?sig=1", None),
+            ("javascript:alert(1)", Some("scheme \"javascript\"")),
+            ("file:///etc/passwd", Some("scheme \"file\"")),
+            ("data:video/mp4;base64,AAAA", Some("scheme \"data\"")),
+            ("https://x/a b.mp4", Some("spaces")),
+            ("not a url", Some("spaces")),
+            ("nourl", Some("does not parse")),
+            (&long, Some("bytes")),
+        ];
+        for (url, want) in cases {
+            let got = video_url_problem(url);
+            match want {
+                None => assert_eq!(got, None, "{url}"),
+                Some(w) => assert!(
+                    got.as_deref().is_some_and(|g| g.contains(w)),
+                    "{url}: {got:?}"
+                ),
+            }
+        }
+        let r = parse(
+            r#"{"task": {"status": "TASK_STATUS_SUCCEED"}, "videos": [{"video_url": "javascript:alert(1)"}]}"#,
+        );
+        assert!(r.videos.is_empty());
+        assert!(r.bad_video.is_some());
+    }
+
+    #[test]
+    fn task_ids_are_short_and_printable() {
+        assert!(valid_task_id("36b249dc-c9e1-4c5c-84b8-0c6714127f21"));
+        assert!(!valid_task_id(""));
+        assert!(!valid_task_id("a b"));
+        assert!(!valid_task_id("a\nb"));
+        assert!(!valid_task_id(&"x".repeat(MAX_TASK_ID_CHARS + 1)));
+        assert!(valid_task_id(&"x".repeat(MAX_TASK_ID_CHARS)));
     }
 
     #[test]

@@ -41,6 +41,7 @@ use crate::{
     ops::{self, Health},
     quota::{Pacer, QuotaLedger, SlotError},
     retry::RetryPolicy,
+    signing::Signer,
     tracking,
     upstream::{UpstreamClient, UpstreamError},
 };
@@ -116,6 +117,8 @@ pub(crate) struct Shared {
     /// Creates this worker made recently, by request id, so that a
     /// redelivered copy of a request it already created is not created again.
     pub(crate) recent: RecentCreates,
+    /// Signs the tickets this deployment writes and verifies those it reads.
+    pub(crate) signer: Signer,
     /// One permit per request held (`amqp.prefetch`), across sessions: a
     /// handler that outlives its session still counts.
     held: Arc<Semaphore>,
@@ -192,11 +195,19 @@ impl Shared {
             false,
         )
         .await?;
-        if let Some(reply_to) = &event.reply_to {
-            self.publish("", reply_to, &event.body, event.properties.clone(), false)
-                .await?;
-        }
         self.metrics.event(event.event_type);
+        if let Some(reply_to) = &event.reply_to {
+            // Best effort: the event is on the exchange; a reply queue that
+            // is gone, full or refusing is the producer's to fix, and must
+            // not make the request end twice.
+            if let Err(e) = self
+                .publish("", reply_to, &event.body, event.properties.clone(), true)
+                .await
+            {
+                self.metrics.reply_failure();
+                tracing::warn!(error = %e, "the reply_to queue did not take the terminal event; it is on the events exchange");
+            }
+        }
         Ok(())
     }
 
@@ -215,14 +226,16 @@ impl Shared {
             delivery.routing_key.as_str(),
             traceparent,
         );
-        self.publish(
-            "",
-            &self.topology.dead_queue,
-            &delivery.data,
-            properties,
-            true,
-        )
-        .await
+        // A body over the request limit is not copied: the broker's own
+        // message size limit would have to carry it twice, and the header
+        // already says how big it was.
+        let body: &[u8] = if delivery.data.len() > crate::request::MAX_BODY_BYTES {
+            b""
+        } else {
+            &delivery.data
+        };
+        self.publish("", &self.topology.dead_queue, body, properties, true)
+            .await
     }
 }
 
@@ -248,7 +261,7 @@ pub async fn run_with_listener(
         .local_addr()
         .map_err(|e| RunError::Startup(format!("http.listen: {e}")))?;
     let metrics = Metrics::new();
-    let upstream = UpstreamClient::new(&settings.upstream, key, metrics.clone())?;
+    let upstream = UpstreamClient::new(&settings.upstream, key.clone(), metrics.clone())?;
     let gate = Gate::new(
         RetryPolicy {
             initial: Duration::from_secs(2),
@@ -281,6 +294,11 @@ pub async fn run_with_listener(
             .clone()
             .map(|(name, quota)| QuotaLedger::new(name, quota)),
         recent: RecentCreates::default(),
+        signer: Signer::new(
+            settings.tickets.secret.as_ref().unwrap_or(&key),
+            &settings.tickets.previous_secrets,
+            &settings.amqp.request_queue,
+        ),
         held: Arc::new(Semaphore::new(usize::from(settings.amqp.prefetch))),
         topology,
         settings,

@@ -376,6 +376,13 @@ impl TestEnv {
                 "VIDU_WORKER__UPSTREAM__CA_FILE",
                 s.upstream.ca_file.as_deref().map(path),
             ),
+            (
+                "VIDU_WORKER__TICKETS__SECRET",
+                s.tickets
+                    .secret
+                    .as_ref()
+                    .map(|p| secrecy::ExposeSecret::expose_secret(p).to_owned()),
+            ),
         ];
         env.extend(
             optional
