@@ -512,7 +512,7 @@ impl Default for PollingSettings {
             max_interval: Duration::from_secs(60),
             max_task_age: Duration::from_secs(2 * 3600),
             max_off_peak_task_age: Duration::from_secs(72 * 3600),
-            prefetch: 256,
+            prefetch: 64,
         }
     }
 }

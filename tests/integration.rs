@@ -1453,3 +1453,102 @@ fn the_documented_permissions_are_the_tested_ones() {
         }
     }
 }
+
+/// The threat model's recommended producer setup: an ingress exchange bound
+/// only to the request queue, and a producer that may write only to it.
+/// Its requests are served; it cannot reach any internal queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_producer_with_only_an_ingress_exchange_cannot_reach_internal_queues() {
+    let node = private_node(NodeOptions::default()).await;
+    let url = node.url();
+    let env = TestEnv::with("ingress", sim(Duration::from_millis(300)), |s| {
+        s.amqp.url = url.clone().into()
+    })
+    .await;
+    let ingress = format!("{}.ingress", env.name);
+    env.channel
+        .exchange_declare(
+            ingress.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("ingress exchange");
+    env.channel
+        .queue_bind(
+            env.topology.request_queue.as_str().into(),
+            ingress.as_str().into(),
+            env.topology.request_queue.as_str().into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    node.import_definitions_json(&users_json(
+        "/",
+        &[(
+            "producer",
+            password.as_str(),
+            ["^$".into(), format!("^{}$", escape(&ingress)), "^$".into()],
+        )],
+    ));
+    let tap = env.tap().await;
+    let _worker = env.start_worker().await;
+    let producer = Arc::new(
+        lapin::Connection::connect(
+            &node.url_for("producer", &password, "%2f"),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .expect("the producer connects"),
+    );
+    let publish = |exchange: String, key: String| {
+        let producer = producer.clone();
+        async move {
+            let publisher = vidu_worker::broker::Publisher::open(producer)
+                .await
+                .expect("channel");
+            let body =
+                serde_json::to_vec(&request("via-ingress", "through the ingress")).expect("json");
+            publisher
+                .publish(
+                    &exchange,
+                    &key,
+                    &body,
+                    lapin::BasicProperties::default().with_delivery_mode(2),
+                    true,
+                )
+                .await
+        }
+    };
+    publish(ingress.clone(), env.topology.request_queue.clone())
+        .await
+        .expect("the ingress takes requests");
+    assert_eq!(
+        tap.wait_terminal("via-ingress", Duration::from_secs(30))
+            .await
+            .kind(),
+        SUCCEEDED
+    );
+    for queue in [
+        env.topology.tracking_queue.clone(),
+        env.topology.wait_queues[0].1.clone(),
+        env.topology.dead_queue.clone(),
+    ] {
+        // Through the default exchange: refused (403, the channel closes).
+        let refused = publish(String::new(), queue.clone()).await;
+        assert!(refused.is_err(), "{queue}: {refused:?}");
+        // Through the ingress: its one binding does not lead there.
+        let stray = publish(ingress.clone(), queue.clone()).await;
+        assert!(
+            matches!(stray, Err(vidu_worker::broker::PublishError::Unroutable(_))),
+            "{queue}: {stray:?}"
+        );
+    }
+    assert_eq!(env.depth(&env.topology.tracking_queue).await, 0);
+}
