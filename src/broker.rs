@@ -40,15 +40,13 @@ pub const ORIGINAL_QUEUE_HEADER: &str = "x-vidu-original-queue";
 /// Longest `x-vidu-error` header.
 pub const MAX_ERROR_HEADER: usize = 1000;
 
-/// The delays of the wait queues, shortest first. A ticket waiting `d` hops
-/// through the largest tiers that fit until at most the shortest tier is
-/// left, which the tracker then waits in memory (holding the unacknowledged
+/// The delays of the wait queues the topology declares, shortest first. A
+/// ticket waiting `d` hops through the largest tiers that fit
+/// (`pipeline::ticket::wait_tier`) until at most the shortest tier is left,
+/// which the tracker then waits in memory (holding the unacknowledged
 /// ticket for under two seconds): any delay takes a few hops and is met to
 /// the millisecond.
 pub const WAIT_TIERS_SECS: [u64; 10] = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024];
-
-/// How far a hop may overshoot the wanted delay, to save a hop.
-const TIER_TOLERANCE: Duration = Duration::from_millis(250);
 
 /// Every name the worker uses on the broker.
 #[derive(Debug, Clone)]
@@ -186,23 +184,6 @@ impl Topology {
         names.extend(self.wait_queues.iter().map(|(_, n)| n.clone()));
         names.extend(self.quota_ledger.iter().map(|(n, _)| n.clone()));
         names
-    }
-
-    /// The wait queue to park a ticket in when `remaining` is left before its
-    /// next poll: the longest tier that does not overshoot by more than
-    /// [`TIER_TOLERANCE`]. `None` means the wait is at most the shortest tier:
-    /// the ticket goes straight to the tracking queue and the tracker waits
-    /// the rest in memory.
-    pub fn wait_queue_for(&self, remaining: Duration) -> Option<&(Duration, String)> {
-        let shortest = self.wait_queues.first()?.0;
-        if remaining <= shortest {
-            return None;
-        }
-        self.wait_queues
-            .iter()
-            .rev()
-            .find(|(d, _)| *d <= remaining + TIER_TOLERANCE)
-            .or(self.wait_queues.first())
     }
 
     fn base_args(&self) -> FieldTable {
@@ -925,26 +906,5 @@ mod tests {
             .queue_names()
             .iter()
             .all(|n| n.starts_with("vidu.requests")));
-    }
-
-    #[test]
-    fn tickets_park_in_the_longest_tier_that_fits() {
-        let t = topology();
-        let pick = |ms: u64| {
-            t.wait_queue_for(Duration::from_millis(ms))
-                .map(|(d, _)| d.as_millis())
-        };
-        assert_eq!(pick(0), None);
-        assert_eq!(pick(1_000), None);
-        assert_eq!(
-            pick(2_000),
-            None,
-            "the shortest tier's wait is kept in memory"
-        );
-        assert_eq!(pick(2_100), Some(2_000));
-        assert_eq!(pick(3_999), Some(4_000), "a small overshoot saves a hop");
-        assert_eq!(pick(3_700), Some(2_000));
-        assert_eq!(pick(18_000), Some(16_000));
-        assert_eq!(pick(10_000_000), Some(1_024_000));
     }
 }

@@ -332,6 +332,17 @@ impl Gate {
     }
 }
 
+/// Sleeps until a time the gate named (at least 50 ms from now, so that a
+/// time already past does not spin), or for ever when it named none.
+pub async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => {
+            tokio::time::sleep_until(at.max(Instant::now() + Duration::from_millis(50))).await
+        }
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

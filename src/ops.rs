@@ -128,11 +128,22 @@ async fn metrics_text(State(ops): State<Ops>) -> impl IntoResponse {
     )
 }
 
+/// The operations endpoint could not listen.
+#[derive(Debug, thiserror::Error)]
+#[error("http.listen: cannot listen on {addr}: {source}")]
+pub struct BindError {
+    /// The address of `http.listen`.
+    pub addr: SocketAddr,
+    /// Why (in use, not permitted, not an address of this host).
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Binds the listen address; the error names the key.
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError> {
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("http.listen: cannot listen on {addr}: {e}"))
+        .map_err(|source| BindError { addr, source })
 }
 
 /// Longest a client may take to send a request's headers; also how long a

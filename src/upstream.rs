@@ -195,6 +195,9 @@ pub struct TaskResult {
     pub bad_video: Option<String>,
 }
 
+/// The task id asked for to test the API key and the upstream without
+/// creating anything: any answer but a 401/403 or an outage means both work.
+pub const KEY_PROBE_TASK_ID: &str = "vidu-worker-key-probe";
 /// Most videos reported for one task (the rest are dropped).
 pub const MAX_VIDEOS: usize = 16;
 /// Longest video URL accepted.

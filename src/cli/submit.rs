@@ -23,16 +23,13 @@ use lapin::{
 };
 use serde_json::{json, Map, Value};
 
+use super::exit::{EXIT_CONFIG, EXIT_TIMEOUT};
 use crate::{
     broker::{self, Publisher, Topology},
-    cli::EXIT_CONFIG,
     config::Settings,
     events,
     request::{self, MessageProps},
 };
-
-/// Exit status when `--wait` gives up.
-pub const EXIT_TIMEOUT: u8 = 3;
 
 /// Arguments of `submit`.
 #[derive(Args, Debug)]

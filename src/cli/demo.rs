@@ -165,7 +165,7 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
         )
         .await
         .map_err(|e| e.to_string())?;
-    let mut watch = crate::submit::watch_events(&conn, &topology.events_exchange, "#")
+    let mut watch = super::submit::watch_events(&conn, &topology.events_exchange, "#")
         .await
         .map_err(|e| e.to_string())?;
 

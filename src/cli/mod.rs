@@ -18,8 +18,11 @@ use crate::{
     worker::{self, RunError},
 };
 
-/// Exit status for bad configuration or arguments.
-pub const EXIT_CONFIG: u8 = 2;
+pub mod demo;
+pub mod exit;
+pub mod submit;
+
+pub use exit::EXIT_CONFIG;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,11 +43,11 @@ enum Command {
     /// Run the worker until SIGTERM/SIGINT.
     Run,
     /// Publish one request; print its request_id (and with --wait its terminal event).
-    Submit(crate::submit::SubmitArgs),
+    Submit(submit::SubmitArgs),
     /// Run the built-in Novita simulator.
     Simulate(SimulateArgs),
     /// Offline end-to-end demo against the local RabbitMQ.
-    Demo(crate::demo::DemoArgs),
+    Demo(demo::DemoArgs),
     /// Validate the configuration and reach the broker (and the upstream when a key is set).
     Check,
 }
@@ -95,9 +98,9 @@ pub fn main() -> ExitCode {
 async fn dispatch(command: Command, settings: Settings) -> ExitCode {
     match command {
         Command::Run => run(settings).await,
-        Command::Submit(args) => crate::submit::submit(settings, args).await,
+        Command::Submit(args) => submit::submit(settings, args).await,
         Command::Simulate(args) => simulate(args).await,
-        Command::Demo(args) => crate::demo::demo(settings, args).await,
+        Command::Demo(args) => demo::demo(settings, args).await,
         Command::Check => check(settings).await,
     }
 }
@@ -219,7 +222,7 @@ async fn check(settings: Settings) -> ExitCode {
                     ok = false;
                     println!("FAIL upstream: {e}");
                 }
-                Ok(client) => match client.task_result(worker::KEY_PROBE_TASK_ID, None).await {
+                Ok(client) => match client.task_result(upstream::KEY_PROBE_TASK_ID, None).await {
                     Ok(_) | Err(upstream::UpstreamError::NotFound { .. }) => {
                         println!(
                             "ok   upstream {} accepts the API key",

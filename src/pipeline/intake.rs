@@ -1,0 +1,510 @@
+//! Intake: turns one request message into an upstream task and a ticket.
+//!
+//! For each request the intake loop hands over: refuse poison and invalid
+//! requests (failed event plus a dead-lettered copy with `x-vidu-error`),
+//! respect the upstream gate, create the task with retries (each retry
+//! waits for the pacer and, with a quota, a slot in the deployment's
+//! window), then record the tracking ticket and the `submitted` event, both
+//! publisher-confirmed, before the request is acknowledged. The create call
+//! is the one step that must not repeat: it is only sent while the
+//! request's delivery still belongs to this worker's session (checked
+//! immediately before the send), an unreadable success is never retried,
+//! and a redelivered copy of a request this worker already created is
+//! recognised by its id and not created again.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use lapin::message::Delivery;
+use tokio::time::Instant;
+
+use super::{
+    context::Context,
+    decisions::{self, CreateError, CreateStep, GateStep},
+    disposition::Disposition,
+    lease::Lease,
+    poison,
+    recent::Begin,
+    ticket::{Origin, Ticket},
+};
+use crate::{
+    broker::{self, TRACEPARENT_HEADER},
+    events::{self, EventKind, FailureCode, RequestContext},
+    gate::{ProbeClaim, Refusal, Turn},
+    quota::SlotError,
+    request::{self, GenerationRequest, MessageProps, RequestId},
+    retry,
+    upstream::UpstreamError,
+};
+
+/// How long the worker keeps trying to record a ticket for a task the
+/// upstream already accepted (across broker reconnects) before giving up.
+const TICKET_PATIENCE: Duration = Duration::from_secs(120);
+
+/// Handles one delivery from the request queue.
+#[tracing::instrument(name = "request", skip_all, fields(request_id, task_id))]
+pub(crate) async fn handle(ctx: &Context, delivery: &Delivery, lease: &Lease) -> Disposition {
+    let props = &delivery.properties;
+    let message_props = MessageProps {
+        message_id: props.message_id().as_ref().map(|s| s.as_str()),
+        content_type: props.content_type().as_ref().map(|s| s.as_str()),
+        content_encoding: props.content_encoding().as_ref().map(|s| s.as_str()),
+        correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
+        reply_to: props.reply_to().as_ref().map(|s| s.as_str()),
+        request_queue: &ctx.topology.request_queue,
+    };
+    let traceparent = broker::header_str(props, TRACEPARENT_HEADER).and_then(continue_trace);
+
+    if let Some(count) = poison::check(delivery, ctx.settings.amqp.max_deliveries) {
+        return poisoned(ctx, delivery, message_props, traceparent.as_deref(), count).await;
+    }
+
+    match request::parse(&delivery.data, message_props) {
+        Ok(req) => {
+            tracing::Span::current().record("request_id", req.request_id.as_str());
+            submit(ctx, delivery, lease, req, traceparent).await
+        }
+        Err(invalid) => {
+            tracing::Span::current().record("request_id", invalid.request_id.as_str());
+            tracing::info!(field = %invalid.field, problem = %invalid.message, "rejecting an invalid request");
+            ctx.metrics.request("invalid");
+            let message = invalid.to_string();
+            refuse(
+                ctx,
+                delivery,
+                Refused {
+                    request_id: &invalid.request_id,
+                    metadata: invalid.metadata.as_deref(),
+                    code: FailureCode::InvalidRequest,
+                    message: &message,
+                    traceparent: traceparent.as_deref(),
+                },
+            )
+            .await
+        }
+    }
+}
+
+/// What a refused request's failed event and dead-letter copy say.
+struct Refused<'a> {
+    request_id: &'a RequestId,
+    metadata: Option<&'a serde_json::value::RawValue>,
+    code: FailureCode,
+    message: &'a str,
+    traceparent: Option<&'a str>,
+}
+
+/// Dead-letters the message with `x-vidu-error` and publishes the failed
+/// event; acknowledges only when both are confirmed.
+async fn refuse(ctx: &Context, delivery: &Delivery, r: Refused<'_>) -> Disposition {
+    let request = RequestContext {
+        request_id: r.request_id,
+        metadata: r.metadata,
+        correlation_id: correlation_id(delivery),
+        reply_to: reply_to(ctx, delivery),
+        traceparent: r.traceparent,
+    };
+    let event = events::build(
+        &ctx.settings.events.source,
+        &request,
+        &EventKind::Failed {
+            task_id: None,
+            code: r.code,
+            message: r.message,
+        },
+    );
+    let why = format!("{}: {}", r.code.as_str(), r.message);
+    let (dead, published) = tokio::join!(
+        ctx.dead_letter(delivery, &why, r.traceparent),
+        ctx.publish_event(&event)
+    );
+    match (dead, published) {
+        (Ok(()), Ok(())) => Disposition::Ack,
+        (dead, published) => {
+            tracing::warn!(
+                dead_letter = ?dead.err().map(|e| e.to_string()),
+                event = ?published.err().map(|e| e.to_string()),
+                "could not record the refusal; handing the request back"
+            );
+            Disposition::Requeue
+        }
+    }
+}
+
+async fn poisoned(
+    ctx: &Context,
+    delivery: &Delivery,
+    props: MessageProps<'_>,
+    traceparent: Option<&str>,
+    count: i64,
+) -> Disposition {
+    ctx.metrics.request("poison");
+    // The body may be what crashes us: read only what the parser reads
+    // safely, for the id and metadata of the failed event.
+    let (request_id, metadata) = match request::parse(&delivery.data, props) {
+        Ok(req) => (req.request_id, req.metadata),
+        Err(invalid) => (invalid.request_id, invalid.metadata),
+    };
+    tracing::Span::current().record("request_id", request_id.as_str());
+    tracing::error!(
+        deliveries = count,
+        "dead-lettering a request that keeps failing its handler"
+    );
+    let message = format!(
+        "the message was delivered {count} times without being handled (the worker crashed or was stopped each time); dead-lettered after amqp.max_deliveries"
+    );
+    refuse(
+        ctx,
+        delivery,
+        Refused {
+            request_id: &request_id,
+            metadata: metadata.as_deref(),
+            code: FailureCode::InvalidRequest,
+            message: &message,
+            traceparent,
+        },
+    )
+    .await
+}
+
+async fn submit(
+    ctx: &Context,
+    delivery: &Delivery,
+    lease: &Lease,
+    req: GenerationRequest,
+    traceparent: Option<String>,
+) -> Disposition {
+    let received_at = Utc::now();
+    let mut remembered = match req.stable_id() {
+        Some(id) => match ctx.recent.begin(id, delivery.redelivered).await {
+            Begin::Recorded => {
+                // Created by this worker moments ago: its ticket and events
+                // exist, the broker only redelivered the request.
+                tracing::info!("a redelivered request this worker already created and tracks; acknowledging it");
+                ctx.metrics.request("duplicate");
+                return Disposition::Ack;
+            }
+            Begin::Go(guard) => guard,
+        },
+        None => None,
+    };
+    let hold_until = Instant::now() + ctx.settings.amqp.max_hold;
+    // The intake loop took this request's first pacing and quota slot.
+    let mut prepaid = true;
+    let task_id = loop {
+        let claim = match decisions::at_gate(&ctx.gate.state()) {
+            GateStep::Go => None,
+            GateStep::HandBack => {
+                // Probed without requests: hand this one back, once.
+                ctx.metrics.request("handed_back");
+                return Disposition::Requeue;
+            }
+            GateStep::Wait => {
+                // A lost delivery ends the wait; the create attempt then
+                // finds it lost and sends nothing.
+                let turn = tokio::select! {
+                    turn = ctx.gate.wait_for_turn(hold_until, &ctx.shutdown) => Some(turn),
+                    () = lease.lost() => None,
+                };
+                match turn {
+                    None | Some(Turn::Go) => None,
+                    Some(Turn::Probe(claim)) => Some(claim),
+                    Some(Turn::TimedOut) => {
+                        ctx.metrics.request("handed_back");
+                        return Disposition::Requeue;
+                    }
+                    Some(Turn::Cancelled) => return Disposition::Abandon,
+                }
+            }
+        };
+        let created = retry::retry(
+            ctx.retry_policy(),
+            ctx.settings.upstream.create_retry_budget,
+            &ctx.shutdown,
+            || {
+                let first = std::mem::replace(&mut prepaid, false);
+                create_once(ctx, lease, &req, traceparent.as_deref(), first)
+            },
+        )
+        .await;
+        let failure = match created {
+            Ok(task_id) => {
+                ctx.gate.open();
+                break task_id;
+            }
+            Err(failure) => failure,
+        };
+        match decisions::after_create(failure) {
+            CreateStep::NotSent => return abandoned(ctx),
+            CreateStep::Abandon => return Disposition::Abandon,
+            CreateStep::HandBack { close, detail } => {
+                if let Some(refusal) = close {
+                    report_refusal(ctx, claim, refusal, &detail);
+                }
+                ctx.metrics.request("handed_back");
+                return Disposition::Requeue;
+            }
+            CreateStep::WaitForBalance { detail } => {
+                // Wait at the gate (at most amqp.max_hold), probing.
+                report_refusal(ctx, claim, Refusal::Billing, &detail);
+                prepaid = false;
+            }
+            CreateStep::Refuse {
+                code,
+                message,
+                outcome,
+            } => {
+                ctx.gate.open();
+                ctx.metrics.request(outcome);
+                if code == FailureCode::UpstreamUnconfirmed {
+                    // A task may exist and be billed: never again.
+                    if let Some(guard) = remembered.as_mut() {
+                        guard.recorded();
+                    }
+                    tracing::error!(error = %message, "the upstream's answer to a create has no readable task id; failing the request instead of creating it again");
+                } else {
+                    tracing::info!(error = %message, "the upstream rejected the request");
+                }
+                return refuse(
+                    ctx,
+                    delivery,
+                    Refused {
+                        request_id: &req.request_id,
+                        metadata: req.metadata.as_deref(),
+                        code,
+                        message: &message,
+                        traceparent: traceparent.as_deref(),
+                    },
+                )
+                .await;
+            }
+        }
+    };
+    tracing::Span::current().record("task_id", task_id.as_str());
+    if !lease.alive() {
+        // The create was on the wire when the session was lost: the broker
+        // will redeliver the request. Record the task anyway (its ticket is
+        // published on the next session), and remember it so that a copy
+        // redelivered to this worker is not created again.
+        ctx.metrics.create("accepted_after_delivery_lost");
+        tracing::warn!("the upstream accepted a task after the request's delivery was lost; recording it so the redelivered copy is not created again here");
+    }
+    let disposition = record(ctx, delivery, req, task_id, received_at, traceparent).await;
+    if disposition == Disposition::Ack {
+        if let Some(guard) = remembered.as_mut() {
+            guard.recorded();
+        }
+    }
+    disposition
+}
+
+/// One create attempt: pacing and the quota first (unless the intake loop
+/// already took them for this request), then the call, which is sent only
+/// while the delivery is alive.
+async fn create_once(
+    ctx: &Context,
+    lease: &Lease,
+    req: &GenerationRequest,
+    traceparent: Option<&str>,
+    prepaid: bool,
+) -> Result<String, CreateError> {
+    if !prepaid {
+        take_slot(ctx, lease).await?;
+    }
+    let sent_at = Instant::now();
+    let result = ctx
+        .upstream
+        .create(&req.input, traceparent, &|| lease.alive())
+        .await;
+    let outcome = match &result {
+        Ok(_) => {
+            ctx.pacer.on_accepted();
+            "accepted"
+        }
+        Err(UpstreamError::RateLimited { retry_after, .. }) => {
+            ctx.pacer.on_rate_limited(sent_at, *retry_after);
+            "rate_limited"
+        }
+        Err(UpstreamError::NotSent) => {
+            return Err(CreateError::NotSent);
+        }
+        Err(UpstreamError::Unconfirmed { .. }) => "unconfirmed",
+        Err(UpstreamError::Transient { .. }) => "failed",
+        Err(_) => "rejected",
+    };
+    ctx.metrics.create(outcome);
+    result.map_err(CreateError::Upstream)
+}
+
+/// Waits for the pacer and a quota slot before a retry, while the delivery
+/// is held (bounded by the retry budget). A lost delivery ends the waits:
+/// the create that follows finds it lost and sends nothing (that check, in
+/// [`crate::upstream::UpstreamClient::create`], is the one that decides).
+async fn take_slot(ctx: &Context, lease: &Lease) -> Result<(), CreateError> {
+    tokio::select! {
+        ready = ctx.pacer.ready(&ctx.shutdown) => {
+            if !ready {
+                return Err(CreateError::Cancelled);
+            }
+        }
+        () = lease.lost() => return Ok(()),
+    }
+    let Some(ledger) = &ctx.ledger else {
+        return Ok(());
+    };
+    loop {
+        let Some(publisher) = ctx.publisher() else {
+            // Between sessions: this delivery's session is gone.
+            return Ok(());
+        };
+        let claimed = tokio::select! {
+            claimed = ledger.claim(&publisher, &ctx.metrics, &ctx.shutdown) => claimed,
+            () = lease.lost() => return Ok(()),
+        };
+        match claimed {
+            Ok(()) => return Ok(()),
+            Err(SlotError::Cancelled) => return Err(CreateError::Cancelled),
+            Err(SlotError::Broker(e)) => {
+                // The session is probably going; the lease will tell.
+                tracing::debug!(error = %e, "could not claim a quota slot for a retry");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    () = lease.lost() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// The delivery was lost before its create was sent: nothing to do here,
+/// the broker has handed the request to someone else.
+fn abandoned(ctx: &Context) -> Disposition {
+    ctx.metrics.create("not_sent");
+    tracing::debug!("the request's delivery was lost while it waited; not creating it");
+    Disposition::Abandon
+}
+
+/// Records the ticket and the submitted event. This is the double-spend
+/// window: the upstream has the task, the broker does not yet know.
+async fn record(
+    ctx: &Context,
+    delivery: &Delivery,
+    req: GenerationRequest,
+    task_id: String,
+    received_at: chrono::DateTime<Utc>,
+    traceparent: Option<String>,
+) -> Disposition {
+    let origin = Origin {
+        received_at,
+        correlation_id: correlation_id(delivery).map(str::to_owned),
+        reply_to: reply_to(ctx, delivery).map(str::to_owned),
+        traceparent,
+    };
+    let ticket = Ticket::for_created_task(req, task_id, origin, Utc::now(), &ctx.settings.polling);
+    let submitted = events::build(
+        &ctx.settings.events.source,
+        &ticket.context(),
+        &EventKind::Submitted {
+            task_id: &ticket.task_id,
+            model: &ticket.model,
+        },
+    );
+    let (parked, published) = tokio::join!(
+        ctx.patiently(TICKET_PATIENCE, || ctx.park(&ticket)),
+        ctx.patiently(TICKET_PATIENCE, || ctx.publish_event(&submitted)),
+    );
+    if let Err(e) = parked {
+        ctx.metrics.untracked_task();
+        tracing::error!(
+            error = %e,
+            "the upstream accepted the task but its ticket could not be recorded; the request goes back to the queue and may create a second task"
+        );
+        return Disposition::Requeue;
+    }
+    if let Err(e) = published {
+        tracing::warn!(error = %e, "the submitted event could not be published; the task is tracked");
+    }
+    ctx.metrics.request("submitted");
+    tracing::debug!("task submitted and tracked");
+    Disposition::Ack
+}
+
+/// The request's `correlation_id`, when it may go into events.
+fn correlation_id(delivery: &Delivery) -> Option<&str> {
+    delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .map(|s| s.as_str())
+        .filter(|c| request::check_correlation_id(c).is_ok())
+}
+
+/// The request's `reply_to`, when the terminal event may go there.
+fn reply_to<'a>(ctx: &Context, delivery: &'a Delivery) -> Option<&'a str> {
+    delivery
+        .properties
+        .reply_to()
+        .as_ref()
+        .map(|s| s.as_str())
+        .filter(|r| request::check_reply_to(r, &ctx.topology.request_queue).is_ok())
+}
+
+/// Tells the gate why this create could not be served.
+fn report_refusal(ctx: &Context, claim: Option<ProbeClaim>, refusal: Refusal, detail: &str) {
+    match claim {
+        Some(claim) => ctx.gate.probe_failed(claim, refusal, detail),
+        None => ctx.gate.close(refusal, detail),
+    }
+}
+
+/// Continues an incoming W3C trace: same trace id and flags, a new parent id
+/// for the worker's own span. Malformed headers are ignored.
+pub(crate) fn continue_trace(incoming: &str) -> Option<String> {
+    let incoming = incoming.trim();
+    if !events::is_traceparent(incoming) {
+        return None;
+    }
+    let parts: Vec<&str> = incoming.split('-').collect();
+    let [_, trace_id, _, flags] = parts.as_slice() else {
+        return None;
+    };
+    let span_id = loop {
+        let v: u64 = rand::random();
+        if v != 0 {
+            break v;
+        }
+    };
+    Some(format!("00-{trace_id}-{span_id:016x}-{flags}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traces_continue_with_a_new_span() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let out = continue_trace(incoming).expect("valid");
+        assert!(
+            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{out}"
+        );
+        assert!(out.ends_with("-01"), "{out}");
+        assert_ne!(out, incoming);
+        assert_eq!(out.len(), incoming.len());
+    }
+
+    #[test]
+    fn malformed_traceparents_are_ignored() {
+        for bad in [
+            "",
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        ] {
+            assert_eq!(continue_trace(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! The pipeline: what happens to one delivery, below the session that takes
+//! it.
+//!
+//! A request delivery goes through [`intake`] (refuse what is invalid or
+//! poison, wait at the gate, create the task, record its [`ticket`]); a
+//! ticket delivery goes through [`tracking`] (read and check the ticket,
+//! poll once, finish or park again). Both return a
+//! [`disposition::Disposition`] that [`disposition::apply`] carries out, and
+//! both take their next step from the plain functions of [`decisions`].
+//! Everything a handler works with is in the [`context::Context`]; a
+//! request's claim on its delivery is its [`lease::Lease`]. The session in
+//! `worker` sits above this module and nothing here imports it.
+
+pub(crate) mod context;
+pub mod decisions;
+pub mod disposition;
+pub(crate) mod intake;
+pub(crate) mod lease;
+pub mod poison;
+pub(crate) mod recent;
+pub mod ticket;
+pub(crate) mod tracking;
+
+use lapin::message::Delivery;
+
+use self::{context::Context, disposition::guarded, lease::Lease};
+
+/// Handles a request delivery to the end: runs intake (a panic hands the
+/// request back) and settles the delivery.
+pub(crate) async fn handle_request(ctx: &Context, delivery: &Delivery, lease: &Lease) {
+    let disposition = guarded(intake::handle(ctx, delivery, lease)).await;
+    disposition::apply(delivery, disposition).await;
+}
+
+/// Handles a ticket delivery to the end: runs tracking (a panic hands the
+/// ticket back) and settles the delivery.
+pub(crate) async fn handle_ticket(ctx: &Context, delivery: &Delivery) {
+    let disposition = guarded(tracking::handle(ctx, delivery)).await;
+    disposition::apply(delivery, disposition).await;
+}

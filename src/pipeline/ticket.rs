@@ -1,0 +1,530 @@
+//! Tickets: everything needed to finish one request, as plain data.
+//!
+//! A ticket is written when the upstream accepts a task and lives in the
+//! broker, never in a worker's memory. This module owns its format (signed
+//! JSON, checked field by field when read back), its construction from a
+//! created task (including the deadline policy: off-peak requests get the
+//! longer `polling.max_off_peak_task_age`), the poll schedule
+//! ([`next_delay`], [`error_delay`]) and the choice of wait queue
+//! ([`wait_tier`]). Nothing here touches the broker or the upstream.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use lapin::{
+    types::{AMQPValue, FieldTable, LongString},
+    BasicProperties,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::{
+    config::PollingSettings,
+    events::{self, RequestContext},
+    request::{self, GenerationRequest, RequestId},
+    retry::RetryPolicy,
+    signing::{SignatureError, Signer, SIGNATURE_HEADER},
+    upstream::{clean_text, valid_task_id},
+};
+
+/// Ticket format version.
+pub const TICKET_VERSION: u8 = 1;
+/// AMQP `type` of ticket messages.
+pub const TICKET_TYPE: &str = "vidu-worker.ticket.v1";
+
+/// Where a request came from, for its ticket: when it was taken, and the
+/// AMQP properties that may go into its events.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// When the worker took the request.
+    pub received_at: DateTime<Utc>,
+    /// The request's `correlation_id`, when valid.
+    pub correlation_id: Option<String>,
+    /// The request's `reply_to`, when allowed.
+    pub reply_to: Option<String>,
+    /// The worker's continuation of the producer's trace.
+    pub traceparent: Option<String>,
+}
+
+/// What reading a ticket needs: the signing keys and the rules.
+pub struct TicketKeys<'a> {
+    /// Verifies the signature.
+    pub signer: &'a Signer,
+    /// `tickets.accept_unsigned`: unsigned (not wrongly signed) tickets are
+    /// read, during a migration from an unsigned version.
+    pub accept_unsigned: bool,
+    /// The deployment's request queue (for the `reply_to` rule).
+    pub request_queue: &'a str,
+}
+
+/// Why a message on a tracking queue is not one of this deployment's tickets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unreadable {
+    /// The metric label: `oversized`, `unsigned`, `forged` or `invalid`.
+    pub reason: &'static str,
+    /// What is wrong, for the dead-letter header and the log (never the
+    /// message itself).
+    pub detail: String,
+}
+
+/// The task age after which a request is given up as `timed_out`.
+pub fn max_task_age(off_peak: bool, polling: &PollingSettings) -> Duration {
+    if off_peak {
+        polling.max_off_peak_task_age
+    } else {
+        polling.max_task_age
+    }
+}
+
+/// How far a hop may overshoot the wanted delay, to save a hop.
+pub const TIER_TOLERANCE: Duration = Duration::from_millis(250);
+
+/// The wait queue to park a ticket in when `remaining` is left before its
+/// next poll, among `tiers` (delay, name; shortest first): the longest tier
+/// that does not overshoot by more than [`TIER_TOLERANCE`]. `None` means the
+/// wait is at most the shortest tier: the ticket goes straight to the
+/// tracking queue and the tracker waits the rest in memory.
+pub fn wait_tier<T>(tiers: &[(Duration, T)], remaining: Duration) -> Option<&(Duration, T)> {
+    let shortest = tiers.first()?.0;
+    if remaining <= shortest {
+        return None;
+    }
+    tiers
+        .iter()
+        .rev()
+        .find(|(d, _)| *d <= remaining + TIER_TOLERANCE)
+        .or(tiers.first())
+}
+
+/// A `std` duration as a `chrono` one, saturating.
+pub fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Everything needed to finish one request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ticket {
+    /// Format version.
+    pub v: u8,
+    /// The request id.
+    pub request_id: RequestId,
+    /// The upstream task id.
+    pub task_id: String,
+    /// Model name.
+    pub model: String,
+    /// Producer metadata, byte for byte.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Box<RawValue>>,
+    /// AMQP correlation id of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// AMQP reply-to of the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// W3C trace context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// When a worker first took the request.
+    pub received_at: DateTime<Utc>,
+    /// When the upstream accepted the task.
+    pub submitted_at: DateTime<Utc>,
+    /// When the task is given up as `timed_out`.
+    pub deadline: DateTime<Utc>,
+    /// When the next poll is due.
+    pub next_poll_at: DateTime<Utc>,
+    /// Polls so far.
+    #[serde(default)]
+    pub polls: u32,
+    /// Consecutive transient poll errors.
+    #[serde(default)]
+    pub errors: u32,
+    /// Consecutive 404 answers.
+    #[serde(default)]
+    pub not_found: u32,
+    /// Last reported status (`queued`/`processing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<String>,
+    /// Last reported progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress: Option<u8>,
+}
+
+impl Ticket {
+    /// The ticket of a task the upstream has just accepted for `req`: the
+    /// deadline is `now` plus the request's task age (off-peak requests get
+    /// the longer one), the first poll after `polling.min_interval`.
+    pub fn for_created_task(
+        req: GenerationRequest,
+        task_id: String,
+        origin: Origin,
+        now: DateTime<Utc>,
+        polling: &PollingSettings,
+    ) -> Self {
+        let max_age = max_task_age(req.off_peak(), polling);
+        Self {
+            v: TICKET_VERSION,
+            request_id: req.request_id,
+            task_id,
+            model: req.model.to_owned(),
+            metadata: req.metadata,
+            correlation_id: origin.correlation_id,
+            reply_to: origin.reply_to,
+            traceparent: origin.traceparent,
+            received_at: origin.received_at,
+            submitted_at: now,
+            deadline: now + to_chrono(max_age),
+            next_poll_at: now + to_chrono(polling.min_interval),
+            polls: 0,
+            errors: 0,
+            not_found: 0,
+            last_status: None,
+            last_progress: None,
+        }
+    }
+
+    /// How long is left before the next poll is due (zero when due).
+    pub fn remaining(&self, now: DateTime<Utc>) -> Duration {
+        (self.next_poll_at - now).to_std().unwrap_or(Duration::ZERO)
+    }
+
+    /// How long ago the upstream accepted the task.
+    pub fn age(&self, now: DateTime<Utc>) -> Duration {
+        (now - self.submitted_at).to_std().unwrap_or(Duration::ZERO)
+    }
+
+    /// Reads a message from a tracking queue: this deployment's ticket, or
+    /// why it is not one (nothing in it is acted on then).
+    pub fn read(
+        body: &[u8],
+        signature: Option<&str>,
+        keys: &TicketKeys<'_>,
+    ) -> Result<Self, Unreadable> {
+        if body.len() > MAX_TICKET_BYTES {
+            return Err(Unreadable {
+                reason: "oversized",
+                detail: format!(
+                    "{} bytes, more than a ticket's {MAX_TICKET_BYTES}",
+                    body.len()
+                ),
+            });
+        }
+        if let Err(e) = keys.signer.verify(body, signature) {
+            if !(keys.accept_unsigned && signature.is_none()) {
+                let reason = match e {
+                    SignatureError::Missing => "unsigned",
+                    SignatureError::Malformed | SignatureError::Invalid => "forged",
+                };
+                return Err(Unreadable {
+                    reason,
+                    detail: e.to_string(),
+                });
+            }
+        }
+        let ticket: Self = serde_json::from_slice(body).map_err(|e| Unreadable {
+            // serde's words may quote the message: shortened, control
+            // characters dropped.
+            reason: "invalid",
+            detail: format!("not a tracking ticket: {}", clean_text(&e.to_string(), 200)),
+        })?;
+        ticket
+            .validate(keys.request_queue)
+            .map_err(|detail| Unreadable {
+                reason: "invalid",
+                detail,
+            })?;
+        Ok(ticket)
+    }
+
+    /// The shared part of this request's events.
+    pub fn context(&self) -> RequestContext<'_> {
+        RequestContext {
+            request_id: &self.request_id,
+            metadata: self.metadata.as_deref(),
+            correlation_id: self.correlation_id.as_deref(),
+            reply_to: self.reply_to.as_deref(),
+            traceparent: self.traceparent.as_deref(),
+        }
+    }
+
+    /// AMQP properties of a ticket message whose body signs as `signature`.
+    pub fn properties(signature: String) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            SIGNATURE_HEADER.into(),
+            AMQPValue::LongString(LongString::from(signature)),
+        );
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_type(TICKET_TYPE.into())
+            .with_headers(headers)
+    }
+
+    /// Checks every field with the rules a request's meet, so that what a
+    /// ticket says can go into a poll and into events as it is.
+    pub fn validate(&self, request_queue: &str) -> Result<(), String> {
+        if self.v != TICKET_VERSION {
+            return Err(format!("version {} is not {TICKET_VERSION}", self.v));
+        }
+        if !valid_task_id(&self.task_id) {
+            return Err("task_id is not 1 to 128 printable characters".into());
+        }
+        if self.model != request::MODEL {
+            return Err("model is not one this worker serves".into());
+        }
+        if let Some(m) = &self.metadata {
+            if !m.get().starts_with('{') || m.get().len() > request::MAX_METADATA_BYTES {
+                return Err("metadata is not an object of at most 16 KiB".into());
+            }
+        }
+        if let Some(c) = &self.correlation_id {
+            request::check_correlation_id(c).map_err(|e| format!("correlation_id {e}"))?;
+        }
+        if let Some(r) = &self.reply_to {
+            request::check_reply_to(r, request_queue).map_err(|e| format!("reply_to: {e}"))?;
+        }
+        if self
+            .traceparent
+            .as_deref()
+            .is_some_and(|t| !events::is_traceparent(t))
+        {
+            return Err("traceparent is malformed".into());
+        }
+        let longest = chrono::Duration::days(31);
+        if self.received_at > self.submitted_at
+            || self.deadline < self.submitted_at
+            || self.deadline - self.submitted_at > longest
+            || self.next_poll_at - self.submitted_at > longest
+        {
+            return Err("its times are out of order or span more than 31 days".into());
+        }
+        if self
+            .last_status
+            .as_deref()
+            .is_some_and(|s| !matches!(s, "queued" | "processing"))
+            || self.last_progress.is_some_and(|p| p > 100)
+        {
+            return Err("last_status or last_progress is out of range".into());
+        }
+        Ok(())
+    }
+}
+
+/// Largest ticket read; a larger message on a tracking queue is not ours.
+pub const MAX_TICKET_BYTES: usize = 64 * 1024;
+
+/// The wait before the next look at a running task: the upstream's `eta`
+/// when it gives one, otherwise half the task's age (polls thin out as a
+/// task runs long), always within `min_interval..=max_interval`.
+pub fn next_delay(polling: &PollingSettings, eta: Option<Duration>, age: Duration) -> Duration {
+    let wanted = eta.unwrap_or(age / 2);
+    wanted.clamp(polling.min_interval, polling.max_interval)
+}
+
+/// The wait after a failed poll.
+pub fn error_delay(
+    polling: &PollingSettings,
+    policy: RetryPolicy,
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let backoff = policy.delay_for_attempt(attempt);
+    let wanted = retry_after.map_or(backoff, |r| r.max(backoff));
+    wanted.clamp(polling.min_interval, polling.max_interval.max(policy.max))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn polling() -> PollingSettings {
+        PollingSettings {
+            min_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(60),
+            ..PollingSettings::default()
+        }
+    }
+
+    #[test]
+    fn eta_decides_the_next_poll_within_bounds() {
+        let p = polling();
+        let s = Duration::from_secs;
+        assert_eq!(next_delay(&p, Some(s(18)), s(2)), s(18));
+        assert_eq!(next_delay(&p, Some(s(0)), s(20)), s(1));
+        assert_eq!(next_delay(&p, Some(s(4000)), s(20)), s(60));
+    }
+
+    #[test]
+    fn without_eta_polls_thin_out_with_age() {
+        let p = polling();
+        let s = Duration::from_secs;
+        assert_eq!(next_delay(&p, None, s(0)), s(1));
+        assert_eq!(next_delay(&p, None, s(10)), s(5));
+        assert_eq!(next_delay(&p, None, s(3600)), s(60));
+    }
+
+    #[test]
+    fn error_delays_grow_and_honour_retry_after() {
+        let p = polling();
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        };
+        let first = error_delay(&p, policy, 0, None);
+        assert!(
+            first >= Duration::from_secs(1) && first <= Duration::from_secs(2),
+            "{first:?}"
+        );
+        let later = error_delay(&p, policy, 8, None);
+        assert!(later >= Duration::from_secs(30), "{later:?}");
+        let told = error_delay(&p, policy, 0, Some(Duration::from_secs(20)));
+        assert_eq!(told, Duration::from_secs(20));
+    }
+
+    #[test]
+    fn tickets_round_trip_and_tolerate_missing_counters() {
+        let json = r#"{"v":1,"request_id":"r-1","task_id":"t-1","model":"vidu-q3-pro-i2v",
+            "metadata":{"a":1},"received_at":"2026-01-01T00:00:00Z","submitted_at":"2026-01-01T00:00:01Z",
+            "deadline":"2026-01-01T02:00:01Z","next_poll_at":"2026-01-01T00:00:02Z"}"#;
+        let t: Ticket = serde_json::from_str(json).expect("ticket");
+        assert_eq!(t.polls, 0);
+        assert_eq!(t.metadata.as_ref().map(|m| m.get()), Some(r#"{"a":1}"#));
+        let back: Ticket =
+            serde_json::from_slice(&serde_json::to_vec(&t).expect("ser")).expect("de");
+        assert_eq!(back.task_id, "t-1");
+    }
+
+    fn tiers() -> Vec<(Duration, String)> {
+        crate::broker::WAIT_TIERS_SECS
+            .iter()
+            .map(|s| (Duration::from_secs(*s), format!("q.wait.{s}s")))
+            .collect()
+    }
+
+    #[test]
+    fn tickets_park_in_the_longest_tier_that_fits() {
+        let tiers = tiers();
+        let pick =
+            |ms: u64| wait_tier(&tiers, Duration::from_millis(ms)).map(|(d, _)| d.as_millis());
+        assert_eq!(pick(0), None);
+        assert_eq!(pick(1_000), None);
+        assert_eq!(
+            pick(2_000),
+            None,
+            "the shortest tier's wait is kept in memory"
+        );
+        assert_eq!(pick(2_100), Some(2_000));
+        assert_eq!(pick(3_999), Some(4_000), "a small overshoot saves a hop");
+        assert_eq!(pick(3_700), Some(2_000));
+        assert_eq!(pick(18_000), Some(16_000));
+        assert_eq!(pick(10_000_000), Some(1_024_000));
+        let none: Vec<(Duration, String)> = Vec::new();
+        assert_eq!(wait_tier(&none, Duration::from_secs(60)), None);
+    }
+
+    fn request(body: &str) -> GenerationRequest {
+        let props = request::MessageProps {
+            message_id: None,
+            content_type: None,
+            content_encoding: None,
+            correlation_id: None,
+            reply_to: None,
+            request_queue: "q",
+        };
+        request::parse(body.as_bytes(), props).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_767_225_600 + secs, 0).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_created_task_gets_its_deadline_and_first_poll() {
+        let p = PollingSettings {
+            min_interval: Duration::from_secs(3),
+            max_task_age: Duration::from_secs(3600),
+            max_off_peak_task_age: Duration::from_secs(48 * 3600),
+            ..PollingSettings::default()
+        };
+        // (off_peak in the body, deadline after submission)
+        for (body, hours) in [
+            (
+                r#"{"request_id":"r-1","input":{"images":["https://a/1.png"]}}"#,
+                1,
+            ),
+            (
+                r#"{"request_id":"r-1","input":{"images":["https://a/1.png"],"off_peak":false}}"#,
+                1,
+            ),
+            (
+                r#"{"request_id":"r-1","input":{"images":["https://a/1.png"],"off_peak":true}}"#,
+                48,
+            ),
+        ] {
+            let origin = Origin {
+                received_at: at(-5),
+                correlation_id: Some("c".into()),
+                reply_to: None,
+                traceparent: None,
+            };
+            let t = Ticket::for_created_task(request(body), "t-9".into(), origin, at(0), &p);
+            assert_eq!(t.deadline, at(hours * 3600), "{body}");
+            assert_eq!(t.next_poll_at, at(3));
+            assert_eq!((t.received_at, t.submitted_at), (at(-5), at(0)));
+            assert_eq!((t.polls, t.errors, t.not_found), (0, 0, 0));
+            assert_eq!(t.correlation_id.as_deref(), Some("c"));
+            assert_eq!(t.task_id, "t-9");
+            assert!(t.validate("q").is_ok(), "{:?}", t.validate("q"));
+            assert_eq!(t.remaining(at(1)), Duration::from_secs(2));
+            assert_eq!(t.remaining(at(10)), Duration::ZERO);
+            assert_eq!(t.age(at(-10)), Duration::ZERO);
+        }
+    }
+
+    #[test]
+    fn only_this_deployments_valid_tickets_are_read() {
+        let secret = secrecy::SecretString::from("s3cret");
+        let signer = Signer::new(&secret, &[], "q");
+        let other = Signer::new(&secret, &[], "other-deployment");
+        let keys = |accept_unsigned| TicketKeys {
+            signer: &signer,
+            accept_unsigned,
+            request_queue: "q",
+        };
+        let p = PollingSettings::default();
+        let origin = Origin {
+            received_at: at(0),
+            ..Origin::default()
+        };
+        let good = Ticket::for_created_task(
+            request(r#"{"request_id":"r-1","input":{"images":["https://a/1.png"]}}"#),
+            "t-1".into(),
+            origin,
+            at(0),
+            &p,
+        );
+        let body = serde_json::to_vec(&good).unwrap_or_default();
+        let mut v99: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        v99["v"] = 99.into();
+        let v99 = serde_json::to_vec(&v99).unwrap_or_default();
+        let big = vec![b' '; MAX_TICKET_BYTES + 1];
+        let sig = |b: &[u8]| signer.sign(b);
+        // (body, signature, accept_unsigned, expected reason or None for read)
+        type Case<'a> = (&'a [u8], Option<String>, bool, Option<&'static str>);
+        let table: Vec<Case<'_>> = vec![
+            (&body, Some(sig(&body)), false, None),
+            (&body, None, false, Some("unsigned")),
+            (&body, None, true, None),
+            (&body, Some("nothex".into()), true, Some("forged")),
+            (&body, Some(other.sign(&body)), false, Some("forged")),
+            (&body, Some(sig(b"something else")), true, Some("forged")),
+            (&big, Some(sig(&big)), true, Some("oversized")),
+            (b"not json", Some(sig(b"not json")), false, Some("invalid")),
+            (&v99, Some(sig(&v99)), false, Some("invalid")),
+        ];
+        for (body, signature, accept, expected) in table {
+            let got = Ticket::read(body, signature.as_deref(), &keys(accept));
+            assert_eq!(got.as_ref().err().map(|u| u.reason), expected, "{got:?}");
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! Tracking: one delivery from the tracking queue, one poll.
+//!
+//! After a task is created, everything needed to finish the request lives in
+//! a small signed ticket in the broker, never in a worker's memory. A ticket
+//! waits in the fixed-delay wait queues (dead-lettering at-least-once into
+//! the tracking queue); any worker picks it up when due, reads it (a message
+//! that is not this deployment's ticket is dead-lettered and never acted
+//! on), polls the task once, and carries out what
+//! [`decisions::after_poll`] says: publish the terminal event, or park the
+//! ticket again (after a progress event when the state changed). A killed
+//! worker loses nothing: its unacknowledged tickets are redelivered. This
+//! module never creates upstream tasks.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use lapin::message::Delivery;
+
+use super::{
+    context::Context,
+    decisions::{self, GateEffect, NextPoll, PollStep, Progress, Terminal},
+    disposition::Disposition,
+    poison,
+    ticket::{error_delay, to_chrono, wait_tier, Ticket, TicketKeys},
+};
+use crate::{
+    broker,
+    events::{self, EventKind, FailureCode},
+    gate::{GateState, Refusal},
+    signing::SIGNATURE_HEADER,
+    upstream::TaskStatus,
+};
+
+/// How long a ticket is held while the broker refuses its next copy or its
+/// terminal event, retrying, before the worker gives up on this delivery.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Handles one delivery from the tracking queue.
+#[tracing::instrument(name = "ticket", skip_all, fields(request_id, task_id))]
+pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
+    let keys = TicketKeys {
+        signer: &ctx.signer,
+        accept_unsigned: ctx.settings.tickets.accept_unsigned,
+        request_queue: &ctx.topology.request_queue,
+    };
+    let signature = broker::header_str(&delivery.properties, SIGNATURE_HEADER);
+    let mut ticket = match Ticket::read(&delivery.data, signature, &keys) {
+        Ok(t) => t,
+        Err(unreadable) => {
+            // Not written by this deployment, or not valid: no poll, no
+            // event, only the dead-letter copy saying why.
+            let reason = unreadable.reason;
+            ctx.metrics.ticket_rejected(reason);
+            tracing::warn!(reason, problem = %unreadable.detail, "dead-lettering a message on a tracking queue that is not one of this deployment's tickets");
+            let why = format!(
+                "not a ticket of this deployment ({reason}): {}",
+                unreadable.detail
+            );
+            return match ctx.dead_letter(delivery, &why, None).await {
+                Ok(()) => Disposition::Ack,
+                Err(_) => Disposition::Requeue,
+            };
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("request_id", ticket.request_id.as_str());
+    span.record("task_id", ticket.task_id.as_str());
+
+    if let Some(count) = poison::check(delivery, ctx.settings.amqp.max_deliveries) {
+        return poisoned(ctx, delivery, &ticket, count).await;
+    }
+
+    let remaining = ticket.remaining(Utc::now());
+    if wait_tier(&ctx.topology.wait_queues, remaining).is_some() {
+        // Not due for a while: another hop.
+        return park_patiently(ctx, &ticket).await;
+    }
+    if !remaining.is_zero() {
+        // Due within the shortest tier: wait here, holding the ticket.
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return Disposition::Abandon,
+            () = tokio::time::sleep(remaining) => {}
+        }
+    }
+
+    if let GateState::Closed {
+        refusal: Refusal::Key,
+        retry_at,
+        ..
+    } = ctx.gate.state()
+    {
+        // Polling with a refused key only adds noise; wait for the gate.
+        let wait = retry_at
+            .saturating_duration_since(tokio::time::Instant::now())
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        ticket.next_poll_at = Utc::now() + to_chrono(wait);
+        return park_patiently(ctx, &ticket).await;
+    }
+
+    let answer = ctx
+        .upstream
+        .task_result(&ticket.task_id, ticket.traceparent.as_deref())
+        .await;
+    match &answer {
+        Ok(r)
+            if r.status == TaskStatus::Succeeded
+                && r.videos.is_empty()
+                && r.bad_video.is_none() =>
+        {
+            tracing::warn!("the upstream reports success without a video URL; looking again later");
+        }
+        Err(err) => tracing::debug!(error = %err, errors = ticket.errors, "poll failed"),
+        Ok(_) => {}
+    }
+    let error_detail = answer.as_ref().err().map(ToString::to_string);
+    let now = Utc::now();
+    let decision = decisions::after_poll(ticket, answer, now, &ctx.settings.polling);
+    ctx.metrics.poll(decision.outcome);
+    match decision.gate {
+        GateEffect::Keep => {}
+        GateEffect::Open => ctx.gate.open(),
+        GateEffect::CloseForKey => ctx.gate.close(
+            Refusal::Key,
+            error_detail
+                .as_deref()
+                .unwrap_or("the upstream refused the API key"),
+        ),
+    }
+    let mut ticket = decision.ticket;
+    match decision.step {
+        PollStep::Finish(terminal) => finish(ctx, &ticket, terminal).await,
+        PollStep::Again { next, progress } => {
+            if let Some(progress) = progress {
+                report_progress(ctx, &mut ticket, progress).await;
+            }
+            ticket.next_poll_at = next_poll_at(ctx, next, now);
+            park_patiently(ctx, &ticket).await
+        }
+    }
+}
+
+/// The time a [`NextPoll`] stands for.
+fn next_poll_at(
+    ctx: &Context,
+    next: NextPoll,
+    now: chrono::DateTime<Utc>,
+) -> chrono::DateTime<Utc> {
+    match next {
+        NextPoll::At(at) => at,
+        NextPoll::Backoff {
+            attempt,
+            retry_after,
+        } => {
+            now + to_chrono(error_delay(
+                &ctx.settings.polling,
+                ctx.retry_policy(),
+                attempt,
+                retry_after,
+            ))
+        }
+    }
+}
+
+/// Publishes a progress event; records the state in the ticket once it is
+/// out. Not worth holding the ticket for: the next poll tries again.
+async fn report_progress(ctx: &Context, ticket: &mut Ticket, progress: Progress) {
+    let kind = EventKind::Progress {
+        task_id: &ticket.task_id,
+        status: progress.status,
+        progress_percent: progress.percent,
+        eta_seconds: progress.eta_seconds,
+    };
+    let event = events::build(&ctx.settings.events.source, &ticket.context(), &kind);
+    match ctx.publish_event(&event).await {
+        Ok(()) => {
+            ticket.last_status = Some(progress.status.to_owned());
+            ticket.last_progress = progress.percent;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish a progress event; trying again at the next poll");
+        }
+    }
+}
+
+/// Parks the ticket's next copy, retrying while the broker refuses it (the
+/// ticket stays held meanwhile, so the task is not polled again); hands it
+/// back only when that lasts longer than [`PUBLISH_PATIENCE`].
+async fn park_patiently(ctx: &Context, ticket: &Ticket) -> Disposition {
+    match ctx.patiently(PUBLISH_PATIENCE, || ctx.park(ticket)).await {
+        Ok(()) => Disposition::Ack,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not park the ticket; handing it back");
+            Disposition::Requeue
+        }
+    }
+}
+
+/// Publishes the terminal event, retrying while the broker refuses it (the
+/// ticket stays held and unacknowledged meanwhile). When that lasts longer
+/// than [`PUBLISH_PATIENCE`], the ticket is parked again to be polled later
+/// (and the event tried again then) rather than handed back at once, which
+/// would poll the task again immediately.
+async fn finish(ctx: &Context, ticket: &Ticket, terminal: Terminal) -> Disposition {
+    let now = Utc::now();
+    let kind = match &terminal {
+        Terminal::Succeeded(videos) => EventKind::Succeeded {
+            task_id: &ticket.task_id,
+            videos,
+            submitted_at: ticket.submitted_at,
+            completed_at: now,
+        },
+        Terminal::Failed { code, message } => EventKind::Failed {
+            task_id: Some(&ticket.task_id),
+            code: *code,
+            message,
+        },
+    };
+    let event = events::build(&ctx.settings.events.source, &ticket.context(), &kind);
+    match ctx
+        .patiently(PUBLISH_PATIENCE, || ctx.publish_event(&event))
+        .await
+    {
+        Ok(()) => {
+            let latency = (Utc::now() - ticket.received_at)
+                .to_std()
+                .unwrap_or(Duration::ZERO);
+            ctx.metrics.observe_latency(latency.as_secs_f64());
+            tracing::info!(
+                outcome = event.event_type,
+                polls = ticket.polls,
+                latency_ms = latency.as_millis() as u64,
+                "request finished"
+            );
+            Disposition::Ack
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish the terminal event; parking the ticket to try again later");
+            let mut again = ticket.clone();
+            again.errors = again.errors.saturating_add(1);
+            let delay = error_delay(
+                &ctx.settings.polling,
+                ctx.retry_policy(),
+                again.errors.saturating_sub(1),
+                None,
+            );
+            again.next_poll_at = Utc::now() + to_chrono(delay);
+            park_patiently(ctx, &again).await
+        }
+    }
+}
+
+async fn poisoned(ctx: &Context, delivery: &Delivery, ticket: &Ticket, count: i64) -> Disposition {
+    let message = format!(
+        "tracking stopped: handling this ticket failed {count} times in a row (amqp.max_deliveries)"
+    );
+    tracing::error!(
+        deliveries = count,
+        "dead-lettering a ticket that keeps failing"
+    );
+    let why = format!("poison: {message}");
+    if ctx.dead_letter(delivery, &why, None).await.is_err() {
+        return Disposition::Requeue;
+    }
+    let terminal = Terminal::Failed {
+        code: FailureCode::UpstreamFailed,
+        message,
+    };
+    finish(ctx, ticket, terminal).await
+}

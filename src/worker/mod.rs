@@ -1,0 +1,128 @@
+//! The worker process: startup wiring, then one supervised broker session
+//! at a time.
+//!
+//! [`run`] is the library entry point of `vidu-worker run`: it builds the
+//! upstream client, the gate, the create pacer, the quota ledger, the ticket
+//! signer and the operations endpoint into the pipeline's handler context,
+//! starts the background tasks ([`background`]: the key probe, the tracked
+//! sample) and hands over to [`session`], which keeps a broker session alive
+//! and feeds deliveries to the pipeline. Shutdown is one token: stop taking
+//! work, let handlers finish within the grace period, close with 200.
+
+mod background;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    broker::{BrokerError, Topology},
+    config::{ConfigError, Settings},
+    gate::Gate,
+    metrics::Metrics,
+    ops::{self, Health},
+    pipeline::{context::Context, recent::RecentCreates},
+    quota::{Pacer, QuotaLedger},
+    retry::RetryPolicy,
+    signing::Signer,
+    upstream::UpstreamClient,
+};
+
+/// Why `run` ended with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration (exit status 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The operations endpoint could not listen (exit status 1).
+    #[error(transparent)]
+    Listen(#[from] ops::BindError),
+    /// The bound listener has no address (exit status 1).
+    #[error("http.listen: the listener has no local address: {0}")]
+    ListenerAddress(#[source] std::io::Error),
+    /// The broker will not serve these settings: a queue or exchange
+    /// exists with other arguments, may not be declared, or is missing
+    /// (exit status 1; the message names it and says what to do).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Runs the worker until `shutdown` fires, serving the operations endpoint
+/// on `http.listen`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), RunError> {
+    settings.require_api_key()?;
+    let listener = ops::bind(settings.listen_addr()?).await?;
+    run_with_listener(settings, listener, shutdown).await
+}
+
+/// Runs the worker with an already-bound operations listener (tests and the
+/// demo bind port 0 and read the address back).
+pub async fn run_with_listener(
+    settings: Settings,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let key = settings.require_api_key()?.clone();
+    let listen = listener.local_addr().map_err(RunError::ListenerAddress)?;
+    let metrics = Metrics::new();
+    let upstream = UpstreamClient::new(&settings.upstream, key.clone(), metrics.clone())?;
+    let gate = Gate::new(
+        RetryPolicy {
+            initial: Duration::from_secs(2),
+            max: Duration::from_secs(60),
+        },
+        metrics.clone(),
+    );
+    let health = Health::new(gate.clone());
+    let ops_stop = CancellationToken::new();
+    let ops_task = tokio::spawn(ops::serve(
+        listener,
+        health.clone(),
+        metrics.clone(),
+        ops_stop.clone(),
+    ));
+    let topology = Topology::new(&settings);
+    tracing::info!(
+        request_queue = %settings.amqp.request_queue,
+        events_exchange = %settings.amqp.events_exchange,
+        broker = %crate::config::redact_url(secrecy::ExposeSecret::expose_secret(&settings.amqp.url)),
+        upstream = %settings.upstream.base_url,
+        create_quota = %settings.upstream.create_quota.map_or_else(|| "learned from 429s".to_owned(), |q| q.to_string()),
+        ops = %listen,
+        "vidu-worker starting"
+    );
+    let ctx = Arc::new(Context {
+        pacer: Pacer::new(settings.upstream.create_quota, metrics.clone()),
+        ledger: topology
+            .quota_ledger
+            .clone()
+            .map(|(name, quota)| QuotaLedger::new(name, quota)),
+        recent: RecentCreates::default(),
+        signer: Signer::new(
+            settings.tickets.secret.as_ref().unwrap_or(&key),
+            &settings.tickets.previous_secrets,
+            &settings.amqp.request_queue,
+        ),
+        held: Arc::new(Semaphore::new(usize::from(settings.amqp.prefetch))),
+        topology,
+        settings,
+        upstream,
+        metrics,
+        gate,
+        health,
+        shutdown,
+        publisher: watch::Sender::new(None),
+    });
+    let prober = tokio::spawn(background::probe_key(ctx.clone()));
+    let result = session::supervise(ctx.clone())
+        .await
+        .map_err(RunError::from);
+    prober.abort();
+    ops_stop.cancel();
+    let _ = ops_task.await;
+    tracing::info!("vidu-worker stopped");
+    result
+}

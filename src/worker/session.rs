@@ -1,0 +1,391 @@
+//! The broker session: connect, declare, consume, and rebuild with backoff
+//! whenever the broker goes away or a channel dies.
+//!
+//! [`supervise`] keeps one [`Session`] at a time: a connection, the
+//! confirm-mode publisher (handed to the pipeline's context), the request
+//! channel and the tracking consumer. Requests are taken one at a time with
+//! `basic.get`, and only once everything a create waits for is in hand (a
+//! free handler slot, an open gate, the pacer, a quota slot): a request that
+//! is only waiting waits in the broker, never in memory. Each delivery gets
+//! its own task in the pipeline; a lost session cancels the leases of the
+//! requests it handed out.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions},
+    types::FieldTable,
+    Channel, Connection, Consumer,
+};
+use tokio::{sync::OwnedSemaphorePermit, time::Instant};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::background;
+use crate::{
+    broker::{self, BrokerError, PublishError, Publisher},
+    gate::{self, IntakeTurn},
+    metrics::GaugeGuard,
+    pipeline::{self, context::Context, lease::Lease},
+    quota::SlotError,
+    retry::RetryPolicy,
+};
+
+/// How often the session checks that its connection and channels live.
+const WATCHDOG_PERIOD: Duration = Duration::from_millis(500);
+/// Shortest and longest wait before looking again at an empty request queue.
+const IDLE_MIN: Duration = Duration::from_millis(20);
+const IDLE_MAX: Duration = Duration::from_millis(250);
+
+/// Keeps a session alive until shutdown.
+pub(super) async fn supervise(ctx: Arc<Context>) -> Result<(), BrokerError> {
+    let tracker = TaskTracker::new();
+    let reconnect = RetryPolicy {
+        initial: Duration::from_millis(250),
+        max: Duration::from_secs(5),
+    };
+    let mut attempt: u32 = 0;
+    let mut ever_connected = false;
+    loop {
+        if ctx.shutdown.is_cancelled() {
+            break;
+        }
+        match Session::open(&ctx).await {
+            Ok(session) => {
+                if ever_connected {
+                    tracing::info!("reconnected to the broker");
+                } else {
+                    tracing::info!("connected to the broker; consuming");
+                }
+                ever_connected = true;
+                attempt = 0;
+                match session.run(&ctx, &tracker).await {
+                    SessionEnd::Shutdown => return Ok(()),
+                    SessionEnd::Lost(reason) => {
+                        tracing::warn!(reason = %reason, "lost the broker session; reconnecting");
+                        ctx.health.broker_down(reason);
+                    }
+                }
+            }
+            Err(e) if e.is_fatal_at_start() && !ever_connected => {
+                // A mismatched, forbidden or missing queue or exchange: the
+                // message names it and says what to do.
+                return Err(e);
+            }
+            Err(e) => {
+                if attempt == 0 {
+                    tracing::warn!(error = %e, "cannot reach the broker; retrying");
+                } else {
+                    tracing::debug!(error = %e, attempt, "still cannot reach the broker");
+                }
+                ctx.health.broker_down(e.to_string());
+            }
+        }
+        ctx.publisher.send_replace(None);
+        ctx.metrics.set_broker_connected(false);
+        let delay = reconnect.delay_for_attempt(attempt);
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+    // Shut down while disconnected: give handlers their grace period to
+    // finish what they can once the broker is back.
+    drain_handlers(&ctx, &tracker).await;
+    Ok(())
+}
+
+async fn drain_handlers(ctx: &Context, tracker: &TaskTracker) {
+    ctx.health.stopping();
+    tracker.close();
+    let grace = ctx.settings.shutdown.grace_period;
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            still_running = tracker.len(),
+            "grace period over; unfinished messages go back to the queue"
+        );
+    }
+}
+
+enum SessionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+struct Session {
+    conn: Arc<Connection>,
+    publisher: Publisher,
+    /// Requests are taken (`basic.get`) and acknowledged on this channel.
+    intake_channel: Channel,
+    tracking_channel: Channel,
+    /// Cancelled when the session is lost: every lease of its deliveries
+    /// ends with it.
+    token: CancellationToken,
+}
+
+impl Session {
+    async fn open(ctx: &Context) -> Result<Self, BrokerError> {
+        let conn = Arc::new(broker::connect(&ctx.settings, "worker").await?);
+        ctx.topology.declare(&conn).await?;
+        let publisher = Publisher::open(conn.clone())
+            .await
+            .map_err(BrokerError::Connection)?;
+        let intake_channel = conn
+            .create_channel()
+            .await
+            .map_err(BrokerError::Connection)?;
+        let tracking_channel = consuming_channel(&conn, ctx.settings.polling.prefetch)
+            .await
+            .map_err(BrokerError::Connection)?;
+        Ok(Self {
+            conn,
+            publisher,
+            intake_channel,
+            tracking_channel,
+            token: CancellationToken::new(),
+        })
+    }
+
+    fn alive(&self) -> Result<(), &'static str> {
+        if !self.conn.status().connected() {
+            return Err("the connection closed");
+        }
+        if !self.intake_channel.status().connected() {
+            return Err("the request channel closed");
+        }
+        if !self.tracking_channel.status().connected() {
+            return Err("the tracking channel closed");
+        }
+        Ok(())
+    }
+
+    async fn run(self, ctx: &Arc<Context>, tracker: &TaskTracker) -> SessionEnd {
+        ctx.publisher.send_replace(Some(self.publisher.clone()));
+        ctx.health.broker_up();
+        ctx.metrics.set_broker_connected(true);
+        let sampler_stop = CancellationToken::new();
+        let sampler = tokio::spawn(background::sample_tracked(
+            self.conn.create_channel().await.ok(),
+            ctx.clone(),
+            sampler_stop.clone(),
+        ));
+        let end = self.consume(ctx, tracker).await;
+        // Let the sampler drop its channel while the connection is still
+        // open (a channel closed after its connection is logged as an error).
+        sampler_stop.cancel();
+        let _ = sampler.await;
+        ctx.health.set_consuming(false);
+        match &end {
+            SessionEnd::Shutdown => {
+                // The tracking consumer is not cancelled (on RabbitMQ 3.10 a
+                // cancel racing with quorum-queue deliveries crashes the
+                // channel): what it delivered but nobody took stays
+                // unacknowledged and returns to the queue when the
+                // connection closes, after the handlers already running
+                // have finished.
+                drain_handlers(ctx, tracker).await;
+                self.token.cancel();
+                self.publisher.close().await;
+                let _ = self.tracking_channel.close(200, "shutdown".into()).await;
+                let _ = self.intake_channel.close(200, "shutdown".into()).await;
+                let _ = self.conn.close(200, "shutdown".into()).await;
+            }
+            SessionEnd::Lost(_) => {
+                self.token.cancel();
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.conn.close(320, "session lost".into()),
+                )
+                .await;
+            }
+        }
+        end
+    }
+
+    async fn consume(&self, ctx: &Arc<Context>, tracker: &TaskTracker) -> SessionEnd {
+        let tag_base = format!("vidu-worker.{}.{}", broker::host_name(), std::process::id());
+        let mut tracking = match start_consumer(
+            &self.tracking_channel,
+            &ctx.topology.tracking_queue,
+            &format!("{tag_base}.tracking"),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Lost(format!("cannot consume the tracking queue: {e}")),
+        };
+        ctx.health.set_consuming(true);
+        let intake = intake_loop(ctx, self, tracker);
+        tokio::pin!(intake);
+        let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
+        loop {
+            tokio::select! {
+                biased;
+                () = ctx.shutdown.cancelled() => return SessionEnd::Shutdown,
+                _ = watchdog.tick() => {
+                    if let Err(reason) = self.alive() {
+                        return SessionEnd::Lost(reason.into());
+                    }
+                }
+                reason = &mut intake => return SessionEnd::Lost(reason),
+                delivery = tracking.next() => match delivery {
+                    Some(Ok(d)) => spawn_ticket(tracker, ctx.clone(), d),
+                    Some(Err(e)) => return SessionEnd::Lost(format!("tracking consumer failed: {e}")),
+                    None => return SessionEnd::Lost("the broker cancelled the tracking consumer".into()),
+                },
+            }
+        }
+    }
+}
+
+/// Takes requests, one at a time, once a create could follow at once: a
+/// free handler slot, the gate, the pacer and (with a quota) a slot in the
+/// deployment's window come first, the delivery last. Returns why it
+/// stopped when the session cannot serve it any more; shutdown simply
+/// drops it.
+async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracker) -> String {
+    let channel = &session.intake_channel;
+    let queue = ctx.topology.request_queue.as_str();
+    let mut idle = IDLE_MIN;
+    // Ready requests the last look reported; with a quota a slot is only
+    // claimed when some are known to be there.
+    let mut known_ready: u32 = 0;
+    let mut gate_changes = ctx.gate.subscribe();
+    loop {
+        let Ok(held) = ctx.held.clone().acquire_owned().await else {
+            return "the handler slots were closed".into();
+        };
+        loop {
+            match ctx.gate.intake_turn() {
+                IntakeTurn::Take => break,
+                IntakeTurn::Wait(at) => {
+                    tokio::select! {
+                        _ = gate_changes.changed() => {}
+                        () = gate::sleep_until(at) => {}
+                    }
+                }
+            }
+        }
+        let Some(pace) = ctx.pacer.reserve(&ctx.shutdown).await else {
+            return std::future::pending().await;
+        };
+        let mut slot = false;
+        if let Some(ledger) = &ctx.ledger {
+            while known_ready == 0 {
+                match ready_requests(channel, queue).await {
+                    Ok(0) => {
+                        tokio::time::sleep(idle).await;
+                        idle = (idle * 2).min(IDLE_MAX);
+                    }
+                    Ok(n) => known_ready = n,
+                    Err(e) => return format!("cannot look at the request queue: {e}"),
+                }
+            }
+            match ledger
+                .claim(&session.publisher, &ctx.metrics, &ctx.shutdown)
+                .await
+            {
+                Ok(()) => slot = true,
+                Err(SlotError::Cancelled) => return std::future::pending().await,
+                Err(SlotError::Broker(PublishError::Unroutable(_))) => {
+                    tracing::warn!(
+                        ledger = ledger.queue(),
+                        "the quota ledger is gone (its broker node?); declaring it again"
+                    );
+                    if let Err(e) = ctx.topology.declare_ledger(&session.conn).await {
+                        return format!("cannot declare the quota ledger: {e}");
+                    }
+                    ctx.pacer.release(pace);
+                    continue;
+                }
+                Err(SlotError::Broker(e)) => return format!("cannot claim a quota slot: {e}"),
+            }
+        }
+        match channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+        {
+            Ok(Some(message)) => {
+                idle = IDLE_MIN;
+                known_ready = message.message_count;
+                let lease = Lease::new(message.delivery.acker.clone(), session.token.clone());
+                spawn_request(tracker, ctx.clone(), message.delivery, held, lease);
+            }
+            Ok(None) => {
+                known_ready = 0;
+                ctx.pacer.release(pace);
+                if slot {
+                    ctx.metrics.quota_slot_unused();
+                }
+                drop(held);
+                tokio::time::sleep(idle).await;
+                idle = (idle * 2).min(IDLE_MAX);
+            }
+            Err(e) => return format!("cannot take requests: {e}"),
+        }
+    }
+}
+
+/// Ready messages in a queue (a passive declaration).
+async fn ready_requests(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+}
+
+/// A channel for one consumer, with its prefetch.
+async fn consuming_channel(conn: &Connection, prefetch: u16) -> Result<Channel, lapin::Error> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+async fn start_consumer(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+) -> Result<Consumer, lapin::Error> {
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+fn spawn_request(
+    tracker: &TaskTracker,
+    ctx: Arc<Context>,
+    delivery: Delivery,
+    held: OwnedSemaphorePermit,
+    lease: Lease,
+) {
+    tracker.spawn(async move {
+        let _held = held;
+        let _in_flight = GaugeGuard::new(ctx.metrics.in_flight_requests());
+        let taken = Instant::now();
+        pipeline::handle_request(&ctx, &delivery, &lease).await;
+        ctx.metrics.observe_hold(taken.elapsed().as_secs_f64());
+    });
+}
+
+fn spawn_ticket(tracker: &TaskTracker, ctx: Arc<Context>, delivery: Delivery) {
+    tracker.spawn(async move {
+        let _in_flight = GaugeGuard::new(ctx.metrics.in_flight_tickets());
+        pipeline::handle_ticket(&ctx, &delivery).await;
+    });
+}
