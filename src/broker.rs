@@ -808,11 +808,103 @@ fn tls_config(amqp: &AmqpSettings) -> Result<OwnedTLSConfig, ConfigError> {
     })
 }
 
+/// What a failed connection attempt was, read from the libraries' typed
+/// errors (lapin's error kind, the I/O error kind, rustls's error inside
+/// it, the broker's AMQP reply code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The broker's certificate is not signed by a trusted CA.
+    UnknownIssuer,
+    /// The broker's certificate does not name the host.
+    NameMismatch,
+    /// The broker's certificate has expired or is not valid yet.
+    CertificateExpired,
+    /// The broker's certificate was refused for another reason.
+    CertificateRefused,
+    /// The port answered, but not with TLS.
+    NotTls,
+    /// The broker sent a TLS alert during the handshake.
+    HandshakeAlert,
+    /// The connection was closed before AMQP started.
+    ClosedEarly,
+    /// The broker refused the user name or password.
+    Credentials,
+    /// The user may not open the vhost, or it does not exist.
+    Vhost,
+    /// Anything else (unreachable, timed out, …): the library's words say it.
+    Other,
+}
+
+/// Classifies a failed connection by the errors' types, never their words.
+pub fn connect_failure(error: &lapin::Error) -> ConnectFailure {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => match e.kind() {
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => ConnectFailure::Credentials,
+            AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED | AMQPHardError::INVALIDPATH) => {
+                ConnectFailure::Vhost
+            }
+            _ => ConnectFailure::Other,
+        },
+        lapin::ErrorKind::AuthProviderError(_) => ConnectFailure::Credentials,
+        lapin::ErrorKind::IOError(io) => io_failure(io),
+        _ => ConnectFailure::Other,
+    }
+}
+
+fn io_failure(io: &std::io::Error) -> ConnectFailure {
+    use rustls::{CertificateError as C, Error as T};
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = io.get_ref().map(|e| e as _);
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<T>() {
+            return match tls {
+                T::InvalidCertificate(C::UnknownIssuer) => ConnectFailure::UnknownIssuer,
+                T::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+                    ConnectFailure::NameMismatch
+                }
+                T::InvalidCertificate(
+                    C::Expired
+                    | C::ExpiredContext { .. }
+                    | C::NotValidYet
+                    | C::NotValidYetContext { .. },
+                ) => ConnectFailure::CertificateExpired,
+                T::InvalidCertificate(_) => ConnectFailure::CertificateRefused,
+                T::InvalidMessage(_) | T::InappropriateMessage { .. } => ConnectFailure::NotTls,
+                T::AlertReceived(_) => ConnectFailure::HandshakeAlert,
+                _ => ConnectFailure::Other,
+            };
+        }
+        if let Some(inner) = e.downcast_ref::<std::io::Error>() {
+            if let Some(failure) = closed_early(inner.kind()) {
+                return failure;
+            }
+        }
+        cause = e.source();
+    }
+    closed_early(io.kind()).unwrap_or(ConnectFailure::Other)
+}
+
+fn closed_early(kind: std::io::ErrorKind) -> Option<ConnectFailure> {
+    use std::io::ErrorKind as K;
+    matches!(
+        kind,
+        K::ConnectionReset | K::BrokenPipe | K::UnexpectedEof | K::ConnectionAborted
+    )
+    .then_some(ConnectFailure::ClosedEarly)
+}
+
 /// Turns a failed connection into one line that says what to fix. The
 /// library's words are kept; the hint is added for the usual causes.
 fn explain_connect_error(error: &lapin::Error, amqp: &AmqpSettings) -> String {
     let words = broker_words(error);
-    let has = |needle: &str| words.contains(needle);
+    match connect_hint(connect_failure(error), amqp) {
+        Some(hint) => format!("{hint} ({words})"),
+        None => words,
+    }
+}
+
+/// The hint for a failed connection: what to fix, in the settings' words.
+pub fn connect_hint(failure: ConnectFailure, amqp: &AmqpSettings) -> Option<String> {
     let trusted = match &amqp.tls.ca_file {
         Some(path) => format!(
             "the CA certificates in amqp.tls.ca_file ({}) and the system roots",
@@ -821,43 +913,28 @@ fn explain_connect_error(error: &lapin::Error, amqp: &AmqpSettings) -> String {
         None => "the system roots (set amqp.tls.ca_file to the broker's CA)".into(),
     };
     let tls = amqp.uses_tls();
-    let closed = has("Connection reset")
-        || has("Broken pipe")
-        || has("UnexpectedEof")
-        || has("unexpected end of file")
-        || has("early eof");
-    let hint = if has("UnknownIssuer") || has("unknown issuer") {
-        Some(format!(
+    let ended = matches!(
+        failure,
+        ConnectFailure::ClosedEarly | ConnectFailure::HandshakeAlert
+    );
+    match failure {
+        ConnectFailure::UnknownIssuer => Some(format!(
             "TLS handshake failed: the broker's certificate is not signed by a trusted CA; this worker trusts {trusted}"
-        ))
-    } else if has("NotValidForName") || has("not valid for name") {
-        Some("TLS handshake failed: the broker's certificate does not name the host of amqp.url; connect with a host name the certificate lists".into())
-    } else if has("Expired") || has("NotValidYet") {
-        Some(
+        )),
+        ConnectFailure::NameMismatch => Some("TLS handshake failed: the broker's certificate does not name the host of amqp.url; connect with a host name the certificate lists".into()),
+        ConnectFailure::CertificateExpired => Some(
             "TLS handshake failed: the broker's certificate has expired or is not valid yet".into(),
-        )
-    } else if has("invalid peer certificate") {
-        Some(format!(
+        ),
+        ConnectFailure::CertificateRefused => Some(format!(
             "TLS handshake failed: the broker's certificate was refused; this worker trusts {trusted}"
-        ))
-    } else if has("InvalidContentType") || has("corrupt message") {
-        Some("TLS handshake failed: the port does not speak TLS (amqps:// needs the broker's TLS listener, 5671 by default)".into())
-    } else if tls && (closed || has("alert")) && amqp.tls.cert_file.is_none() {
-        Some("the broker ended the TLS handshake: if it requires a client certificate (mutual TLS), set amqp.tls.cert_file and amqp.tls.key_file".into())
-    } else if tls && (closed || has("alert")) {
-        Some("the broker ended the TLS handshake: it may not accept the client certificate of amqp.tls.cert_file (is it signed by a CA the broker trusts?)".into())
-    } else if closed {
-        Some("the broker closed the connection before AMQP started: if this port is a TLS listener, use an amqps:// URL".into())
-    } else if has("ACCESS_REFUSED") || has("authentication") {
-        Some("the broker refused the user name or password (from amqp.url, amqp.username, amqp.password or amqp.password_file)".into())
-    } else if has("NOT_ALLOWED") || has("vhost") {
-        Some("the user may not open this vhost, or it does not exist (the vhost is the path of amqp.url, percent-encoded: %2f is /)".into())
-    } else {
-        None
-    };
-    match hint {
-        Some(hint) => format!("{hint} ({words})"),
-        None => words,
+        )),
+        ConnectFailure::NotTls => Some("TLS handshake failed: the port does not speak TLS (amqps:// needs the broker's TLS listener, 5671 by default)".into()),
+        _ if tls && ended && amqp.tls.cert_file.is_none() => Some("the broker ended the TLS handshake: if it requires a client certificate (mutual TLS), set amqp.tls.cert_file and amqp.tls.key_file".into()),
+        _ if tls && ended => Some("the broker ended the TLS handshake: it may not accept the client certificate of amqp.tls.cert_file (is it signed by a CA the broker trusts?)".into()),
+        ConnectFailure::ClosedEarly => Some("the broker closed the connection before AMQP started: if this port is a TLS listener, use an amqps:// URL".into()),
+        ConnectFailure::Credentials => Some("the broker refused the user name or password (from amqp.url, amqp.username, amqp.password or amqp.password_file)".into()),
+        ConnectFailure::Vhost => Some("the user may not open this vhost, or it does not exist (the vhost is the path of amqp.url, percent-encoded: %2f is /)".into()),
+        ConnectFailure::HandshakeAlert | ConnectFailure::Other => None,
     }
 }
 

@@ -18,6 +18,8 @@ use crate::{request::RequestId, upstream::Video};
 
 /// `type` of the event sent when the upstream accepted the task.
 pub const SUBMITTED: &str = "video.generation.submitted";
+/// Binding pattern that matches every event type (`video.generation.#`).
+pub const ALL_TYPES: &str = "video.generation.#";
 /// `type` of the event sent when status or progress changed.
 pub const PROGRESS: &str = "video.generation.progress";
 /// `type` of the terminal success event.
@@ -336,7 +338,7 @@ pub fn build(source: &str, ctx: &RequestContext<'_>, kind: &EventKind<'_>) -> Ev
     let mut headers = FieldTable::default();
     if let Some(tp) = ctx.traceparent {
         headers.insert(
-            "traceparent".into(),
+            crate::broker::TRACEPARENT_HEADER.into(),
             AMQPValue::LongString(LongString::from(tp)),
         );
     }

@@ -195,6 +195,8 @@ pub struct TaskResult {
     pub bad_video: Option<String>,
 }
 
+/// The W3C Trace Context HTTP header the worker passes its trace in.
+pub const TRACEPARENT_HTTP_HEADER: &str = "traceparent";
 /// The task id asked for to test the API key and the upstream without
 /// creating anything: any answer but a 401/403 or an outage means both work.
 pub const KEY_PROBE_TASK_ID: &str = "vidu-worker-key-probe";
@@ -539,7 +541,7 @@ impl UpstreamClient {
     ) -> Result<String, UpstreamError> {
         let mut req = self.http.post(self.create_url.clone()).json(input);
         if let Some(tp) = traceparent {
-            req = req.header("traceparent", tp);
+            req = req.header(TRACEPARENT_HTTP_HEADER, tp);
         }
         if !alive() {
             return Err(UpstreamError::NotSent);
@@ -602,7 +604,7 @@ impl UpstreamClient {
             .get(self.result_url.clone())
             .query(&[("task_id", task_id)]);
         if let Some(tp) = traceparent {
-            req = req.header("traceparent", tp);
+            req = req.header(TRACEPARENT_HTTP_HEADER, tp);
         }
         let Answer {
             status,

@@ -157,7 +157,7 @@ async fn publish_and_wait(
     // Listen before publishing, so no event can slip past.
     let mut events_stream = None;
     if args.wait {
-        let consumer = watch_events(&conn, &topology.events_exchange, "video.generation.#")
+        let consumer = watch_events(&conn, &topology.events_exchange, events::ALL_TYPES)
             .await
             .map_err(|e| format!("cannot follow the events: {e}"))?;
         events_stream = Some(consumer);
