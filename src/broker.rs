@@ -25,8 +25,9 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use crate::config::{
-    self, AmqpSettings, ConfigError, CreateQuota, QueueArgument, QueueType, Settings,
+use crate::{
+    config::{AmqpSettings, ConfigError, CreateQuota, QueueArgument, QueueType, Settings},
+    tls,
 };
 
 /// Header carrying why a message was dead-lettered.
@@ -802,7 +803,7 @@ pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, Brok
 /// The TLS files, read now so that rotated certificates are used at the
 /// next connection. Plain `amqp://` URLs ignore this configuration.
 fn tls_config(amqp: &AmqpSettings) -> Result<OwnedTLSConfig, ConfigError> {
-    let read = config::read_file;
+    let read = tls::read_file;
     let cert_chain = match &amqp.tls.ca_file {
         Some(path) => Some(
             String::from_utf8(read("amqp.tls.ca_file", path)?).map_err(|_| {
