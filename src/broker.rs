@@ -25,8 +25,9 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
 };
 
-use crate::config::{
-    self, AmqpSettings, ConfigError, CreateQuota, QueueArgument, QueueType, Settings,
+use crate::{
+    config::{AmqpSettings, ConfigError, CreateQuota, QueueArgument, QueueType, Settings},
+    tls,
 };
 
 /// Header carrying why a message was dead-lettered.
@@ -783,7 +784,7 @@ pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, Brok
 /// The TLS files, read now so that rotated certificates are used at the
 /// next connection. Plain `amqp://` URLs ignore this configuration.
 fn tls_config(amqp: &AmqpSettings) -> Result<OwnedTLSConfig, ConfigError> {
-    let read = config::read_file;
+    let read = tls::read_file;
     let cert_chain = match &amqp.tls.ca_file {
         Some(path) => Some(
             String::from_utf8(read("amqp.tls.ca_file", path)?).map_err(|_| {
@@ -983,5 +984,39 @@ mod tests {
             .queue_names()
             .iter()
             .all(|n| n.starts_with("vidu.requests")));
+    }
+
+    /// The queue arguments users may not set (`amqp.queue_arguments`) are
+    /// the ones the topology sets on the queues those arguments reach, plus
+    /// `x-expires`, which it leaves unset on purpose. (The quota ledger's
+    /// declaration takes no user arguments.)
+    #[test]
+    fn managed_queue_arguments_are_the_ones_the_topology_sets() {
+        let mut set = std::collections::BTreeSet::new();
+        for queue_type in [
+            crate::config::QueueType::Quorum,
+            crate::config::QueueType::Classic,
+        ] {
+            let mut settings = Settings::default();
+            settings.amqp.queue_type = queue_type;
+            for (_, args) in Topology::new(&settings).queue_declarations() {
+                set.extend(args.inner().keys().map(|k| k.to_string()));
+            }
+        }
+        let managed: std::collections::BTreeSet<String> = crate::config::MANAGED_QUEUE_ARGUMENTS
+            .iter()
+            .map(|(name, _)| (*name).to_owned())
+            .collect();
+        let unmanaged: Vec<&String> = set.difference(&managed).collect();
+        assert!(
+            unmanaged.is_empty(),
+            "the topology sets arguments users could override: {unmanaged:?}"
+        );
+        let unset: Vec<&String> = managed.difference(&set).collect();
+        assert_eq!(
+            unset,
+            ["x-expires"],
+            "managed but never set by the topology"
+        );
     }
 }

@@ -18,5 +18,6 @@ pub mod retry;
 pub mod signing;
 pub mod simulator;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod worker;

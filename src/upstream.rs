@@ -25,10 +25,11 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer};
 
 use crate::{
-    config::{self, ConfigError, UpstreamSettings},
+    config::{ConfigError, UpstreamSettings},
     metrics::Metrics,
     request::ViduInput,
     retry::{RetryHint, Transient},
+    tls,
 };
 
 /// Path of the create endpoint.
@@ -503,7 +504,7 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(settings.max_concurrent_requests as usize);
         if let Some(path) = &settings.ca_file {
-            for cert in config::load_certificates("upstream.ca_file", path)? {
+            for cert in tls::load_certificates("upstream.ca_file", path)? {
                 builder = builder.add_root_certificate(cert);
             }
         }

@@ -32,7 +32,7 @@ use tokio::{
 };
 use vidu_worker::{
     broker::{Publisher, Topology},
-    config::Settings,
+    config::{env_vars, Settings, API_KEY_ENV},
     simulator::{RunningSimulator, Simulator, SimulatorConfig},
 };
 
@@ -258,153 +258,14 @@ impl TestEnv {
         }
     }
 
-    /// Environment variables that configure a worker child for this deployment.
+    /// Environment variables that configure a worker child for this
+    /// deployment: every setting, with the operations endpoint on a free
+    /// port and the API key in `NOVITA_API_KEY`.
     pub fn worker_env(&self) -> Vec<(String, String)> {
-        let s = &self.settings;
-        let d = |d: Duration| format!("{}ms", d.as_millis());
-        let mut env: Vec<(String, String)> = vec![
-            (
-                "VIDU_WORKER__AMQP__URL".into(),
-                secrecy::ExposeSecret::expose_secret(&s.amqp.url).to_owned(),
-            ),
-            (
-                "VIDU_WORKER__AMQP__REQUEST_QUEUE".into(),
-                s.amqp.request_queue.clone(),
-            ),
-            (
-                "VIDU_WORKER__AMQP__EVENTS_EXCHANGE".into(),
-                s.amqp.events_exchange.clone(),
-            ),
-            (
-                "VIDU_WORKER__AMQP__PREFETCH".into(),
-                s.amqp.prefetch.to_string(),
-            ),
-            (
-                "VIDU_WORKER__AMQP__MAX_DELIVERIES".into(),
-                s.amqp.max_deliveries.to_string(),
-            ),
-            ("VIDU_WORKER__AMQP__MAX_HOLD".into(), d(s.amqp.max_hold)),
-            (
-                "VIDU_WORKER__UPSTREAM__BASE_URL".into(),
-                s.upstream.base_url.clone(),
-            ),
-            (
-                "VIDU_WORKER__UPSTREAM__TIMEOUT".into(),
-                d(s.upstream.timeout),
-            ),
-            (
-                "VIDU_WORKER__UPSTREAM__RETRY_INITIAL".into(),
-                d(s.upstream.retry_initial),
-            ),
-            (
-                "VIDU_WORKER__UPSTREAM__RETRY_MAX".into(),
-                d(s.upstream.retry_max),
-            ),
-            (
-                "VIDU_WORKER__UPSTREAM__CREATE_RETRY_BUDGET".into(),
-                d(s.upstream.create_retry_budget),
-            ),
-            (
-                "VIDU_WORKER__UPSTREAM__MAX_REQUESTS_PER_SECOND".into(),
-                s.upstream.max_requests_per_second.to_string(),
-            ),
-            (
-                "VIDU_WORKER__UPSTREAM__CREATE_QUOTA".into(),
-                s.upstream
-                    .create_quota
-                    .map(|q| format!("{}/{}ms", q.creates, q.window.as_millis()))
-                    .unwrap_or_default(),
-            ),
-            (
-                "VIDU_WORKER__POLLING__MIN_INTERVAL".into(),
-                d(s.polling.min_interval),
-            ),
-            (
-                "VIDU_WORKER__POLLING__MAX_INTERVAL".into(),
-                d(s.polling.max_interval),
-            ),
-            (
-                "VIDU_WORKER__POLLING__MAX_TASK_AGE".into(),
-                d(s.polling.max_task_age),
-            ),
-            (
-                "VIDU_WORKER__POLLING__MAX_OFF_PEAK_TASK_AGE".into(),
-                d(s.polling.max_off_peak_task_age),
-            ),
-            (
-                "VIDU_WORKER__SHUTDOWN__GRACE_PERIOD".into(),
-                d(s.shutdown.grace_period),
-            ),
-            ("VIDU_WORKER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
-            ("NOVITA_API_KEY".into(), self.api_key.clone()),
-            (
-                "VIDU_WORKER__AMQP__QUEUE_TYPE".into(),
-                s.amqp.queue_type.as_str().into(),
-            ),
-            (
-                "VIDU_WORKER__AMQP__DECLARE_TOPOLOGY".into(),
-                s.amqp.declare_topology.to_string(),
-            ),
-        ];
-        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
-        let optional = [
-            ("VIDU_WORKER__AMQP__USERNAME", s.amqp.username.clone()),
-            (
-                "VIDU_WORKER__AMQP__PASSWORD",
-                s.amqp
-                    .password
-                    .as_ref()
-                    .map(|p| secrecy::ExposeSecret::expose_secret(p).to_owned()),
-            ),
-            (
-                "VIDU_WORKER__AMQP__PASSWORD_FILE",
-                s.amqp.password_file.as_deref().map(path),
-            ),
-            (
-                "VIDU_WORKER__AMQP__TLS__CA_FILE",
-                s.amqp.tls.ca_file.as_deref().map(path),
-            ),
-            (
-                "VIDU_WORKER__AMQP__TLS__CERT_FILE",
-                s.amqp.tls.cert_file.as_deref().map(path),
-            ),
-            (
-                "VIDU_WORKER__AMQP__TLS__KEY_FILE",
-                s.amqp.tls.key_file.as_deref().map(path),
-            ),
-            (
-                "VIDU_WORKER__UPSTREAM__CA_FILE",
-                s.upstream.ca_file.as_deref().map(path),
-            ),
-            (
-                "VIDU_WORKER__TICKETS__SECRET",
-                s.tickets
-                    .secret
-                    .as_ref()
-                    .map(|p| secrecy::ExposeSecret::expose_secret(p).to_owned()),
-            ),
-        ];
-        env.extend(
-            optional
-                .into_iter()
-                .filter_map(|(k, v)| Some((k.to_owned(), v?))),
-        );
-        for (name, value) in &s.amqp.queue_arguments {
-            use vidu_worker::config::QueueArgument as A;
-            let value = match value {
-                A::Bool(b) => b.to_string(),
-                A::Int(i) => i.to_string(),
-                A::Float(f) => f.to_string(),
-                A::Text(t) => t.clone(),
-            };
-            env.push((
-                format!(
-                    "VIDU_WORKER__AMQP__QUEUE_ARGUMENTS__{}",
-                    name.to_uppercase()
-                ),
-                value,
-            ));
-        }
+        let mut settings = self.settings.clone();
+        settings.http.listen = "127.0.0.1:0".into();
+        let mut env = env_vars(&settings).expect("settings as variables");
+        env.push((API_KEY_ENV.into(), self.api_key.clone()));
         env
     }
 

@@ -9,18 +9,36 @@
 //! [`SecretString`]s whose `Debug` output is redacted, and broker URLs are
 //! shown through [`redact_url`] / [`AmqpSettings::display_url`]. Files named
 //! by settings (password, TLS and CA files) are checked here at load, so a
-//! typo is a configuration error naming the key.
+//! typo is a configuration error naming the key (the PEM checks themselves
+//! are [`crate::tls`]'s).
+//!
+//! The parts: [`schema`] (sections, keys, defaults and limits), this module
+//! (layering and validation), `uri` (the broker URL the settings describe)
+//! and `env` ([`env_vars`], the environment layer in reverse).
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    fmt,
+    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::tls;
+
+mod env;
+pub mod schema;
+mod uri;
+
+pub use env::env_vars;
+pub use schema::{
+    AmqpSettings, AmqpTlsSettings, CreateQuota, DurationLimit, EventSettings, HttpSettings,
+    LogFormat, LogSettings, PollingSettings, QueueArgument, QueueType, ShutdownSettings,
+    TicketSettings, UpstreamSettings, DURATION_LIMITS, MANAGED_QUEUE_ARGUMENTS,
+};
+pub use uri::redact_url;
 
 /// The environment prefix of every key (`VIDU_WORKER__AMQP__URL`).
 pub const ENV_PREFIX: &str = "VIDU_WORKER";
@@ -55,8 +73,14 @@ impl ConfigError {
     }
 }
 
+impl From<tls::FileError> for ConfigError {
+    fn from(e: tls::FileError) -> Self {
+        Self::new(e.key, e.problem)
+    }
+}
+
 /// All settings of a worker process.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// Broker connection and names.
@@ -75,521 +99,6 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// Tracking-ticket signatures.
     pub tickets: TicketSettings,
-}
-
-/// `[tickets]`: the secret that signs tracking tickets, so that a message a
-/// producer writes into an internal queue is never acted on.
-#[derive(Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TicketSettings {
-    /// Signs every ticket; when unset, the key is derived from the API key
-    /// (no new secret to manage). Never logged.
-    pub secret: Option<SecretString>,
-    /// Secrets (or, for a deployment that signs with its API key, API keys)
-    /// still accepted when verifying tickets written before a rotation.
-    /// Keep them for `polling.max_off_peak_task_age` (72 h) after it.
-    pub previous_secrets: Vec<SecretString>,
-    /// Accept tickets without a signature: only while upgrading from a
-    /// version that did not sign them (they can be in flight for 72 h).
-    /// Anyone who can write to the vhost can forge an unsigned ticket.
-    pub accept_unsigned: bool,
-}
-
-impl fmt::Debug for TicketSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TicketSettings")
-            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
-            .field("previous_secrets", &self.previous_secrets.len())
-            .field("accept_unsigned", &self.accept_unsigned)
-            .finish()
-    }
-}
-
-/// The longest value each duration setting accepts (checked at start, so
-/// that an absurd value cannot overflow a deadline later).
-pub const DURATION_LIMITS: &[(&str, Duration)] = &[
-    ("amqp.max_hold", Duration::from_secs(25 * 60)),
-    ("upstream.timeout", Duration::from_secs(10 * 60)),
-    ("upstream.connect_timeout", Duration::from_secs(5 * 60)),
-    ("upstream.retry_initial", Duration::from_secs(10 * 60)),
-    ("upstream.retry_max", Duration::from_secs(3600)),
-    ("upstream.create_retry_budget", Duration::from_secs(25 * 60)),
-    ("polling.min_interval", Duration::from_secs(3600)),
-    ("polling.max_interval", Duration::from_secs(24 * 3600)),
-    ("polling.max_task_age", Duration::from_secs(30 * 24 * 3600)),
-    (
-        "polling.max_off_peak_task_age",
-        Duration::from_secs(30 * 24 * 3600),
-    ),
-    ("shutdown.grace_period", Duration::from_secs(3600)),
-];
-
-/// Queue types the worker can declare.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    /// Replicated Raft queues: survive a node loss, count deliveries, and
-    /// dead-letter at-least-once. The default.
-    Quorum,
-    /// Single-node queues, for brokers without quorum queue support.
-    Classic,
-}
-
-impl QueueType {
-    /// The `x-queue-type` argument value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Quorum => "quorum",
-            Self::Classic => "classic",
-        }
-    }
-}
-
-/// `[amqp]`
-#[derive(Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AmqpSettings {
-    /// Broker URL, `amqp://user:pass@host:port/vhost` (or `amqps://` for
-    /// TLS). The vhost is the URL's path, percent-encoded (`%2f` is `/`).
-    pub url: SecretString,
-    /// User name, overriding the URL's.
-    pub username: Option<String>,
-    /// Password, overriding the URL's. Never logged.
-    pub password: Option<SecretString>,
-    /// A file holding the password (a mounted Kubernetes Secret), read at
-    /// start and at every reconnect, surrounding whitespace trimmed.
-    pub password_file: Option<PathBuf>,
-    /// TLS settings for `amqps://` URLs.
-    pub tls: AmqpTlsSettings,
-    /// Whether the worker declares its queues and exchange (`true`), or only
-    /// checks with passive declarations that operators created them.
-    pub declare_topology: bool,
-    /// Extra `x-` arguments for every queue the worker declares.
-    pub queue_arguments: BTreeMap<String, QueueArgument>,
-    /// The request queue producers publish to; internal names derive from it.
-    pub request_queue: String,
-    /// The topic exchange events are published to.
-    pub events_exchange: String,
-    /// Unacknowledged requests one worker holds at a time.
-    pub prefetch: u16,
-    /// Type of the queues the worker declares.
-    pub queue_type: QueueType,
-    /// Deliveries after which a request or ticket that never completes is
-    /// dead-lettered as poison.
-    pub max_deliveries: u32,
-    /// How long a request may wait at the gate (while the upstream refuses
-    /// the balance) before it is handed back to the queue.
-    #[serde(with = "humantime_serde")]
-    pub max_hold: Duration,
-}
-
-impl fmt::Debug for AmqpSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AmqpSettings")
-            .field("url", &redact_url(self.url.expose_secret()))
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "[REDACTED]"))
-            .field("password_file", &self.password_file)
-            .field("tls", &self.tls)
-            .field("declare_topology", &self.declare_topology)
-            .field("queue_arguments", &self.queue_arguments)
-            .field("request_queue", &self.request_queue)
-            .field("events_exchange", &self.events_exchange)
-            .field("prefetch", &self.prefetch)
-            .field("queue_type", &self.queue_type)
-            .field("max_deliveries", &self.max_deliveries)
-            .field("max_hold", &self.max_hold)
-            .finish()
-    }
-}
-
-impl Default for AmqpSettings {
-    fn default() -> Self {
-        Self {
-            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
-            username: None,
-            password: None,
-            password_file: None,
-            tls: AmqpTlsSettings::default(),
-            declare_topology: true,
-            queue_arguments: BTreeMap::new(),
-            request_queue: "vidu.requests".into(),
-            events_exchange: "vidu.events".into(),
-            prefetch: 32,
-            queue_type: QueueType::Quorum,
-            max_deliveries: 10,
-            max_hold: Duration::from_secs(600),
-        }
-    }
-}
-
-impl AmqpSettings {
-    /// The broker address to show in logs and errors: the URL with the
-    /// effective user name and without any password.
-    pub fn display_url(&self) -> String {
-        match url::Url::parse(self.url.expose_secret()) {
-            Ok(mut u) => {
-                if let Some(user) = &self.username {
-                    let _ = u.set_username(user);
-                }
-                if u.password().is_some() || self.password.is_some() || self.password_file.is_some()
-                {
-                    let _ = u.set_password(Some("***"));
-                }
-                u.to_string()
-            }
-            Err(_) => "<unparseable url>".into(),
-        }
-    }
-
-    /// The parsed URL with `username`, `password` and `password_file`
-    /// applied. Reads the password file, so a rotated Secret is picked up at
-    /// the next connection. The result holds the password: never log it.
-    pub fn connection_uri(&self) -> Result<lapin::uri::AMQPUri, ConfigError> {
-        let mut uri: lapin::uri::AMQPUri = self
-            .url
-            .expose_secret()
-            .parse()
-            .map_err(|_| ConfigError::new("amqp.url", "is not a valid AMQP URL"))?;
-        if let Some(user) = &self.username {
-            uri.authority.userinfo.username.clone_from(user);
-        }
-        if let Some(password) = self.effective_password()? {
-            uri.authority.userinfo.password = password.expose_secret().to_owned();
-        }
-        Ok(uri)
-    }
-
-    /// The password from `password` or `password_file`, if either is set.
-    fn effective_password(&self) -> Result<Option<SecretString>, ConfigError> {
-        if let Some(password) = &self.password {
-            return Ok(Some(password.clone()));
-        }
-        let Some(path) = &self.password_file else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(
-                "amqp.password_file",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?;
-        let trimmed = text.trim();
-        if trimmed.is_empty() {
-            return Err(ConfigError::new(
-                "amqp.password_file",
-                format!("{} is empty", path.display()),
-            ));
-        }
-        Ok(Some(SecretString::from(trimmed.to_owned())))
-    }
-
-    /// The vhost named by the URL (`/` for `%2f`).
-    pub fn vhost(&self) -> String {
-        self.url
-            .expose_secret()
-            .parse::<lapin::uri::AMQPUri>()
-            .map(|u| u.vhost)
-            .unwrap_or_else(|_| "?".into())
-    }
-
-    /// Whether the URL asks for TLS.
-    pub fn uses_tls(&self) -> bool {
-        self.url.expose_secret().starts_with("amqps://")
-    }
-}
-
-/// `[amqp.tls]`: verification of the broker and the client's own identity,
-/// for `amqps://` URLs. Files are PEM, read at every connection (so rotated
-/// certificates are picked up when the worker reconnects).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AmqpTlsSettings {
-    /// CA certificates that may sign the broker's certificate, trusted in
-    /// addition to the system's roots.
-    pub ca_file: Option<PathBuf>,
-    /// The client certificate (chain) for mutual TLS; needs `key_file`.
-    pub cert_file: Option<PathBuf>,
-    /// The client certificate's private key (PKCS#8, PKCS#1 or SEC1 PEM,
-    /// not encrypted); needs `cert_file`.
-    pub key_file: Option<PathBuf>,
-}
-
-/// One extra queue argument: TOML booleans, integers, floats and strings map
-/// to the AMQP field types RabbitMQ expects.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum QueueArgument {
-    /// `true` / `false`.
-    Bool(bool),
-    /// An integer (sent as a signed 64-bit integer).
-    Int(i64),
-    /// A floating-point number.
-    Float(f64),
-    /// A string.
-    Text(String),
-}
-
-/// An account's create quota: at most `creates` creates in any sliding
-/// `window`, for the whole deployment. Written `20/min`, `2/s`, `100/h` or
-/// `N/<duration>` (`30/90s`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CreateQuota {
-    /// Creates allowed per window (at least 1).
-    pub creates: u32,
-    /// The window (1 s to 24 h).
-    pub window: Duration,
-}
-
-impl CreateQuota {
-    /// Longest window accepted.
-    pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
-
-    /// Parses `N/unit`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let form = || format!("{text:?} is not a quota like 20/min, 2/s, 100/h or 30/90s");
-        let (count, per) = text.trim().split_once('/').ok_or_else(form)?;
-        let creates: u32 = count.trim().parse().map_err(|_| form())?;
-        let window = match per.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            other => humantime::parse_duration(other).map_err(|_| form())?,
-        };
-        if creates == 0 {
-            return Err(
-                "must allow at least one create (leave it unset to learn the quota)".into(),
-            );
-        }
-        if window < Duration::from_secs(1) || window > Self::MAX_WINDOW {
-            return Err(format!("{text:?}: the window must be from 1s to 24h"));
-        }
-        Ok(Self { creates, window })
-    }
-
-    /// Creates per second, on average.
-    pub fn per_second(&self) -> f64 {
-        f64::from(self.creates) / self.window.as_secs_f64()
-    }
-}
-
-impl fmt::Display for CreateQuota {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}/{}",
-            self.creates,
-            humantime::format_duration(self.window)
-        )
-    }
-}
-
-/// `upstream.create_quota`: a quota, or nothing for an absent or empty value.
-fn optional_quota<'de, D: serde::Deserializer<'de>>(
-    de: D,
-) -> Result<Option<CreateQuota>, D::Error> {
-    match Option::<String>::deserialize(de)? {
-        Some(text) if !text.trim().is_empty() => CreateQuota::parse(&text)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
-        _ => Ok(None),
-    }
-}
-
-/// Queue arguments the worker sets itself, and why they cannot be changed
-/// through `amqp.queue_arguments`.
-const RESERVED_QUEUE_ARGUMENTS: &[(&str, &str)] = &[
-    ("x-queue-type", "set it with amqp.queue_type"),
-    ("x-delivery-limit", "it follows amqp.max_deliveries"),
-    (
-        "x-dead-letter-exchange",
-        "the worker routes dead letters itself",
-    ),
-    (
-        "x-dead-letter-routing-key",
-        "the worker routes dead letters itself",
-    ),
-    (
-        "x-dead-letter-strategy",
-        "the worker needs at-least-once dead-lettering",
-    ),
-    (
-        "x-overflow",
-        "the worker needs reject-publish for at-least-once dead-lettering",
-    ),
-    (
-        "x-message-ttl",
-        "it would expire requests and tickets (the wait queues set their own)",
-    ),
-    (
-        "x-expires",
-        "it would delete idle wait queues together with the tickets they hold",
-    ),
-];
-
-/// `[upstream]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct UpstreamSettings {
-    /// Base URL of the Novita API.
-    pub base_url: String,
-    /// The Novita API key (`NOVITA_API_KEY`). Never logged.
-    pub api_key: Option<SecretString>,
-    /// Deadline of one HTTP call, connection included.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-    /// Deadline for establishing a connection.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// The account's create quota, shared by every worker of the deployment
-    /// (`20/min`, `2/s`, `100/h`); none: learn it from the upstream's 429s.
-    #[serde(deserialize_with = "optional_quota")]
-    pub create_quota: Option<CreateQuota>,
-    /// Ceiling on task-result calls per second from one worker; 0 means no
-    /// limit. Creates have their own budget (`create_quota`).
-    pub max_requests_per_second: f64,
-    /// Ceiling on task-result calls in flight at once from one worker
-    /// (bounds connections and their buffers; creates are bounded by
-    /// `amqp.prefetch`).
-    pub max_concurrent_requests: u32,
-    /// First retry delay after a transient error.
-    #[serde(with = "humantime_serde")]
-    pub retry_initial: Duration,
-    /// Longest retry delay.
-    #[serde(with = "humantime_serde")]
-    pub retry_max: Duration,
-    /// How long a create call keeps being retried before the request is
-    /// handed back to the queue.
-    #[serde(with = "humantime_serde")]
-    pub create_retry_budget: Duration,
-    /// Extra CA certificates (PEM) to trust besides the system roots, e.g.
-    /// a corporate proxy's.
-    pub ca_file: Option<PathBuf>,
-}
-
-impl Default for UpstreamSettings {
-    fn default() -> Self {
-        Self {
-            base_url: "https://api.novita.ai".into(),
-            api_key: None,
-            timeout: Duration::from_secs(20),
-            connect_timeout: Duration::from_secs(5),
-            create_quota: None,
-            max_requests_per_second: 50.0,
-            max_concurrent_requests: 32,
-            retry_initial: Duration::from_millis(500),
-            retry_max: Duration::from_secs(30),
-            create_retry_budget: Duration::from_secs(120),
-            ca_file: None,
-        }
-    }
-}
-
-/// `[polling]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PollingSettings {
-    /// Shortest wait between two looks at one task.
-    #[serde(with = "humantime_serde")]
-    pub min_interval: Duration,
-    /// Longest wait between two looks at one task.
-    #[serde(with = "humantime_serde")]
-    pub max_interval: Duration,
-    /// A task still unfinished this long after submission fails `timed_out`.
-    #[serde(with = "humantime_serde")]
-    pub max_task_age: Duration,
-    /// The same for `off_peak` requests.
-    #[serde(with = "humantime_serde")]
-    pub max_off_peak_task_age: Duration,
-    /// Tracking tickets one worker handles at a time.
-    pub prefetch: u16,
-}
-
-impl Default for PollingSettings {
-    fn default() -> Self {
-        Self {
-            min_interval: Duration::from_secs(1),
-            max_interval: Duration::from_secs(60),
-            max_task_age: Duration::from_secs(2 * 3600),
-            max_off_peak_task_age: Duration::from_secs(72 * 3600),
-            prefetch: 64,
-        }
-    }
-}
-
-/// `[http]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpSettings {
-    /// Listen address of the operations endpoint.
-    pub listen: String,
-}
-
-impl Default for HttpSettings {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:9090".into(),
-        }
-    }
-}
-
-/// Log line formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One JSON object a line (machines).
-    Json,
-    /// Human-readable lines.
-    Pretty,
-}
-
-/// `[log]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogSettings {
-    /// `json` or `pretty`.
-    pub format: LogFormat,
-}
-
-impl Default for LogSettings {
-    fn default() -> Self {
-        Self {
-            format: LogFormat::Json,
-        }
-    }
-}
-
-/// `[events]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EventSettings {
-    /// CloudEvents `source` attribute.
-    pub source: String,
-}
-
-impl Default for EventSettings {
-    fn default() -> Self {
-        Self {
-            source: "vidu-worker".into(),
-        }
-    }
-}
-
-/// `[shutdown]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ShutdownSettings {
-    /// How long SIGTERM waits for work in flight before handing it back.
-    #[serde(with = "humantime_serde")]
-    pub grace_period: Duration,
-}
-
-impl Default for ShutdownSettings {
-    fn default() -> Self {
-        Self {
-            grace_period: Duration::from_secs(25),
-        }
-    }
 }
 
 impl Settings {
@@ -648,7 +157,7 @@ impl Settings {
                     .map_err(|problem| ConfigError::new("upstream.create_quota", problem))?;
             }
         }
-        for (key, _) in DURATION_LIMITS {
+        for DurationLimit { key, .. } in DURATION_LIMITS {
             if let Ok(text) = config.get_string(key) {
                 if let Err(e) = humantime::parse_duration(&text) {
                     return Err(ConfigError::new(
@@ -692,40 +201,13 @@ impl Settings {
         path(&mut self.upstream.ca_file);
     }
 
-    /// Every duration setting with its value, by key.
-    fn durations(&self) -> [(&'static str, Duration); 11] {
-        [
-            ("amqp.max_hold", self.amqp.max_hold),
-            ("upstream.timeout", self.upstream.timeout),
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.retry_initial", self.upstream.retry_initial),
-            ("upstream.retry_max", self.upstream.retry_max),
-            (
-                "upstream.create_retry_budget",
-                self.upstream.create_retry_budget,
-            ),
-            ("polling.min_interval", self.polling.min_interval),
-            ("polling.max_interval", self.polling.max_interval),
-            ("polling.max_task_age", self.polling.max_task_age),
-            (
-                "polling.max_off_peak_task_age",
-                self.polling.max_off_peak_task_age,
-            ),
-            ("shutdown.grace_period", self.shutdown.grace_period),
-        ]
-    }
-
     /// Checks the values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (key, value) in self.durations() {
-            let limit = DURATION_LIMITS
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, l)| *l)
-                .unwrap_or(Duration::MAX);
+        for DurationLimit { key, limit, value } in DURATION_LIMITS {
+            let (limit, value) = (*limit, value(self));
             if value > limit {
                 return Err(ConfigError::new(
-                    key,
+                    *key,
                     format!(
                         "{} is longer than the limit of {}",
                         humantime::format_duration(value),
@@ -807,7 +289,7 @@ impl Settings {
             ));
         }
         if let Some(path) = &self.upstream.ca_file {
-            load_certificates("upstream.ca_file", path)?;
+            tls::load_certificates("upstream.ca_file", path)?;
         }
         non_zero("upstream.timeout", self.upstream.timeout)?;
         non_zero("upstream.connect_timeout", self.upstream.connect_timeout)?;
@@ -871,13 +353,13 @@ impl Settings {
                 ))
             }
             (Some(cert), Some(key)) => {
-                load_certificates("amqp.tls.cert_file", cert)?;
-                check_private_key("amqp.tls.key_file", key, cert)?;
+                tls::load_certificates("amqp.tls.cert_file", cert)?;
+                tls::check_private_key("amqp.tls.key_file", key, "amqp.tls.cert_file", cert)?;
             }
             (None, None) => {}
         }
         if let Some(ca) = &tls.ca_file {
-            load_certificates("amqp.tls.ca_file", ca)?;
+            tls::load_certificates("amqp.tls.ca_file", ca)?;
         }
         if amqp.password.is_some() && amqp.password_file.is_some() {
             return Err(ConfigError::new(
@@ -900,7 +382,7 @@ impl Settings {
                     "queue arguments start with x- (RabbitMQ ignores other names)",
                 ));
             }
-            if let Some((_, why)) = RESERVED_QUEUE_ARGUMENTS.iter().find(|(n, _)| n == name) {
+            if let Some((_, why)) = MANAGED_QUEUE_ARGUMENTS.iter().find(|(n, _)| n == name) {
                 return Err(ConfigError::new(
                     key,
                     format!("is set by the worker and cannot be overridden: {why}"),
@@ -944,60 +426,6 @@ impl Settings {
     }
 }
 
-/// Reads a file named by setting `key`; the error names the key.
-pub(crate) fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path)
-        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))
-}
-
-/// The certificates of a PEM file named by setting `key` (at least one).
-pub(crate) fn load_certificates(
-    key: &str,
-    path: &Path,
-) -> Result<Vec<reqwest::Certificate>, ConfigError> {
-    let pem = read_file(key, path)?;
-    match reqwest::Certificate::from_pem_bundle(&pem) {
-        Ok(certs) if !certs.is_empty() => Ok(certs),
-        Ok(_) => Err(ConfigError::new(
-            key,
-            format!(
-                "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-                path.display()
-            ),
-        )),
-        Err(e) => Err(ConfigError::new(
-            key,
-            format!("{} is not a PEM certificate file: {e}", path.display()),
-        )),
-    }
-}
-
-/// A PEM private key that goes with the certificate file.
-fn check_private_key(key: &str, path: &Path, cert: &Path) -> Result<(), ConfigError> {
-    let pem = read_file(key, path)?;
-    if pem.windows(9).any(|w| w == b"ENCRYPTED") {
-        return Err(ConfigError::new(
-            key,
-            format!(
-                "{} is encrypted; give the key unencrypted (there is no passphrase setting)",
-                path.display()
-            ),
-        ));
-    }
-    let mut both = read_file("amqp.tls.cert_file", cert)?;
-    both.push(b'\n');
-    both.extend_from_slice(&pem);
-    reqwest::Identity::from_pem(&both).map(drop).map_err(|_| {
-        ConfigError::new(
-            key,
-            format!(
-                "{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)",
-                path.display()
-            ),
-        )
-    })
-}
-
 fn non_zero(key: &str, value: Duration) -> Result<(), ConfigError> {
     if value.is_zero() {
         return Err(ConfigError::new(key, "must be longer than zero"));
@@ -1019,19 +447,6 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::new(key, "must not contain spaces"));
     }
     Ok(())
-}
-
-/// Hides the password of a URL for logs.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        Err(_) => "<unparseable url>".into(),
-    }
 }
 
 fn from_config_error(err: config::ConfigError) -> ConfigError {
@@ -1105,6 +520,8 @@ fn message_error(msg: &str) -> ConfigError {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
@@ -1206,25 +623,172 @@ mod tests {
         }
     }
 
+    /// The variable of a dotted key (`polling.min_interval`).
+    fn var_of(key: &str) -> String {
+        format!(
+            "{ENV_PREFIX}__{}",
+            key.to_ascii_uppercase().replace('.', "__")
+        )
+    }
+
+    /// The dotted key of a variable.
+    fn key_of(var: &str) -> String {
+        var.trim_start_matches(ENV_PREFIX)
+            .trim_start_matches("__")
+            .to_ascii_lowercase()
+            .replace("__", ".")
+    }
+
     #[test]
     fn every_duration_setting_has_a_limit_and_is_checked() {
-        let s = Settings::default();
-        let keys: Vec<&str> = s.durations().iter().map(|(k, _)| *k).collect();
-        let limited: Vec<&str> = DURATION_LIMITS.iter().map(|(k, _)| *k).collect();
-        assert_eq!(keys, limited);
-        for (key, limit) in DURATION_LIMITS {
-            let var = format!(
-                "VIDU_WORKER__{}",
-                key.to_ascii_uppercase().replace('.', "__")
-            );
-            let too_long = format!("{}s", limit.as_secs() + 1);
-            let err = load(&[(&var, &too_long)]).expect_err(key);
-            assert_eq!(&err.key, key, "{err}");
+        // The schema's duration settings, found in its serialized form
+        // (humantime text, which no other default reads as), are exactly
+        // the keys of the table.
+        let durations: BTreeSet<String> = env_vars(&Settings::default())
+            .expect("defaults serialize")
+            .into_iter()
+            .filter(|(_, text)| humantime::parse_duration(text).is_ok())
+            .map(|(var, _)| key_of(&var))
+            .collect();
+        let limited: BTreeSet<String> = DURATION_LIMITS.iter().map(|d| d.key.to_owned()).collect();
+        let unlimited: Vec<&String> = durations.difference(&limited).collect();
+        assert!(
+            unlimited.is_empty(),
+            "duration settings missing from DURATION_LIMITS: {unlimited:?}"
+        );
+        assert_eq!(durations, limited);
+        assert_eq!(limited.len(), DURATION_LIMITS.len(), "no key twice");
+        for (i, d) in (1000u64..).zip(DURATION_LIMITS) {
+            let var = var_of(d.key);
+            // Each entry reads the field its key names.
+            let s = load(&[(&var, &format!("{i}ms"))]).expect(d.key);
+            assert_eq!((d.value)(&s), Duration::from_millis(i), "{}", d.key);
+            let too_long = format!("{}s", d.limit.as_secs() + 1);
+            let err = load(&[(&var, &too_long)]).expect_err(d.key);
+            assert_eq!(err.key, d.key, "{err}");
             assert!(err.problem.contains("longer than the limit"), "{err}");
         }
         let err =
             load(&[("VIDU_WORKER__POLLING__MAX_TASK_AGE", "300000years")]).expect_err("absurd");
         assert_eq!(err.key, "polling.max_task_age");
+    }
+
+    /// Settings with every key changed from its default, and the PEM files
+    /// they name (in a directory to remove).
+    fn non_default_settings() -> (Settings, PathBuf) {
+        let pem = rcgen::generate_simple_self_signed(vec!["broker.example".to_owned()])
+            .expect("certificate");
+        let cert = temp_file("cert.pem", &pem.cert.pem());
+        let dir = cert.parent().expect("dir").to_owned();
+        let key = dir.join("key.pem");
+        std::fs::write(&key, pem.key_pair.serialize_pem()).expect("write key");
+        let mut s = Settings::default();
+        let amqp = &mut s.amqp;
+        amqp.url = "amqps://url-user:url-pass@broker.example:5671/team%2Fvidu".into();
+        amqp.username = Some("vidu".into());
+        amqp.password = Some("hunter2-password".into());
+        amqp.tls = AmqpTlsSettings {
+            ca_file: Some(cert.clone()),
+            cert_file: Some(cert.clone()),
+            key_file: Some(key),
+        };
+        amqp.declare_topology = false;
+        amqp.queue_arguments = [
+            (
+                "x-queue-leader-locator",
+                QueueArgument::Text("balanced".into()),
+            ),
+            ("x-single-active-consumer", QueueArgument::Bool(true)),
+            ("x-quorum-initial-group-size", QueueArgument::Int(3)),
+            ("x-vidu-weight", QueueArgument::Float(0.5)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        amqp.request_queue = "team.requests".into();
+        amqp.events_exchange = "team.events".into();
+        amqp.prefetch = 7;
+        amqp.queue_type = QueueType::Classic;
+        amqp.max_deliveries = 4;
+        amqp.max_hold = Duration::from_secs(90);
+        let up = &mut s.upstream;
+        up.base_url = "http://127.0.0.1:8080/".into();
+        up.api_key = Some("sk-round-trip".into());
+        up.timeout = Duration::from_secs(7);
+        up.connect_timeout = Duration::from_millis(2500);
+        up.create_quota = CreateQuota::parse("30/90s").ok();
+        up.max_requests_per_second = 12.5;
+        up.max_concurrent_requests = 5;
+        up.retry_initial = Duration::from_millis(250);
+        up.retry_max = Duration::from_secs(8);
+        up.create_retry_budget = Duration::from_secs(300);
+        up.ca_file = Some(cert);
+        s.polling = PollingSettings {
+            min_interval: Duration::from_millis(300),
+            max_interval: Duration::from_secs(10),
+            max_task_age: Duration::from_secs(3 * 3600),
+            max_off_peak_task_age: Duration::from_secs(48 * 3600),
+            prefetch: 9,
+        };
+        s.http.listen = "127.0.0.1:0".into();
+        s.log.format = LogFormat::Pretty;
+        s.events.source = "round-trip".into();
+        s.shutdown.grace_period = Duration::from_secs(40);
+        s.tickets = TicketSettings {
+            secret: Some("a-ticket-secret-of-32-characters".into()),
+            previous_secrets: vec!["old-secret-one".into(), "old-secret-two".into()],
+            accept_unsigned: true,
+        };
+        (s, dir)
+    }
+
+    #[test]
+    fn env_vars_round_trip_through_the_loader() {
+        let (s, dir) = non_default_settings();
+        let vars = env_vars(&s).expect("serializes");
+        let by_var: HashMap<String, String> = vars.iter().cloned().collect();
+        assert_eq!(by_var.len(), vars.len(), "one variable per key");
+        for (var, default) in env_vars(&Settings::default()).expect("defaults") {
+            assert_ne!(
+                by_var.get(&var),
+                Some(&default),
+                "{var} keeps its default: the test would not show it round-trips"
+            );
+        }
+        assert_eq!(
+            by_var["VIDU_WORKER__UPSTREAM__API_KEY"], "sk-round-trip",
+            "secrets are exposed"
+        );
+        let loaded = Settings::load_with_env(Path::new("does/not/exist.toml"), None, &by_var)
+            .expect("loads its own variables");
+        assert_eq!(env_vars(&loaded).expect("serializes"), vars);
+        assert_eq!(format!("{loaded:?}"), format!("{s:?}"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn serialized_settings_redact_secrets_outside_env_vars() {
+        let (s, dir) = non_default_settings();
+        let text = serde_json::to_string(&s).expect("serializes");
+        for secret in [
+            "url-pass",
+            "hunter2",
+            "sk-round-trip",
+            "ticket-secret",
+            "old-secret",
+        ] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(text.contains("url-user:***@broker.example"), "{text}");
+        assert!(env_vars(&s)
+            .expect("serializes")
+            .iter()
+            .any(|(_, v)| v.contains("hunter2")));
+        // Exposing ends with env_vars.
+        assert!(!serde_json::to_string(&s)
+            .expect("serializes")
+            .contains("hunter2"));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

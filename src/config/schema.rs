@@ -1,0 +1,493 @@
+//! The key schema: every section of the settings with its keys, types,
+//! defaults and limits, as serde reads them (`deny_unknown_fields`, so a
+//! misspelt key is refused) and writes them back (for
+//! [`env_vars`](super::env_vars), which exposes the secrets that are
+//! otherwise written redacted). Durations are humantime text (`250ms`,
+//! `10m`); [`DURATION_LIMITS`] bounds every one of them, and
+//! [`MANAGED_QUEUE_ARGUMENTS`] names the queue arguments users may not set.
+//! Nothing here reads a file or the environment: that is the loader's job.
+
+use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::{env, redact_url, Settings};
+
+/// `[tickets]`: the secret that signs tracking tickets, so that a message a
+/// producer writes into an internal queue is never acted on.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TicketSettings {
+    /// Signs every ticket; when unset, the key is derived from the API key
+    /// (no new secret to manage). Never logged.
+    #[serde(serialize_with = "env::optional_secret")]
+    pub secret: Option<SecretString>,
+    /// Secrets (or, for a deployment that signs with its API key, API keys)
+    /// still accepted when verifying tickets written before a rotation.
+    /// Keep them for `polling.max_off_peak_task_age` (72 h) after it.
+    #[serde(serialize_with = "env::secrets")]
+    pub previous_secrets: Vec<SecretString>,
+    /// Accept tickets without a signature: only while upgrading from a
+    /// version that did not sign them (they can be in flight for 72 h).
+    /// Anyone who can write to the vhost can forge an unsigned ticket.
+    pub accept_unsigned: bool,
+}
+
+impl fmt::Debug for TicketSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TicketSettings")
+            .field("secret", &self.secret.as_ref().map(|_| "[REDACTED]"))
+            .field("previous_secrets", &self.previous_secrets.len())
+            .field("accept_unsigned", &self.accept_unsigned)
+            .finish()
+    }
+}
+
+/// One duration setting: its key, the longest value it accepts, and the
+/// field of [`Settings`] that holds it.
+#[derive(Debug, Clone, Copy)]
+pub struct DurationLimit {
+    /// The dotted key (`polling.min_interval`).
+    pub key: &'static str,
+    /// The longest value accepted.
+    pub limit: Duration,
+    /// Reads the setting's value.
+    pub value: fn(&Settings) -> Duration,
+}
+
+/// Builds [`DURATION_LIMITS`] from `section.field <= limit;` lines: the key
+/// and the field are the same tokens, so they cannot disagree.
+macro_rules! duration_limits {
+    ($($section:ident . $field:ident <= $limit:expr;)+) => {
+        /// Every duration setting with the longest value it accepts (checked
+        /// at start, so that an absurd value cannot overflow a deadline
+        /// later). The loader checks that each of these keys holds a
+        /// duration, and [`Settings::validate`] checks each limit; a unit
+        /// test fails, naming the key, for a duration field missing here.
+        pub const DURATION_LIMITS: &[DurationLimit] = &[$(DurationLimit {
+            key: concat!(stringify!($section), ".", stringify!($field)),
+            limit: $limit,
+            value: |s: &Settings| s.$section.$field,
+        }),+];
+    };
+}
+
+duration_limits! {
+    amqp.max_hold <= Duration::from_secs(25 * 60);
+    upstream.timeout <= Duration::from_secs(10 * 60);
+    upstream.connect_timeout <= Duration::from_secs(5 * 60);
+    upstream.retry_initial <= Duration::from_secs(10 * 60);
+    upstream.retry_max <= Duration::from_secs(3600);
+    upstream.create_retry_budget <= Duration::from_secs(25 * 60);
+    polling.min_interval <= Duration::from_secs(3600);
+    polling.max_interval <= Duration::from_secs(24 * 3600);
+    polling.max_task_age <= Duration::from_secs(30 * 24 * 3600);
+    polling.max_off_peak_task_age <= Duration::from_secs(30 * 24 * 3600);
+    shutdown.grace_period <= Duration::from_secs(3600);
+}
+
+/// Queue types the worker can declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated Raft queues: survive a node loss, count deliveries, and
+    /// dead-letter at-least-once. The default.
+    Quorum,
+    /// Single-node queues, for brokers without quorum queue support.
+    Classic,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quorum => "quorum",
+            Self::Classic => "classic",
+        }
+    }
+}
+
+/// `[amqp]`
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpSettings {
+    /// Broker URL, `amqp://user:pass@host:port/vhost` (or `amqps://` for
+    /// TLS). The vhost is the URL's path, percent-encoded (`%2f` is `/`).
+    #[serde(serialize_with = "env::secret_url")]
+    pub url: SecretString,
+    /// User name, overriding the URL's.
+    pub username: Option<String>,
+    /// Password, overriding the URL's. Never logged.
+    #[serde(serialize_with = "env::optional_secret")]
+    pub password: Option<SecretString>,
+    /// A file holding the password (a mounted Kubernetes Secret), read at
+    /// start and at every reconnect, surrounding whitespace trimmed.
+    pub password_file: Option<PathBuf>,
+    /// TLS settings for `amqps://` URLs.
+    pub tls: AmqpTlsSettings,
+    /// Whether the worker declares its queues and exchange (`true`), or only
+    /// checks with passive declarations that operators created them.
+    pub declare_topology: bool,
+    /// Extra `x-` arguments for every queue the worker declares.
+    pub queue_arguments: BTreeMap<String, QueueArgument>,
+    /// The request queue producers publish to; internal names derive from it.
+    pub request_queue: String,
+    /// The topic exchange events are published to.
+    pub events_exchange: String,
+    /// Unacknowledged requests one worker holds at a time.
+    pub prefetch: u16,
+    /// Type of the queues the worker declares.
+    pub queue_type: QueueType,
+    /// Deliveries after which a request or ticket that never completes is
+    /// dead-lettered as poison.
+    pub max_deliveries: u32,
+    /// How long a request may wait at the gate (while the upstream refuses
+    /// the balance) before it is handed back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub max_hold: Duration,
+}
+
+impl fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &redact_url(self.url.expose_secret()))
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[REDACTED]"))
+            .field("password_file", &self.password_file)
+            .field("tls", &self.tls)
+            .field("declare_topology", &self.declare_topology)
+            .field("queue_arguments", &self.queue_arguments)
+            .field("request_queue", &self.request_queue)
+            .field("events_exchange", &self.events_exchange)
+            .field("prefetch", &self.prefetch)
+            .field("queue_type", &self.queue_type)
+            .field("max_deliveries", &self.max_deliveries)
+            .field("max_hold", &self.max_hold)
+            .finish()
+    }
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: SecretString::from("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            username: None,
+            password: None,
+            password_file: None,
+            tls: AmqpTlsSettings::default(),
+            declare_topology: true,
+            queue_arguments: BTreeMap::new(),
+            request_queue: "vidu.requests".into(),
+            events_exchange: "vidu.events".into(),
+            prefetch: 32,
+            queue_type: QueueType::Quorum,
+            max_deliveries: 10,
+            max_hold: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `[amqp.tls]`: verification of the broker and the client's own identity,
+/// for `amqps://` URLs. Files are PEM, read at every connection (so rotated
+/// certificates are picked up when the worker reconnects).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AmqpTlsSettings {
+    /// CA certificates that may sign the broker's certificate, trusted in
+    /// addition to the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate (chain) for mutual TLS; needs `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PKCS#8, PKCS#1 or SEC1 PEM,
+    /// not encrypted); needs `cert_file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// One extra queue argument: TOML booleans, integers, floats and strings map
+/// to the AMQP field types RabbitMQ expects.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum QueueArgument {
+    /// `true` / `false`.
+    Bool(bool),
+    /// An integer (sent as a signed 64-bit integer).
+    Int(i64),
+    /// A floating-point number.
+    Float(f64),
+    /// A string.
+    Text(String),
+}
+
+/// An account's create quota: at most `creates` creates in any sliding
+/// `window`, for the whole deployment. Written `20/min`, `2/s`, `100/h` or
+/// `N/<duration>` (`30/90s`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateQuota {
+    /// Creates allowed per window (at least 1).
+    pub creates: u32,
+    /// The window (1 s to 24 h).
+    pub window: Duration,
+}
+
+impl CreateQuota {
+    /// Longest window accepted.
+    pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+    /// Parses `N/unit`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let form = || format!("{text:?} is not a quota like 20/min, 2/s, 100/h or 30/90s");
+        let (count, per) = text.trim().split_once('/').ok_or_else(form)?;
+        let creates: u32 = count.trim().parse().map_err(|_| form())?;
+        let window = match per.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            other => humantime::parse_duration(other).map_err(|_| form())?,
+        };
+        if creates == 0 {
+            return Err(
+                "must allow at least one create (leave it unset to learn the quota)".into(),
+            );
+        }
+        if window < Duration::from_secs(1) || window > Self::MAX_WINDOW {
+            return Err(format!("{text:?}: the window must be from 1s to 24h"));
+        }
+        Ok(Self { creates, window })
+    }
+
+    /// Creates per second, on average.
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.creates) / self.window.as_secs_f64()
+    }
+}
+
+/// Written as it is read (`20/1m`).
+impl Serialize for CreateQuota {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl fmt::Display for CreateQuota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            self.creates,
+            humantime::format_duration(self.window)
+        )
+    }
+}
+
+/// `upstream.create_quota`: a quota, or nothing for an absent or empty value.
+fn optional_quota<'de, D: serde::Deserializer<'de>>(
+    de: D,
+) -> Result<Option<CreateQuota>, D::Error> {
+    match Option::<String>::deserialize(de)? {
+        Some(text) if !text.trim().is_empty() => CreateQuota::parse(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+        _ => Ok(None),
+    }
+}
+
+/// Queue arguments the worker manages itself, and why they cannot be set
+/// through `amqp.queue_arguments`: the ones the broker topology sets on its
+/// queues, and `x-expires`, which it deliberately leaves unset. A unit test
+/// of the crate checks this list against the arguments the topology
+/// declares.
+pub const MANAGED_QUEUE_ARGUMENTS: &[(&str, &str)] = &[
+    ("x-queue-type", "set it with amqp.queue_type"),
+    ("x-delivery-limit", "it follows amqp.max_deliveries"),
+    (
+        "x-dead-letter-exchange",
+        "the worker routes dead letters itself",
+    ),
+    (
+        "x-dead-letter-routing-key",
+        "the worker routes dead letters itself",
+    ),
+    (
+        "x-dead-letter-strategy",
+        "the worker needs at-least-once dead-lettering",
+    ),
+    (
+        "x-overflow",
+        "the worker needs reject-publish for at-least-once dead-lettering",
+    ),
+    (
+        "x-message-ttl",
+        "it would expire requests and tickets (the wait queues set their own)",
+    ),
+    (
+        "x-expires",
+        "it would delete idle wait queues together with the tickets they hold",
+    ),
+];
+
+/// `[upstream]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamSettings {
+    /// Base URL of the Novita API.
+    pub base_url: String,
+    /// The Novita API key (`NOVITA_API_KEY`). Never logged.
+    #[serde(serialize_with = "env::optional_secret")]
+    pub api_key: Option<SecretString>,
+    /// Deadline of one HTTP call, connection included.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Deadline for establishing a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The account's create quota, shared by every worker of the deployment
+    /// (`20/min`, `2/s`, `100/h`); none: learn it from the upstream's 429s.
+    #[serde(deserialize_with = "optional_quota")]
+    pub create_quota: Option<CreateQuota>,
+    /// Ceiling on task-result calls per second from one worker; 0 means no
+    /// limit. Creates have their own budget (`create_quota`).
+    pub max_requests_per_second: f64,
+    /// Ceiling on task-result calls in flight at once from one worker
+    /// (bounds connections and their buffers; creates are bounded by
+    /// `amqp.prefetch`).
+    pub max_concurrent_requests: u32,
+    /// First retry delay after a transient error.
+    #[serde(with = "humantime_serde")]
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// How long a create call keeps being retried before the request is
+    /// handed back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub create_retry_budget: Duration,
+    /// Extra CA certificates (PEM) to trust besides the system roots, e.g.
+    /// a corporate proxy's.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        Self {
+            base_url: "https://api.novita.ai".into(),
+            api_key: None,
+            timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(5),
+            create_quota: None,
+            max_requests_per_second: 50.0,
+            max_concurrent_requests: 32,
+            retry_initial: Duration::from_millis(500),
+            retry_max: Duration::from_secs(30),
+            create_retry_budget: Duration::from_secs(120),
+            ca_file: None,
+        }
+    }
+}
+
+/// `[polling]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PollingSettings {
+    /// Shortest wait between two looks at one task.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
+    /// Longest wait between two looks at one task.
+    #[serde(with = "humantime_serde")]
+    pub max_interval: Duration,
+    /// A task still unfinished this long after submission fails `timed_out`.
+    #[serde(with = "humantime_serde")]
+    pub max_task_age: Duration,
+    /// The same for `off_peak` requests.
+    #[serde(with = "humantime_serde")]
+    pub max_off_peak_task_age: Duration,
+    /// Tracking tickets one worker handles at a time.
+    pub prefetch: u16,
+}
+
+impl Default for PollingSettings {
+    fn default() -> Self {
+        Self {
+            min_interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(60),
+            max_task_age: Duration::from_secs(2 * 3600),
+            max_off_peak_task_age: Duration::from_secs(72 * 3600),
+            prefetch: 64,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Listen address of the operations endpoint.
+    pub listen: String,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9090".into(),
+        }
+    }
+}
+
+/// Log line formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object a line (machines).
+    Json,
+    /// Human-readable lines.
+    Pretty,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `json` or `pretty`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+        }
+    }
+}
+
+/// `[events]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// CloudEvents `source` attribute.
+    pub source: String,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        Self {
+            source: "vidu-worker".into(),
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// How long SIGTERM waits for work in flight before handing it back.
+    #[serde(with = "humantime_serde")]
+    pub grace_period: Duration,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self {
+            grace_period: Duration::from_secs(25),
+        }
+    }
+}
