@@ -383,20 +383,26 @@ impl Topology {
         let names =
             std::iter::once(&self.tracking_queue).chain(self.wait_queues.iter().map(|(_, n)| n));
         for name in names {
-            let q = channel
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            total += u64::from(q.message_count());
+            total += u64::from(ready_messages(channel, name).await?);
         }
         Ok(total)
     }
+}
+
+/// Ready messages in a queue, by a passive declaration (which closes the
+/// channel when the queue does not exist).
+pub async fn ready_messages(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
 }
 
 /// The ledger's name: the request queue's, then the quota, so that a

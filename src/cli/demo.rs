@@ -228,17 +228,8 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
         }
     }
 
-    let replies = channel
-        .queue_declare(
-            reply_queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let replies = broker::ready_messages(&channel, &reply_queue)
         .await
-        .map(|q| q.message_count())
         .unwrap_or(0);
     let metrics = fetch_metrics(ops_addr).await;
 

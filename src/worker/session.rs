@@ -15,7 +15,7 @@ use std::{sync::Arc, time::Duration};
 use futures_util::StreamExt;
 use lapin::{
     message::Delivery,
-    options::{BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions},
+    options::{BasicConsumeOptions, BasicGetOptions, BasicQosOptions},
     types::FieldTable,
     Channel, Connection, Consumer,
 };
@@ -64,7 +64,7 @@ pub(super) async fn supervise(ctx: Arc<Context>) -> Result<(), BrokerError> {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost(reason) => {
                         tracing::warn!(reason = %reason, "lost the broker session; reconnecting");
-                        ctx.health.broker_down(reason);
+                        ctx.health.broker_down(reason.to_string());
                     }
                 }
             }
@@ -111,7 +111,39 @@ async fn drain_handlers(ctx: &Context, tracker: &TaskTracker) {
 
 enum SessionEnd {
     Shutdown,
-    Lost(String),
+    Lost(Lost),
+}
+
+/// Why a session was lost: each is followed by a reconnect.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Lost {
+    /// The connection or one of its channels closed under the session.
+    #[error("the {0} closed")]
+    Closed(&'static str),
+    /// The tracking consumer could not start.
+    #[error("cannot consume the tracking queue: {0}")]
+    Consume(#[source] lapin::Error),
+    /// The tracking consumer's stream failed.
+    #[error("tracking consumer failed: {0}")]
+    Consumer(#[source] lapin::Error),
+    /// The broker cancelled the tracking consumer.
+    #[error("the broker cancelled the tracking consumer")]
+    Cancelled,
+    /// The handler slots were closed (the worker is going away).
+    #[error("the handler slots were closed")]
+    SlotsClosed,
+    /// The passive look at the request queue failed.
+    #[error("cannot look at the request queue: {0}")]
+    LookAtQueue(#[source] lapin::Error),
+    /// The quota ledger was gone and could not be declared again.
+    #[error("cannot declare the quota ledger: {0}")]
+    DeclareLedger(#[source] BrokerError),
+    /// A quota slot could not be claimed.
+    #[error("cannot claim a quota slot: {0}")]
+    ClaimSlot(#[source] PublishError),
+    /// `basic.get` failed.
+    #[error("cannot take requests: {0}")]
+    Take(#[source] lapin::Error),
 }
 
 struct Session {
@@ -148,15 +180,15 @@ impl Session {
         })
     }
 
-    fn alive(&self) -> Result<(), &'static str> {
+    fn alive(&self) -> Result<(), Lost> {
         if !self.conn.status().connected() {
-            return Err("the connection closed");
+            return Err(Lost::Closed("connection"));
         }
         if !self.intake_channel.status().connected() {
-            return Err("the request channel closed");
+            return Err(Lost::Closed("request channel"));
         }
         if !self.tracking_channel.status().connected() {
-            return Err("the tracking channel closed");
+            return Err(Lost::Closed("tracking channel"));
         }
         Ok(())
     }
@@ -214,7 +246,7 @@ impl Session {
         .await
         {
             Ok(c) => c,
-            Err(e) => return SessionEnd::Lost(format!("cannot consume the tracking queue: {e}")),
+            Err(e) => return SessionEnd::Lost(Lost::Consume(e)),
         };
         ctx.health.set_consuming(true);
         let intake = intake_loop(ctx, self, tracker);
@@ -226,14 +258,14 @@ impl Session {
                 () = ctx.shutdown.cancelled() => return SessionEnd::Shutdown,
                 _ = watchdog.tick() => {
                     if let Err(reason) = self.alive() {
-                        return SessionEnd::Lost(reason.into());
+                        return SessionEnd::Lost(reason);
                     }
                 }
                 reason = &mut intake => return SessionEnd::Lost(reason),
                 delivery = tracking.next() => match delivery {
                     Some(Ok(d)) => spawn_ticket(tracker, ctx.clone(), d),
-                    Some(Err(e)) => return SessionEnd::Lost(format!("tracking consumer failed: {e}")),
-                    None => return SessionEnd::Lost("the broker cancelled the tracking consumer".into()),
+                    Some(Err(e)) => return SessionEnd::Lost(Lost::Consumer(e)),
+                    None => return SessionEnd::Lost(Lost::Cancelled),
                 },
             }
         }
@@ -245,7 +277,7 @@ impl Session {
 /// deployment's window come first, the delivery last. Returns why it
 /// stopped when the session cannot serve it any more; shutdown simply
 /// drops it.
-async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracker) -> String {
+async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracker) -> Lost {
     let channel = &session.intake_channel;
     let queue = ctx.topology.request_queue.as_str();
     let mut idle = IDLE_MIN;
@@ -255,7 +287,7 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
     let mut gate_changes = ctx.gate.subscribe();
     loop {
         let Ok(held) = ctx.held.clone().acquire_owned().await else {
-            return "the handler slots were closed".into();
+            return Lost::SlotsClosed;
         };
         loop {
             match ctx.gate.intake_turn() {
@@ -274,13 +306,13 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
         let mut slot = false;
         if let Some(ledger) = &ctx.ledger {
             while known_ready == 0 {
-                match ready_requests(channel, queue).await {
+                match broker::ready_messages(channel, queue).await {
                     Ok(0) => {
                         tokio::time::sleep(idle).await;
                         idle = (idle * 2).min(IDLE_MAX);
                     }
                     Ok(n) => known_ready = n,
-                    Err(e) => return format!("cannot look at the request queue: {e}"),
+                    Err(e) => return Lost::LookAtQueue(e),
                 }
             }
             match ledger
@@ -295,12 +327,12 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
                         "the quota ledger is gone (its broker node?); declaring it again"
                     );
                     if let Err(e) = ctx.topology.declare_ledger(&session.conn).await {
-                        return format!("cannot declare the quota ledger: {e}");
+                        return Lost::DeclareLedger(e);
                     }
                     ctx.pacer.release(pace);
                     continue;
                 }
-                Err(SlotError::Broker(e)) => return format!("cannot claim a quota slot: {e}"),
+                Err(SlotError::Broker(e)) => return Lost::ClaimSlot(e),
             }
         }
         match channel
@@ -323,24 +355,9 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
                 tokio::time::sleep(idle).await;
                 idle = (idle * 2).min(IDLE_MAX);
             }
-            Err(e) => return format!("cannot take requests: {e}"),
+            Err(e) => return Lost::Take(e),
         }
     }
-}
-
-/// Ready messages in a queue (a passive declaration).
-async fn ready_requests(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map(|q| q.message_count())
 }
 
 /// A channel for one consumer, with its prefetch.
