@@ -6,15 +6,13 @@
 //! broker refuses, `Retry-After`). Counts come from the simulator over real
 //! HTTP and the real broker.
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
 
-use common::{node::BrokerNode, *};
+use crate::common::{node::BrokerNode, *};
 use lapin::{
     options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
     types::{AMQPValue, FieldTable},

@@ -3,11 +3,9 @@
 //! not restarted, recovers by itself, reports 503 while the broker is away,
 //! and every request in flight reaches its terminal event.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{node::BrokerNode, *};
+use crate::common::{node::BrokerNode, *};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_recovers_from_a_broker_restart_by_itself() {

@@ -2,11 +2,9 @@
 //! the simulator: the happy path, every validation rule, upstream refusals
 //! and failures, timeouts, transient upstream errors, and scale-out.
 
-mod common;
-
 use std::{collections::HashMap, time::Duration};
 
-use common::*;
+use crate::common::*;
 use lapin::BasicProperties;
 use serde_json::{json, Value};
 use vidu_worker::simulator::{EndpointFaults, FaultPlan};

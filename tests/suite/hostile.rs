@@ -6,11 +6,9 @@
 //! other. Each case checks the exact outcome and that the other requests
 //! of the run were undisturbed; the worker's peak memory is read from /proc.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use lapin::{
     options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable, LongString},

@@ -10,8 +10,6 @@
 //! Certificates are generated per test with rcgen. Every wait is on a
 //! condition with a deadline.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -23,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use common::{node::*, *};
+use crate::common::{node::*, *};
 use lapin::{
     options::{ExchangeDeleteOptions, QueueDeleteOptions},
     types::AMQPValue,

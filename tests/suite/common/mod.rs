@@ -3,7 +3,6 @@
 //! simulator over real HTTP, worker child processes, an event tap, and
 //! clean-up of everything on drop. Tests wait on conditions with deadlines,
 //! never on fixed sleeps.
-#![allow(dead_code, unreachable_pub)]
 
 pub mod files;
 pub mod node;
@@ -36,7 +35,6 @@ use vidu_worker::{
     simulator::{RunningSimulator, Simulator, SimulatorConfig},
 };
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const API_KEY: &str = "sk-test-0123456789";
 
 /// Waits until `f` returns `Some`, or panics with `what` after `timeout`.
@@ -189,7 +187,6 @@ pub struct TestEnv {
     pub settings: Settings,
     pub topology: Topology,
     pub sim: RunningSimulator,
-    pub conn: Arc<Connection>,
     pub channel: Channel,
     pub publisher: Publisher,
     extra_queues: Mutex<Vec<String>>,
@@ -242,14 +239,13 @@ impl TestEnv {
         );
         topology.declare(&conn).await.expect("topology");
         let channel = conn.create_channel().await.expect("channel");
-        let publisher = Publisher::open(conn.clone()).await.expect("publisher");
+        let publisher = Publisher::open(conn).await.expect("publisher");
         Self {
             name,
             api_key,
             settings,
             topology,
             sim,
-            conn,
             channel,
             publisher,
             extra_queues: Mutex::new(Vec::new()),

@@ -4,14 +4,12 @@
 //! test drives worker child processes with real AMQP messages and checks the
 //! outcome from the outside (events, simulator counters, queue depths).
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     time::Duration,
 };
 
-use common::*;
+use crate::common::*;
 use rand::Rng;
 use serde_json::json;
 use vidu_worker::simulator::{AuthMode, EndpointFaults, Fault, FaultPlan, SimulatorConfig};
@@ -119,7 +117,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
 async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
     let env = TestEnv::with("upfaults", sim(Duration::from_secs(1)), |s| {
         // A known quota: the 429s here are faults, not an account limit to
-        // learn (tests/create_path.rs covers learning).
+        // learn (the create_path module covers learning).
         s.upstream.create_quota = vidu_worker::config::CreateQuota::parse("100/s").ok();
         s.upstream.timeout = Duration::from_secs(1);
         s.upstream.retry_initial = Duration::from_millis(200);

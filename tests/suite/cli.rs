@@ -2,11 +2,9 @@
 //! with and without `--wait`, `check`, and configuration errors (exit 2, one
 //! line naming the key).
 
-mod common;
-
 use std::{process::Stdio, time::Duration};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tokio::process::Command;
 
