@@ -31,7 +31,8 @@ use tokio::{
 };
 use vidu_worker::{
     broker::{Publisher, Topology},
-    config::Settings,
+    config::{Settings, API_KEY_ENV},
+    events::{FAILED, SUCCEEDED},
     simulator::{RunningSimulator, Simulator, SimulatorConfig},
 };
 
@@ -78,10 +79,7 @@ impl SeenEvent {
         self.body["id"].as_str().unwrap_or_default()
     }
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self.kind(),
-            "video.generation.succeeded" | "video.generation.failed"
-        )
+        matches!(self.kind(), SUCCEEDED | FAILED)
     }
 }
 
@@ -143,7 +141,7 @@ impl EventTap {
         let failed: Vec<String> = self
             .terminal()
             .iter()
-            .filter(|e| e.kind() != "video.generation.succeeded")
+            .filter(|e| e.kind() != SUCCEEDED)
             .map(|e| format!("{} {}: {}", e.subject(), e.kind(), e.body["data"]))
             .collect();
         assert!(failed.is_empty(), "requests did not succeed: {failed:?}");
@@ -332,7 +330,7 @@ impl TestEnv {
                 d(s.shutdown.grace_period),
             ),
             ("VIDU_WORKER__HTTP__LISTEN".into(), "127.0.0.1:0".into()),
-            ("NOVITA_API_KEY".into(), self.api_key.clone()),
+            (API_KEY_ENV.into(), self.api_key.clone()),
             (
                 "VIDU_WORKER__AMQP__QUEUE_TYPE".into(),
                 s.amqp.queue_type.as_str().into(),
@@ -859,6 +857,68 @@ pub fn close_worker_connection(node: Option<&node::BrokerNode>, pid: u32) -> boo
         "closed by the test (a network cut)",
     ])
     .is_some()
+}
+
+/// Declares a quorum queue bound to the events exchange that refuses every
+/// publish (full at one message, `reject-publish`): each event's confirm is
+/// then a nack.
+pub async fn refuse_events(env: &TestEnv) -> String {
+    let name = format!("{}.refuse-events", env.name);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    env.channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare the refusing queue");
+    // A quorum queue accepts the first publish into it while empty.
+    let _ = env
+        .publisher
+        .publish("", &name, b"blocker", BasicProperties::default(), true)
+        .await;
+    env.channel
+        .queue_bind(
+            name.as_str().into(),
+            env.topology.events_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the refusing queue");
+    eventually(
+        Duration::from_secs(10),
+        "publishes to be refused",
+        || async {
+            env.publisher
+                .publish(
+                    &env.topology.events_exchange,
+                    "video.generation.test",
+                    b"{}",
+                    BasicProperties::default(),
+                    false,
+                )
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    name
 }
 
 /// A valid request body.
