@@ -180,7 +180,9 @@ async fn event_ids_are_deterministic_across_redelivery() {
     // same ticket, and another worker process ends the request. Its
     // terminal event has the id of the one the first worker tried to
     // publish.
-    let env = TestEnv::new("ids", sim(Duration::from_secs(2))).await;
+    // Generation outlasts setting up the refusal, so the first worker's
+    // terminal event is refused.
+    let env = TestEnv::new("ids", sim(Duration::from_secs(5))).await;
     let tap = env.tap().await;
     let first = env.start_worker().await;
     env.publish(&request("same-id", "redelivered")).await;
