@@ -4,17 +4,41 @@
 //! test drives worker child processes with real AMQP messages and checks the
 //! outcome from the outside (events, simulator counters, queue depths).
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     time::Duration,
 };
 
-use common::*;
-use rand::Rng;
+use crate::common::*;
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
-use vidu_worker::simulator::{AuthMode, EndpointFaults, Fault, FaultPlan, SimulatorConfig};
+use vidu_worker::{
+    broker::ERROR_HEADER,
+    events::{FAILED, SUBMITTED, SUCCEEDED},
+    simulator::{AuthMode, EndpointFaults, Fault, FaultPlan, SimulatorConfig},
+};
+
+/// Where a replay's seed comes from.
+const SEED_ENV: &str = "VIDU_TEST_SEED";
+
+/// A generator seeded from `VIDU_TEST_SEED` when set, otherwise from the
+/// clock. The seed is printed first, so that a failure can be run again with
+/// the same generation times and kill moments (the moments are waits, so a
+/// replay lands close to, not exactly on, the same instants).
+fn seeded_rng(test: &str) -> StdRng {
+    let seed = match std::env::var(SEED_ENV) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{SEED_ENV}={v:?} is not a u64")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default(),
+    };
+    eprintln!("{test}: seed {seed} (replay with {SEED_ENV}={seed})");
+    StdRng::seed_from_u64(seed)
+}
 
 fn faults(list: &[&str]) -> Vec<Fault> {
     list.iter().map(|f| f.parse().expect("fault")).collect()
@@ -61,6 +85,7 @@ fn assert_session_kept(worker: &WorkerProcess) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing() {
+    let mut rng = seeded_rng("sigkill_at_random_moments_loses_nothing");
     let env = TestEnv::with("sigkill", sim(Duration::from_secs(3)), |s| {
         s.amqp.prefetch = 16;
         s.polling.min_interval = Duration::from_millis(500);
@@ -70,7 +95,6 @@ async fn sigkill_at_random_moments_loses_nothing() {
     .await;
     let tap = env.tap().await;
     let n = 520;
-    let mut rng = rand::rng();
     let subjects: Vec<String> = (0..n).map(|i| format!("k-{i}")).collect();
     for id in &subjects {
         let gen_ms = rng.random_range(2000..5000);
@@ -119,7 +143,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
 async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
     let env = TestEnv::with("upfaults", sim(Duration::from_secs(1)), |s| {
         // A known quota: the 429s here are faults, not an account limit to
-        // learn (tests/create_path.rs covers learning).
+        // learn (the create_path module covers learning).
         s.upstream.create_quota = vidu_worker::config::CreateQuota::parse("100/s").ok();
         s.upstream.timeout = Duration::from_secs(1);
         s.upstream.retry_initial = Duration::from_millis(200);
@@ -286,14 +310,37 @@ async fn a_bad_key_at_start_is_reported_before_any_request() {
     let tap = env.tap().await;
     let worker = env.spawn_worker(&[]);
     worker.wait_not_ready("401", Duration::from_secs(30)).await;
+    assert_eq!(
+        worker.metric("vidu_worker_upstream_paused", "").await,
+        1.0,
+        "the gate is closed"
+    );
+    let probes = env.sim.stats().answered("poll:401");
     env.publish(&request("waits", "no key yet")).await;
-    assert_eq!(env.sim.stats().tasks_created, 0);
+    // "Nothing created" means something only once the worker has had its
+    // chance: it is alive and has probed the key twice since the request
+    // was queued (seconds, while its intake looks at the gate every half
+    // second).
+    wait_for_probes(&env, "poll:401", probes, 2).await;
+    let stats = env.sim.stats();
+    assert_eq!(stats.create_calls, 0, "no create even tried: {stats:?}");
+    assert_eq!(
+        worker.metric("vidu_worker_in_flight_requests", "").await,
+        0.0,
+        "the worker holds no request"
+    );
+    assert_eq!(
+        env.depth(&env.topology.request_queue).await,
+        1,
+        "the request waits in the queue, ready"
+    );
+    assert!(tap.for_subject("waits").is_empty(), "no event yet");
     env.sim.set_auth(AuthMode::Accept);
     assert_eq!(
         tap.wait_terminal("waits", Duration::from_secs(90))
             .await
             .kind(),
-        "video.generation.succeeded"
+        SUCCEEDED
     );
 }
 
@@ -326,7 +373,7 @@ async fn an_exhausted_balance_fails_nothing() {
         tap.wait_terminal("running", Duration::from_secs(30))
             .await
             .kind(),
-        "video.generation.succeeded"
+        SUCCEEDED
     );
     // A request probes the balance with a real create now and then; the
     // others wait, and none is handed back for it.
@@ -409,11 +456,7 @@ async fn sigterm_hands_back_work_exits_zero_and_a_restart_completes_it() {
     }
     let mut worker = env.start_worker().await;
     eventually(Duration::from_secs(30), "some tasks submitted", || async {
-        let submitted = tap
-            .all()
-            .iter()
-            .filter(|e| e.kind() == "video.generation.submitted")
-            .count();
+        let submitted = tap.all().iter().filter(|e| e.kind() == SUBMITTED).count();
         (submitted >= 10).then_some(())
     })
     .await;
@@ -484,7 +527,7 @@ async fn a_message_that_keeps_crashing_the_worker_is_dead_lettered() {
     }
     let worker = env.start_worker().await;
     let failed = tap.wait_terminal("poison-1", Duration::from_secs(30)).await;
-    assert_eq!(failed.kind(), "video.generation.failed");
+    assert_eq!(failed.kind(), FAILED);
     assert_eq!(failed.body["data"]["error"]["code"], "invalid_request");
     let message = failed.body["data"]["error"]["message"]
         .as_str()
@@ -493,7 +536,7 @@ async fn a_message_that_keeps_crashing_the_worker_is_dead_lettered() {
     let dead = env.drain_dead().await;
     assert_eq!(dead.len(), 1);
     assert!(
-        dead[0].0["x-vidu-error"].contains("delivered 3 times"),
+        dead[0].0[ERROR_HEADER].contains("delivered 3 times"),
         "{:?}",
         dead[0].0
     );

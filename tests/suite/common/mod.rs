@@ -3,7 +3,6 @@
 //! simulator over real HTTP, worker child processes, an event tap, and
 //! clean-up of everything on drop. Tests wait on conditions with deadlines,
 //! never on fixed sleeps.
-#![allow(dead_code, unreachable_pub)]
 
 pub mod files;
 pub mod node;
@@ -33,10 +32,10 @@ use tokio::{
 use vidu_worker::{
     broker::{Publisher, Topology},
     config::{env_vars, Settings, API_KEY_ENV},
+    events::{FAILED, SUCCEEDED},
     simulator::{RunningSimulator, Simulator, SimulatorConfig},
 };
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const API_KEY: &str = "sk-test-0123456789";
 
 /// Waits until `f` returns `Some`, or panics with `what` after `timeout`.
@@ -80,10 +79,7 @@ impl SeenEvent {
         self.body["id"].as_str().unwrap_or_default()
     }
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self.kind(),
-            "video.generation.succeeded" | "video.generation.failed"
-        )
+        matches!(self.kind(), SUCCEEDED | FAILED)
     }
 }
 
@@ -145,7 +141,7 @@ impl EventTap {
         let failed: Vec<String> = self
             .terminal()
             .iter()
-            .filter(|e| e.kind() != "video.generation.succeeded")
+            .filter(|e| e.kind() != SUCCEEDED)
             .map(|e| format!("{} {}: {}", e.subject(), e.kind(), e.body["data"]))
             .collect();
         assert!(failed.is_empty(), "requests did not succeed: {failed:?}");
@@ -189,7 +185,6 @@ pub struct TestEnv {
     pub settings: Settings,
     pub topology: Topology,
     pub sim: RunningSimulator,
-    pub conn: Arc<Connection>,
     pub channel: Channel,
     pub publisher: Publisher,
     extra_queues: Mutex<Vec<String>>,
@@ -242,14 +237,13 @@ impl TestEnv {
         );
         topology.declare(&conn).await.expect("topology");
         let channel = conn.create_channel().await.expect("channel");
-        let publisher = Publisher::open(conn.clone()).await.expect("publisher");
+        let publisher = Publisher::open(conn).await.expect("publisher");
         Self {
             name,
             api_key,
             settings,
             topology,
             sim,
-            conn,
             channel,
             publisher,
             extra_queues: Mutex::new(Vec::new()),
@@ -724,6 +718,68 @@ pub fn close_worker_connection(node: Option<&node::BrokerNode>, pid: u32) -> boo
         "closed by the test (a network cut)",
     ])
     .is_some()
+}
+
+/// Declares a quorum queue bound to the events exchange that refuses every
+/// publish (full at one message, `reject-publish`): each event's confirm is
+/// then a nack.
+pub async fn refuse_events(env: &TestEnv) -> String {
+    let name = format!("{}.refuse-events", env.name);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    env.channel
+        .queue_declare(
+            name.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare the refusing queue");
+    // A quorum queue accepts the first publish into it while empty.
+    let _ = env
+        .publisher
+        .publish("", &name, b"blocker", BasicProperties::default(), true)
+        .await;
+    env.channel
+        .queue_bind(
+            name.as_str().into(),
+            env.topology.events_exchange.as_str().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind the refusing queue");
+    eventually(
+        Duration::from_secs(10),
+        "publishes to be refused",
+        || async {
+            env.publisher
+                .publish(
+                    &env.topology.events_exchange,
+                    "video.generation.test",
+                    b"{}",
+                    BasicProperties::default(),
+                    false,
+                )
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+    name
 }
 
 /// A valid request body.

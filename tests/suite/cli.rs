@@ -2,13 +2,15 @@
 //! with and without `--wait`, `check`, and configuration errors (exit 2, one
 //! line naming the key).
 
-mod common;
-
 use std::{process::Stdio, time::Duration};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tokio::process::Command;
+use vidu_worker::{
+    config::{API_KEY_ENV, ENV_PREFIX},
+    events::{FAILED, SUCCEEDED},
+};
 
 fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vidu-worker"));
@@ -18,7 +20,7 @@ fn binary() -> Command {
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     for (k, _) in std::env::vars() {
-        if k.starts_with("VIDU_WORKER") || k == "NOVITA_API_KEY" {
+        if k.starts_with(ENV_PREFIX) || k == API_KEY_ENV {
             cmd.env_remove(k);
         }
     }
@@ -91,9 +93,9 @@ async fn the_demo_prints_a_succeeded_event_with_a_video_url() {
     cmd.args(["demo", "--generation-time", "1s"]);
     let (code, stdout, stderr) = output(cmd, Duration::from_secs(120)).await;
     assert_eq!(code, Some(0), "demo failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("── video.generation.succeeded"), "{stdout}");
+    assert!(stdout.contains(&format!("── {SUCCEEDED}")), "{stdout}");
     assert!(stdout.contains("\"video_url\": \"https://"), "{stdout}");
-    assert!(stdout.contains("── video.generation.failed"), "{stdout}");
+    assert!(stdout.contains(&format!("── {FAILED}")), "{stdout}");
     assert!(stdout.contains("invalid_request"), "{stdout}");
     assert!(stdout.contains("upstream_failed"), "{stdout}");
     assert!(
@@ -132,7 +134,7 @@ async fn submit_publishes_and_waits_for_the_terminal_event() {
         tap.wait_terminal(&request_id, Duration::from_secs(30))
             .await
             .kind(),
-        "video.generation.succeeded"
+        SUCCEEDED
     );
 
     // --wait, not a terminal: request id, then the final event as one JSON line; progress on stderr.
@@ -155,7 +157,7 @@ async fn submit_publishes_and_waits_for_the_terminal_event() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 2, "{stdout}");
     let event: Value = serde_json::from_str(lines[1]).expect("final event is JSON");
-    assert_eq!(event["type"], "video.generation.succeeded");
+    assert_eq!(event["type"], SUCCEEDED);
     assert_eq!(event["subject"], lines[0]);
     assert!(event["data"]["video_url"]
         .as_str()
@@ -193,7 +195,7 @@ async fn submit_publishes_and_waits_for_the_terminal_event() {
     assert_eq!(code, Some(1), "{stdout}");
     let event: Value =
         serde_json::from_str(stdout.lines().nth(1).expect("event line")).expect("json");
-    assert_eq!(event["type"], "video.generation.failed");
+    assert_eq!(event["type"], FAILED);
     assert_eq!(event["data"]["metadata"]["from"], "file");
 
     // An invalid request is refused before it is published.
@@ -256,7 +258,7 @@ async fn submit_wait_shows_live_progress_on_a_terminal() {
     );
     assert!(stdout.contains("processing"), "{stdout:?}");
     assert!(
-        stdout.contains("\"type\": \"video.generation.succeeded\""),
+        stdout.contains(&format!("\"type\": \"{SUCCEEDED}\"")),
         "pretty JSON at the end: {stdout:?}"
     );
 }

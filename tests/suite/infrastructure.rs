@@ -10,8 +10,6 @@
 //! Certificates are generated per test with rcgen. Every wait is on a
 //! condition with a deadline.
 
-mod common;
-
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -23,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use common::{node::*, *};
+use crate::common::{node::*, *};
 use lapin::{
     options::{ExchangeDeleteOptions, QueueDeleteOptions},
     types::AMQPValue,
@@ -39,11 +37,10 @@ use tokio::{
 };
 use vidu_worker::{
     broker::{self, Topology},
-    config::{QueueType, Settings},
+    config::{QueueType, Settings, API_KEY_ENV},
+    events::{FAILED, SUCCEEDED},
+    upstream::{CREATE_PATH, RESULT_PATH},
 };
-
-const SUCCEEDED: &str = "video.generation.succeeded";
-const FAILED: &str = "video.generation.failed";
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -148,7 +145,7 @@ async fn cli(args: &[&str], env: &[(String, String)]) -> (Option<i32>, String, S
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_vidu-worker"));
     cmd.args(args)
         .env_remove("RUST_LOG")
-        .env_remove("NOVITA_API_KEY")
+        .env_remove(API_KEY_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1361,12 +1358,12 @@ async fn the_http_proxy_comes_from_the_standard_environment_variables() {
     let base = env.sim.base_url();
     assert!(
         seen.iter()
-            .any(|l| l.starts_with(&format!("POST {base}/v3/async/vidu-q3-pro-i2v "))),
+            .any(|l| l.starts_with(&format!("POST {base}{CREATE_PATH} "))),
         "create through the proxy: {seen:?}"
     );
     assert!(
         seen.iter()
-            .any(|l| l.starts_with(&format!("GET {base}/v3/async/task-result?task_id="))),
+            .any(|l| l.starts_with(&format!("GET {base}{RESULT_PATH}?task_id="))),
         "polls through the proxy: {seen:?}"
     );
 

@@ -203,15 +203,6 @@ impl BrokerNode {
         self.await_startup();
     }
 
-    /// Runs `rabbitmqctl` with arbitrary arguments against this node.
-    pub fn rabbitmqctl(&self, args: &[&str]) -> bool {
-        self.ctl(args)
-    }
-
-    pub fn add_vhost(&self, vhost: &str) {
-        self.ctl_output(&["add_vhost", vhost]);
-    }
-
     /// Adds a user with no permissions anywhere.
     pub fn add_user(&self, user: &str, password: &str) {
         self.ctl_output(&["add_user", user, password]);

@@ -13,15 +13,13 @@
 //!   in `deploy/schemas/`), its `$ref`s resolve, and its names, arguments and
 //!   routing keys equal the code's defaults.
 
-mod common;
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::LazyLock,
     time::Duration,
 };
 
-use common::{
+use crate::common::{
     eventually,
     files::{load_json, read, repo_path, violations},
     request, sim, SeenEvent, TestEnv,

@@ -6,24 +6,24 @@
 //! broker refuses, `Retry-After`). Counts come from the simulator over real
 //! HTTP and the real broker.
 
-mod common;
-
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
 
-use common::{node::BrokerNode, *};
+use crate::common::{node::BrokerNode, *};
 use lapin::{
-    options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions},
+    options::QueueDeleteOptions,
     types::{AMQPValue, FieldTable},
     BasicProperties,
 };
 use serde_json::json;
 use tokio::time::Instant;
 use vidu_worker::{
+    broker::{ERROR_HEADER, ORIGINAL_QUEUE_HEADER},
     config::CreateQuota,
+    events::{FAILED, SUBMITTED, SUCCEEDED},
     simulator::{AccountQuota, AuthMode, EndpointFaults, Fault, FaultPlan, SimulatorConfig},
 };
 
@@ -60,10 +60,7 @@ fn assert_session_kept(worker: &WorkerProcess) {
 }
 
 async fn submitted(tap: &EventTap) -> usize {
-    tap.all()
-        .iter()
-        .filter(|e| e.kind() == "video.generation.submitted")
-        .count()
+    tap.all().iter().filter(|e| e.kind() == SUBMITTED).count()
 }
 
 /// Publishes `n` requests named `prefix-i` and returns their ids.
@@ -245,7 +242,7 @@ async fn a_refused_request_with_user_id_and_expiration_is_dead_lettered_without_
         .await
         .expect("publish");
     let failed = tap.wait_terminal("uid-1", Duration::from_secs(30)).await;
-    assert_eq!(failed.kind(), "video.generation.failed");
+    assert_eq!(failed.kind(), FAILED);
     assert_eq!(failed.body["data"]["error"]["code"], "invalid_request");
     assert_eq!(failed.correlation_id.as_deref(), Some("corr-uid"));
     let dead = eventually(Duration::from_secs(10), "the dead-letter copy", || async {
@@ -256,9 +253,9 @@ async fn a_refused_request_with_user_id_and_expiration_is_dead_lettered_without_
     assert_eq!(dead.len(), 1);
     let (headers, data, props) = &dead[0];
     assert_eq!(data, &body, "the body is kept");
-    assert!(headers["x-vidu-error"].starts_with("invalid_request: input.duration"));
+    assert!(headers[ERROR_HEADER].starts_with("invalid_request: input.duration"));
     assert_eq!(
-        headers["x-vidu-original-queue"],
+        headers[ORIGINAL_QUEUE_HEADER],
         env.topology.request_queue.as_str()
     );
     assert!(props.user_id().is_none(), "no user_id: {props:?}");
@@ -282,7 +279,7 @@ async fn a_refused_request_with_user_id_and_expiration_is_dead_lettered_without_
         tap.wait_terminal("after", Duration::from_secs(30))
             .await
             .kind(),
-        "video.generation.succeeded"
+        SUCCEEDED
     );
     assert_session_kept(&worker);
     assert_eq!(tap.for_subject("uid-1").len(), 1, "one failed event");
@@ -303,7 +300,7 @@ async fn an_unreadable_success_fails_the_request_once_and_never_creates_it_again
     let worker = env.start_worker().await;
     env.publish(&request("garbled", "unreadable answer")).await;
     let failed = tap.wait_terminal("garbled", Duration::from_secs(30)).await;
-    assert_eq!(failed.kind(), "video.generation.failed");
+    assert_eq!(failed.kind(), FAILED);
     assert_eq!(failed.body["data"]["error"]["code"], "upstream_unconfirmed");
     let message = failed.body["data"]["error"]["message"]
         .as_str()
@@ -318,7 +315,7 @@ async fn an_unreadable_success_fails_the_request_once_and_never_creates_it_again
         (!d.is_empty()).then_some(d)
     })
     .await;
-    assert!(dead[0].0["x-vidu-error"].starts_with("upstream_unconfirmed: "));
+    assert!(dead[0].0[ERROR_HEADER].starts_with("upstream_unconfirmed: "));
     // Retries would come within a second or two; none comes.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let stats = env.sim.stats();
@@ -529,68 +526,6 @@ async fn a_request_waiting_when_its_delivery_is_lost_is_not_created() {
         "{} create calls for one request",
         stats.create_calls
     );
-}
-
-/// Declares a quorum queue bound to the events exchange that refuses every
-/// publish (full at one message, `reject-publish`): each event's confirm is
-/// then a nack.
-async fn refuse_events(env: &TestEnv) -> String {
-    let name = format!("{}.refuse-events", env.name);
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    env.channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .expect("declare the refusing queue");
-    // A quorum queue accepts the first publish into it while empty.
-    let _ = env
-        .publisher
-        .publish("", &name, b"blocker", BasicProperties::default(), true)
-        .await;
-    env.channel
-        .queue_bind(
-            name.as_str().into(),
-            env.topology.events_exchange.as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind the refusing queue");
-    eventually(
-        Duration::from_secs(10),
-        "publishes to be refused",
-        || async {
-            env.publisher
-                .publish(
-                    &env.topology.events_exchange,
-                    "video.generation.test",
-                    b"{}",
-                    BasicProperties::default(),
-                    false,
-                )
-                .await
-                .is_err()
-                .then_some(())
-        },
-    )
-    .await;
-    name
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

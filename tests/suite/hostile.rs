@@ -6,18 +6,21 @@
 //! other. Each case checks the exact outcome and that the other requests
 //! of the run were undisturbed; the worker's peak memory is read from /proc.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use lapin::{
     options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable, LongString},
     BasicProperties,
 };
 use serde_json::{json, Value};
-use vidu_worker::{signing::Signer, simulator::SimulatorConfig};
+use vidu_worker::{
+    broker::ERROR_HEADER,
+    events::{FAILED, SUBMITTED, SUCCEEDED},
+    signing::{Signer, SIGNATURE_HEADER},
+    simulator::SimulatorConfig,
+};
 
 const TICKET_SECRET: &str = "test-ticket-secret-0123456789";
 
@@ -51,7 +54,7 @@ fn ticket_body(request_id: &str, task_id: &str) -> Value {
 fn signed(signer: &Signer, body: &[u8]) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
-        "x-vidu-signature".into(),
+        SIGNATURE_HEADER.into(),
         AMQPValue::LongString(LongString::from(signer.sign(body))),
     );
     BasicProperties::default()
@@ -83,7 +86,7 @@ async fn forged_tickets_are_never_acted_on() {
     // A real request, finished: its id and task are what a forger claims.
     env.publish(&request("real-1", "a real request")).await;
     let done = tap.wait_terminal("real-1", Duration::from_secs(30)).await;
-    assert_eq!(done.kind(), "video.generation.succeeded");
+    assert_eq!(done.kind(), SUCCEEDED);
     let task_id = done.body["data"]["task_id"]
         .as_str()
         .expect("task")
@@ -144,7 +147,7 @@ async fn forged_tickets_are_never_acted_on() {
     }
     let n = 3 + bad_fields.len();
     let dead = dead_letters(&env, n).await;
-    let why: Vec<&str> = dead.iter().map(|h| h["x-vidu-error"].as_str()).collect();
+    let why: Vec<&str> = dead.iter().map(|h| h[ERROR_HEADER].as_str()).collect();
     assert_eq!(
         why.iter().filter(|w| w.contains("(unsigned)")).count(),
         2,
@@ -178,7 +181,7 @@ async fn forged_tickets_are_never_acted_on() {
         tap.wait_terminal("real-2", Duration::from_secs(30))
             .await
             .kind(),
-        "video.generation.succeeded"
+        SUCCEEDED
     );
 }
 
@@ -200,11 +203,7 @@ async fn a_rotated_secret_keeps_tickets_in_flight() {
             .await;
     }
     eventually(Duration::from_secs(30), "every task submitted", || async {
-        let submitted = tap
-            .all()
-            .iter()
-            .filter(|e| e.kind() == "video.generation.submitted")
-            .count();
+        let submitted = tap.all().iter().filter(|e| e.kind() == SUBMITTED).count();
         (submitted >= n).then_some(())
     })
     .await;
@@ -245,11 +244,7 @@ async fn a_rotated_secret_keeps_tickets_in_flight() {
         .await
         .expect("publish");
     let dead = dead_letters(&env, 1).await;
-    assert!(
-        dead[0]["x-vidu-error"].contains("(forged)"),
-        "{:?}",
-        dead[0]
-    );
+    assert!(dead[0][ERROR_HEADER].contains("(forged)"), "{:?}", dead[0]);
     drop(strict);
 }
 
@@ -356,7 +351,7 @@ async fn hostile_request_properties_and_bodies_are_refused_by_name() {
         tap.wait_terminal("fine", Duration::from_secs(30))
             .await
             .kind(),
-        "video.generation.succeeded"
+        SUCCEEDED
     );
     // Nothing reached the internal queues, and nothing was created for them.
     assert_eq!(
@@ -413,7 +408,7 @@ async fn a_refusing_reply_queue_ends_the_request_once() {
             .filter(SeenEvent::is_terminal)
             .collect();
         assert_eq!(terminal.len(), 1, "{id}: one terminal event");
-        assert_eq!(terminal[0].kind(), "video.generation.succeeded");
+        assert_eq!(terminal[0].kind(), SUCCEEDED);
     }
     assert_eq!(env.sim.stats().tasks_created, 2);
     assert!(
@@ -469,7 +464,7 @@ async fn hostile_upstream_answers_are_bounded_and_cleaned() {
     };
     let failed = |id: &str, code: &str, needle: &str| {
         let e = end(id);
-        assert_eq!(e.kind(), "video.generation.failed", "{id}: {}", e.body);
+        assert_eq!(e.kind(), FAILED, "{id}: {}", e.body);
         assert_eq!(e.body["data"]["error"]["code"], code, "{id}");
         let message = e.body["data"]["error"]["message"].as_str().unwrap_or("");
         assert!(message.contains(needle), "{id}: {message}");
@@ -486,13 +481,13 @@ async fn hostile_upstream_answers_are_bounded_and_cleaned() {
     failed("bigid", "upstream_unconfirmed", "more than 262144 bytes");
     failed("longid", "upstream_unconfirmed", "task_id of 200 bytes");
     let some = end("some");
-    assert_eq!(some.kind(), "video.generation.succeeded");
+    assert_eq!(some.kind(), SUCCEEDED);
     assert_eq!(
         some.body["data"]["videos"].as_array().map(Vec::len),
         Some(16),
         "at most 16 videos"
     );
-    assert_eq!(end("ok").kind(), "video.generation.succeeded");
+    assert_eq!(end("ok").kind(), SUCCEEDED);
     // Every event is small, and the key is nowhere.
     for e in tap.all() {
         let text = e.body.to_string();
@@ -585,7 +580,7 @@ async fn oversized_requests_are_refused_within_the_memory_bound() {
         tap.wait_terminal("small", Duration::from_secs(5))
             .await
             .kind(),
-        "video.generation.succeeded"
+        SUCCEEDED
     );
     let dead = env.drain_dead().await;
     assert_eq!(dead.len(), 12);

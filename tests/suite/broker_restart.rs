@@ -3,11 +3,10 @@
 //! not restarted, recovers by itself, reports 503 while the broker is away,
 //! and every request in flight reaches its terminal event.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{node::BrokerNode, *};
+use crate::common::{node::BrokerNode, *};
+use vidu_worker::events::{SUBMITTED, SUCCEEDED};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_recovers_from_a_broker_restart_by_itself() {
@@ -27,11 +26,7 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
         env.publish(&request(id, "[sim:gen=4s]")).await;
     }
     eventually(Duration::from_secs(30), "tasks in flight", || async {
-        let submitted = tap
-            .all()
-            .iter()
-            .filter(|e| e.kind() == "video.generation.submitted")
-            .count();
+        let submitted = tap.all().iter().filter(|e| e.kind() == SUBMITTED).count();
         (submitted >= n / 2).then_some(())
     })
     .await;
@@ -93,7 +88,7 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
             terminal.iter().all(|e| e.id() == terminal[0].id()),
             "{s}: one terminal id"
         );
-        assert_eq!(terminal[0].kind(), "video.generation.succeeded");
+        assert_eq!(terminal[0].kind(), SUCCEEDED);
     }
     assert!(
         worker.child.id().is_some(),

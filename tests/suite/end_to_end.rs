@@ -2,14 +2,19 @@
 //! the simulator: the happy path, every validation rule, upstream refusals
 //! and failures, timeouts, transient upstream errors, and scale-out.
 
-mod common;
-
 use std::{collections::HashMap, time::Duration};
 
-use common::*;
-use lapin::BasicProperties;
+use crate::common::*;
+use lapin::{
+    options::{BasicGetOptions, BasicNackOptions, QueueDeleteOptions},
+    BasicProperties,
+};
 use serde_json::{json, Value};
-use vidu_worker::simulator::{EndpointFaults, FaultPlan};
+use vidu_worker::{
+    broker::ERROR_HEADER,
+    events::{CONTENT_TYPE, FAILED, PROGRESS, SUBMITTED, SUCCEEDED},
+    simulator::{EndpointFaults, FaultPlan},
+};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -43,13 +48,9 @@ async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
     let done = tap.wait_terminal("order-1234", WAIT).await;
     let events = tap.for_subject("order-1234");
     let kinds: Vec<&str> = events.iter().map(SeenEvent::kind).collect();
-    assert_eq!(
-        kinds.first(),
-        Some(&"video.generation.submitted"),
-        "{kinds:?}"
-    );
-    assert!(kinds.contains(&"video.generation.progress"), "{kinds:?}");
-    assert_eq!(done.kind(), "video.generation.succeeded");
+    assert_eq!(kinds.first(), Some(&SUBMITTED), "{kinds:?}");
+    assert!(kinds.contains(&PROGRESS), "{kinds:?}");
+    assert_eq!(done.kind(), SUCCEEDED);
 
     for e in &events {
         // Envelope, AMQP properties and routing.
@@ -63,10 +64,7 @@ async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
         assert_eq!(e.routing_key, e.kind(), "routing key = type");
         assert_eq!(e.message_id.as_deref(), Some(e.id()), "message_id = id");
         assert_eq!(e.correlation_id.as_deref(), Some("corr-77"));
-        assert_eq!(
-            e.content_type.as_deref(),
-            Some("application/cloudevents+json")
-        );
+        assert_eq!(e.content_type.as_deref(), Some(CONTENT_TYPE));
         assert_eq!(e.delivery_mode, Some(2), "persistent");
         assert_eq!(e.body["data"]["request_id"], "order-1234");
         assert_eq!(
@@ -82,7 +80,7 @@ async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
     assert_eq!(submitted.body["data"]["model"], "vidu-q3-pro-i2v");
     let progress = events
         .iter()
-        .find(|e| e.kind() == "video.generation.progress")
+        .find(|e| e.kind() == PROGRESS)
         .expect("progress");
     assert!(matches!(
         progress.body["data"]["status"].as_str(),
@@ -142,16 +140,16 @@ async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
     let (status, text) = worker.get("/metrics").await.expect("metrics");
     assert_eq!(status, 200);
     for family in [
-        "vidu_worker_requests_received_total{outcome=\"submitted\"} 1",
-        "vidu_worker_upstream_calls_total{endpoint=\"create\",status=\"200\"} 1",
-        "vidu_worker_events_published_total{type=\"video.generation.succeeded\"} 1",
-        "vidu_worker_events_published_total{type=\"video.generation.submitted\"} 1",
-        "vidu_worker_tasks_tracked ",
-        "vidu_worker_request_to_terminal_seconds_count 1",
-        "vidu_worker_request_to_terminal_seconds_bucket{le=",
-        "vidu_worker_polls_total{result=\"succeeded\"} 1",
+        "vidu_worker_requests_received_total{outcome=\"submitted\"} 1".to_owned(),
+        "vidu_worker_upstream_calls_total{endpoint=\"create\",status=\"200\"} 1".to_owned(),
+        format!("vidu_worker_events_published_total{{type=\"{SUCCEEDED}\"}} 1"),
+        format!("vidu_worker_events_published_total{{type=\"{SUBMITTED}\"}} 1"),
+        "vidu_worker_tasks_tracked ".to_owned(),
+        "vidu_worker_request_to_terminal_seconds_count 1".to_owned(),
+        "vidu_worker_request_to_terminal_seconds_bucket{le=".to_owned(),
+        "vidu_worker_polls_total{result=\"succeeded\"} 1".to_owned(),
     ] {
-        assert!(text.contains(family), "{family} missing from:\n{text}");
+        assert!(text.contains(&family), "{family} missing from:\n{text}");
     }
     assert!(text.contains("upstream_calls_total{endpoint=\"task_result\",status=\"200\"}"));
 
@@ -175,31 +173,103 @@ async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_ids_are_deterministic_across_redelivery() {
-    // The same request published twice yields the same event ids.
-    let env = TestEnv::new("ids", sim(Duration::from_millis(300))).await;
+    // A worker holds a ticket, unacknowledged, while the broker refuses the
+    // request's terminal event, and is killed: the broker redelivers that
+    // same ticket, and another worker process ends the request. Its
+    // terminal event has the id of the one the first worker tried to
+    // publish.
+    // Generation outlasts setting up the refusal, so the first worker's
+    // terminal event is refused.
+    let env = TestEnv::new("ids", sim(Duration::from_secs(5))).await;
     let tap = env.tap().await;
-    let _worker = env.start_worker().await;
-    env.publish(&request("same-id", "first")).await;
-    let first = tap.wait_terminal("same-id", WAIT).await;
-    env.publish(&request("same-id", "first")).await;
-    eventually(WAIT, "two terminal events", || async {
-        (tap.terminal().len() >= 2).then_some(())
+    let first = env.start_worker().await;
+    env.publish(&request("same-id", "redelivered")).await;
+    eventually(WAIT, "the task submitted", || async {
+        tap.for_subject("same-id")
+            .iter()
+            .any(|e| e.kind() == SUBMITTED)
+            .then_some(())
     })
     .await;
-    let terminal = tap.terminal();
-    assert!(
-        terminal.iter().all(|e| e.id() == first.id()),
-        "{terminal:?}"
+    let refusing = refuse_events(&env).await;
+    // A refused publish still reaches the other queues bound (the tap):
+    // the first worker's attempts show there, unconfirmed.
+    let tried = eventually(
+        WAIT,
+        "the first worker's refused terminal event",
+        || async {
+            tap.for_subject("same-id")
+                .into_iter()
+                .find(SeenEvent::is_terminal)
+        },
+    )
+    .await;
+    assert_eq!(
+        first
+            .metric("vidu_worker_events_published_total", SUCCEEDED)
+            .await,
+        0.0,
+        "not confirmed, so the ticket is still held"
     );
-    let submitted: Vec<_> = tap
-        .all()
+    first.kill9().await;
+
+    // The broker hands the same ticket back, marked redelivered (looked at
+    // here and handed back again, not republished).
+    let back = eventually(WAIT, "the ticket back in the tracking queue", || async {
+        env.channel
+            .basic_get(
+                env.topology.tracking_queue.as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic_get")
+    })
+    .await;
+    let ticket: Value = serde_json::from_slice(&back.delivery.data).expect("a ticket");
+    assert!(back.delivery.redelivered, "redelivered: {ticket}");
+    assert_eq!(ticket["request_id"], "same-id");
+    back.delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await
+        .expect("hand the ticket back");
+
+    env.channel
+        .queue_delete(refusing.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .expect("lift the refusal");
+    let second = env.start_worker().await;
+    eventually(WAIT, "the second worker's terminal event", || async {
+        let confirmed = second
+            .metric("vidu_worker_events_published_total", SUCCEEDED)
+            .await;
+        // Built again by the second worker: a later `time`.
+        let rebuilt = tap
+            .for_subject("same-id")
+            .iter()
+            .any(|e| e.is_terminal() && e.body["time"] != tried.body["time"]);
+        (confirmed >= 1.0 && rebuilt).then_some(())
+    })
+    .await;
+    let terminal: Vec<SeenEvent> = tap
+        .for_subject("same-id")
         .into_iter()
-        .filter(|e| e.kind() == "video.generation.submitted")
+        .filter(SeenEvent::is_terminal)
         .collect();
-    assert_eq!(submitted.len(), 2);
-    assert_eq!(submitted[0].id(), submitted[1].id());
+    assert!(
+        terminal.iter().all(|e| e.id() == tried.id()),
+        "one id across both workers: {:?}",
+        terminal
+            .iter()
+            .map(|e| (e.id(), e.body["time"].clone()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(terminal.last().map(SeenEvent::kind), Some(SUCCEEDED));
 }
 
 /// (request body, AMQP message_id, expected field named in the error)
@@ -376,7 +446,7 @@ async fn every_invalid_request_fails_cleanly_and_never_reaches_the_upstream() {
         let failed = tap
             .terminal()
             .into_iter()
-            .filter(|e| e.kind() == "video.generation.failed")
+            .filter(|e| e.kind() == FAILED)
             .count();
         (failed >= expected_failures).then_some(())
     })
@@ -387,7 +457,7 @@ async fn every_invalid_request_fails_cleanly_and_never_reaches_the_upstream() {
     let failed: Vec<SeenEvent> = tap
         .terminal()
         .into_iter()
-        .filter(|e| e.kind() == "video.generation.failed")
+        .filter(|e| e.kind() == FAILED)
         .collect();
     assert_eq!(
         failed.len(),
@@ -450,7 +520,7 @@ async fn every_invalid_request_fails_cleanly_and_never_reaches_the_upstream() {
                 }
             })
             .unwrap_or_else(|| panic!("{field} ({message_id:?}) not dead-lettered"));
-        let why = entry.0.get("x-vidu-error").expect("x-vidu-error header");
+        let why = entry.0.get(ERROR_HEADER).expect("an error header");
         assert!(
             why.starts_with(&format!("invalid_request: {field}:")),
             "{why}"
@@ -494,7 +564,7 @@ async fn upstream_refusals_failures_and_timeouts_end_in_failed_events() {
     env.publish(&request("fine", "a calm lake")).await;
 
     let rejected = tap.wait_terminal("rejected", WAIT).await;
-    assert_eq!(rejected.kind(), "video.generation.failed");
+    assert_eq!(rejected.kind(), FAILED);
     assert_eq!(rejected.body["data"]["error"]["code"], "upstream_rejected");
     let msg = rejected.body["data"]["error"]["message"]
         .as_str()
@@ -520,10 +590,7 @@ async fn upstream_refusals_failures_and_timeouts_end_in_failed_events() {
     assert_eq!(slow.body["data"]["error"]["code"], "timed_out");
     assert!(slow.body["data"]["task_id"].is_string());
 
-    assert_eq!(
-        tap.wait_terminal("fine", WAIT).await.kind(),
-        "video.generation.succeeded"
-    );
+    assert_eq!(tap.wait_terminal("fine", WAIT).await.kind(), SUCCEEDED);
 
     // The rejected request was not retried, and it is in the dead-letter queue.
     assert_eq!(
@@ -533,7 +600,7 @@ async fn upstream_refusals_failures_and_timeouts_end_in_failed_events() {
     let dead = env.drain_dead().await;
     assert_eq!(dead.len(), 1);
     assert!(
-        dead[0].0["x-vidu-error"].starts_with("upstream_rejected:"),
+        dead[0].0[ERROR_HEADER].starts_with("upstream_rejected:"),
         "{:?}",
         dead[0].0
     );
@@ -552,10 +619,7 @@ async fn off_peak_requests_get_the_longer_deadline() {
     body["input"]["off_peak"] = json!(true);
     env.publish(&body).await;
     env.publish(&request("day", "[sim:gen=4s]")).await;
-    assert_eq!(
-        tap.wait_terminal("night", WAIT).await.kind(),
-        "video.generation.succeeded"
-    );
+    assert_eq!(tap.wait_terminal("night", WAIT).await.kind(), SUCCEEDED);
     let day = tap.wait_terminal("day", WAIT).await;
     assert_eq!(day.body["data"]["error"]["code"], "timed_out");
 }
@@ -586,7 +650,7 @@ async fn transient_upstream_errors_are_retried_until_success() {
     let _worker = env.start_worker().await;
     env.publish(&request("stubborn", "retry me")).await;
     let done = tap.wait_terminal("stubborn", WAIT).await;
-    assert_eq!(done.kind(), "video.generation.succeeded");
+    assert_eq!(done.kind(), SUCCEEDED);
     let stats = env.sim.stats();
     assert_eq!(stats.tasks_created, 1, "{stats:?}");
     assert_eq!(stats.create_calls, 5, "4 faults then success: {stats:?}");
@@ -609,9 +673,49 @@ async fn two_workers_share_the_queue_and_each_request_ends_once() {
             .await;
     }
     tap.wait_finished(n, WAIT).await;
+    // Nothing left that could end a request again (no request or ticket
+    // queued, parked or held), and every event the workers confirmed has
+    // reached the tap: only then is a count of terminal events exact.
+    let mut queues = vec![
+        env.topology.request_queue.clone(),
+        env.topology.tracking_queue.clone(),
+    ];
+    queues.extend(env.topology.wait_queues.iter().map(|(_, q)| q.clone()));
+    eventually(WAIT, "no request or ticket left anywhere", || async {
+        for q in &queues {
+            if env.depth(q).await > 0 {
+                return None;
+            }
+        }
+        for w in [&a, &b] {
+            let held = w.metric("vidu_worker_in_flight_requests", "").await
+                + w.metric("vidu_worker_in_flight_tickets", "").await;
+            if held > 0.0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    eventually(WAIT, "every confirmed event at the tap", || async {
+        let confirmed = a
+            .metric("vidu_worker_events_published_total", "type=")
+            .await
+            + b.metric("vidu_worker_events_published_total", "type=")
+                .await;
+        (tap.all().len() as f64 >= confirmed).then_some(())
+    })
+    .await;
+    let terminal = tap.terminal();
+    assert_eq!(
+        terminal.len(),
+        n,
+        "exactly one terminal event per request, no duplicates: {:?}",
+        terminal.iter().map(SeenEvent::subject).collect::<Vec<_>>()
+    );
 
     let mut ids: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
-    for e in tap.terminal() {
+    for e in &terminal {
         ids.entry(e.subject().to_owned())
             .or_default()
             .insert(e.id().to_owned());

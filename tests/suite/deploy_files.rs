@@ -11,8 +11,6 @@
 //!   location, a healthcheck that works without curl), and its healthcheck
 //!   command really works against a running worker.
 
-mod common;
-
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
@@ -20,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use common::files::{load_json, read, repo_path, violations};
+use crate::common::files::{load_json, read, repo_path, violations};
 use jsonschema::{Draft, Resource, Validator};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -872,7 +870,8 @@ fn run_healthcheck(argv: &[String]) -> bool {
 /// compose file's simulator check.
 #[tokio::test]
 async fn the_healthchecks_work_against_a_real_worker() {
-    let env = common::TestEnv::new("deploy", common::sim(Duration::from_secs(1))).await;
+    let env =
+        crate::common::TestEnv::new("deploy", crate::common::sim(Duration::from_secs(1))).await;
     let worker = env.start_worker().await;
     let ops = worker.ops_addr().await;
     let port = ops.rsplit(':').next().expect("port").to_owned();
@@ -962,7 +961,7 @@ fn the_build_context_has_what_the_build_needs_and_nothing_else() {
     for dropped in [
         "target/debug/vidu-worker",
         ".git/HEAD",
-        "tests/worker.rs",
+        "tests/suite/end_to_end.rs",
         "deploy/kubernetes/deployment.yaml",
         "docs/asyncapi.yaml",
         "some/dir/.env",
