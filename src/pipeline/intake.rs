@@ -192,30 +192,9 @@ async fn submit(
     // The intake loop took this request's first pacing and quota slot.
     let mut prepaid = true;
     let task_id = loop {
-        let claim = match decisions::at_gate(&ctx.gate.state()) {
-            GateStep::Go => None,
-            GateStep::HandBack => {
-                // Probed without requests: hand this one back, once.
-                ctx.metrics.request("handed_back");
-                return Disposition::Requeue;
-            }
-            GateStep::Wait => {
-                // A lost delivery ends the wait; the create attempt then
-                // finds it lost and sends nothing.
-                let turn = tokio::select! {
-                    turn = ctx.gate.wait_for_turn(hold_until, &ctx.shutdown) => Some(turn),
-                    () = lease.lost() => None,
-                };
-                match turn {
-                    None | Some(Turn::Go) => None,
-                    Some(Turn::Probe(claim)) => Some(claim),
-                    Some(Turn::TimedOut) => {
-                        ctx.metrics.request("handed_back");
-                        return Disposition::Requeue;
-                    }
-                    Some(Turn::Cancelled) => return Disposition::Abandon,
-                }
-            }
+        let claim = match pass_gate(ctx, lease, hold_until).await {
+            Ok(claim) => claim,
+            Err(disposition) => return disposition,
         };
         let created = retry::retry(
             ctx.retry_policy(),
@@ -254,27 +233,20 @@ async fn submit(
                 message,
                 outcome,
             } => {
-                ctx.gate.open();
-                ctx.metrics.request(outcome);
                 if code == FailureCode::UpstreamUnconfirmed {
                     // A task may exist and be billed: never again.
                     if let Some(guard) = remembered.as_mut() {
                         guard.recorded();
                     }
-                    tracing::error!(error = %message, "the upstream's answer to a create has no readable task id; failing the request instead of creating it again");
-                } else {
-                    tracing::info!(error = %message, "the upstream rejected the request");
                 }
-                return refuse(
+                return refuse_created(
                     ctx,
                     delivery,
-                    Refused {
-                        request_id: &req.request_id,
-                        metadata: req.metadata.as_deref(),
-                        code,
-                        message: &message,
-                        traceparent: traceparent.as_deref(),
-                    },
+                    &req,
+                    code,
+                    &message,
+                    outcome,
+                    traceparent.as_deref(),
                 )
                 .await;
             }
@@ -296,6 +268,75 @@ async fn submit(
         }
     }
     disposition
+}
+
+/// Passes the gate in front of a create: `Ok` with the probe claim when
+/// this request is the one to probe a refused balance, or the disposition
+/// when the request goes back (the key is refused, the upstream is down, or
+/// the wait at the gate outlasted `amqp.max_hold`) or the worker stops.
+async fn pass_gate(
+    ctx: &Context,
+    lease: &Lease,
+    hold_until: Instant,
+) -> Result<Option<ProbeClaim>, Disposition> {
+    match decisions::at_gate(&ctx.gate.state()) {
+        GateStep::Go => Ok(None),
+        GateStep::HandBack => {
+            // Probed without requests: hand this one back, once.
+            ctx.metrics.request("handed_back");
+            Err(Disposition::Requeue)
+        }
+        GateStep::Wait => {
+            // A lost delivery ends the wait; the create attempt then finds
+            // it lost and sends nothing.
+            let turn = tokio::select! {
+                turn = ctx.gate.wait_for_turn(hold_until, &ctx.shutdown) => Some(turn),
+                () = lease.lost() => None,
+            };
+            match turn {
+                None | Some(Turn::Go) => Ok(None),
+                Some(Turn::Probe(claim)) => Ok(Some(claim)),
+                Some(Turn::TimedOut) => {
+                    ctx.metrics.request("handed_back");
+                    Err(Disposition::Requeue)
+                }
+                Some(Turn::Cancelled) => Err(Disposition::Abandon),
+            }
+        }
+    }
+}
+
+/// Fails a request the upstream served without a task (refused it, or
+/// answered unreadably): the gate opens, the request is dead-lettered with
+/// a failed event.
+async fn refuse_created(
+    ctx: &Context,
+    delivery: &Delivery,
+    req: &GenerationRequest,
+    code: FailureCode,
+    message: &str,
+    outcome: &'static str,
+    traceparent: Option<&str>,
+) -> Disposition {
+    ctx.gate.open();
+    ctx.metrics.request(outcome);
+    if code == FailureCode::UpstreamUnconfirmed {
+        tracing::error!(error = %message, "the upstream's answer to a create has no readable task id; failing the request instead of creating it again");
+    } else {
+        tracing::info!(error = %message, "the upstream rejected the request");
+    }
+    refuse(
+        ctx,
+        delivery,
+        Refused {
+            request_id: &req.request_id,
+            metadata: req.metadata.as_deref(),
+            code,
+            message,
+            traceparent,
+        },
+    )
+    .await
 }
 
 /// One create attempt: pacing and the quota first (unless the intake loop

@@ -21,7 +21,7 @@ use super::{
     decisions::{self, GateEffect, NextPoll, PollStep, Progress, Terminal},
     disposition::Disposition,
     poison,
-    ticket::{error_delay, to_chrono, wait_tier, Ticket, TicketKeys},
+    ticket::{error_delay, to_chrono, wait_tier, Ticket, TicketKeys, Unreadable},
 };
 use crate::{
     broker,
@@ -46,21 +46,7 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
     let signature = broker::header_str(&delivery.properties, SIGNATURE_HEADER);
     let mut ticket = match Ticket::read(&delivery.data, signature, &keys) {
         Ok(t) => t,
-        Err(unreadable) => {
-            // Not written by this deployment, or not valid: no poll, no
-            // event, only the dead-letter copy saying why.
-            let reason = unreadable.reason;
-            ctx.metrics.ticket_rejected(reason);
-            tracing::warn!(reason, problem = %unreadable.detail, "dead-lettering a message on a tracking queue that is not one of this deployment's tickets");
-            let why = format!(
-                "not a ticket of this deployment ({reason}): {}",
-                unreadable.detail
-            );
-            return match ctx.dead_letter(delivery, &why, None).await {
-                Ok(()) => Disposition::Ack,
-                Err(_) => Disposition::Requeue,
-            };
-        }
+        Err(unreadable) => return reject(ctx, delivery, &unreadable).await,
     };
     let span = tracing::Span::current();
     span.record("request_id", ticket.request_id.as_str());
@@ -70,31 +56,8 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
         return poisoned(ctx, delivery, &ticket, count).await;
     }
 
-    let remaining = ticket.remaining(Utc::now());
-    if wait_tier(&ctx.topology.wait_queues, remaining).is_some() {
-        // Not due for a while: another hop.
-        return park_patiently(ctx, &ticket).await;
-    }
-    if !remaining.is_zero() {
-        // Due within the shortest tier: wait here, holding the ticket.
-        tokio::select! {
-            () = ctx.shutdown.cancelled() => return Disposition::Abandon,
-            () = tokio::time::sleep(remaining) => {}
-        }
-    }
-
-    if let GateState::Closed {
-        refusal: Refusal::Key,
-        retry_at,
-        ..
-    } = ctx.gate.state()
-    {
-        // Polling with a refused key only adds noise; wait for the gate.
-        let wait = retry_at
-            .saturating_duration_since(tokio::time::Instant::now())
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
-        ticket.next_poll_at = Utc::now() + to_chrono(wait);
-        return park_patiently(ctx, &ticket).await;
+    if let Some(disposition) = wait_until_due(ctx, &mut ticket).await {
+        return disposition;
     }
 
     let answer = ctx
@@ -137,6 +100,56 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
             park_patiently(ctx, &ticket).await
         }
     }
+}
+
+/// Dead-letters a message that is not one of this deployment's tickets,
+/// saying why: no poll, no event.
+async fn reject(ctx: &Context, delivery: &Delivery, unreadable: &Unreadable) -> Disposition {
+    let reason = unreadable.reason;
+    ctx.metrics.ticket_rejected(reason);
+    tracing::warn!(reason, problem = %unreadable.detail, "dead-lettering a message on a tracking queue that is not one of this deployment's tickets");
+    let why = format!(
+        "not a ticket of this deployment ({reason}): {}",
+        unreadable.detail
+    );
+    match ctx.dead_letter(delivery, &why, None).await {
+        Ok(()) => Disposition::Ack,
+        Err(_) => Disposition::Requeue,
+    }
+}
+
+/// Waits until the ticket is due for its poll: another hop through a wait
+/// queue when it is not due for a while, a wait in memory within the
+/// shortest tier, or a hop while the key is refused. `None` means poll now.
+async fn wait_until_due(ctx: &Context, ticket: &mut Ticket) -> Option<Disposition> {
+    let remaining = ticket.remaining(Utc::now());
+    if wait_tier(&ctx.topology.wait_queues, remaining).is_some() {
+        // Not due for a while: another hop.
+        return Some(park_patiently(ctx, ticket).await);
+    }
+    if !remaining.is_zero() {
+        // Due within the shortest tier: wait here, holding the ticket.
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return Some(Disposition::Abandon),
+            () = tokio::time::sleep(remaining) => {}
+        }
+    }
+
+    if let GateState::Closed {
+        refusal: Refusal::Key,
+        retry_at,
+        ..
+    } = ctx.gate.state()
+    {
+        // Polling with a refused key only adds noise; wait for the gate.
+        let wait = retry_at
+            .saturating_duration_since(tokio::time::Instant::now())
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        ticket.next_poll_at = Utc::now() + to_chrono(wait);
+        return Some(park_patiently(ctx, ticket).await);
+    }
+
+    None
 }
 
 /// The time a [`NextPoll`] stands for.
