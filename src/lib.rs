@@ -10,6 +10,7 @@ pub mod config;
 pub mod events;
 pub mod gate;
 pub mod metrics;
+pub mod model;
 pub mod ops;
 pub mod pipeline;
 pub mod quota;

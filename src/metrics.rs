@@ -6,6 +6,7 @@
 //! (never request ids, task ids, URLs or anything from a message body), and
 //! nothing secret is ever a label.
 
+use crate::model::Model;
 use std::sync::Arc;
 
 use std::sync::atomic::AtomicU64;
@@ -52,6 +53,8 @@ pub struct CreateLabels {
     /// `accepted`, `rate_limited`, `rejected`, `failed`, `unconfirmed`,
     /// `not_sent`, `accepted_after_delivery_lost`.
     pub outcome: &'static str,
+    /// The model (one of the six Vidu Q3 names).
+    pub model: &'static str,
 }
 
 /// Labels of `create_waits_total`.
@@ -343,11 +346,14 @@ impl Metrics {
         self.inner.untracked_tasks.inc();
     }
 
-    /// Counts a create call by outcome.
-    pub fn create(&self, outcome: &'static str) {
+    /// Counts a create call by outcome and model.
+    pub fn create(&self, outcome: &'static str, model: Model) {
         self.inner
             .creates
-            .get_or_create(&CreateLabels { outcome })
+            .get_or_create(&CreateLabels {
+                outcome,
+                model: model.as_str(),
+            })
             .inc();
     }
 

@@ -11,20 +11,17 @@
 use std::{borrow::Cow, collections::HashMap, fmt};
 
 use serde::Serialize;
-use serde_json::{value::RawValue, Map, Value};
+use serde_json::{value::RawValue, Value};
 
-/// The only model served today, and the default.
-pub const MODEL: &str = "vidu-q3-pro-i2v";
+use crate::model::{excerpt, parse_input, problem, Problem};
+pub use crate::model::{Model, ViduInput, MAX_URL_CHARS};
+
 /// Largest body read; larger ones are rejected unread.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Largest `metadata` object, serialized.
 pub const MAX_METADATA_BYTES: usize = 16 * 1024;
 /// Longest `request_id`.
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
-/// Longest `input.prompt`, in characters.
-pub const MAX_PROMPT_CHARS: usize = 1500;
-/// Longest URL accepted in `input`.
-pub const MAX_URL_CHARS: usize = 2048;
 /// Deepest nesting of arrays and objects accepted anywhere in a body (the
 /// request itself needs three levels; the rest is for `metadata`).
 pub const MAX_DEPTH: usize = 32;
@@ -33,11 +30,6 @@ pub const MAX_PROPERTY_BYTES: usize = 255;
 /// The one `amq.` name a `reply_to` may use: RabbitMQ's direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-const IMAGE_EXTENSIONS: [&str; 4] = [".jpg", ".jpeg", ".png", ".webp"];
-const RESOLUTIONS: [&str; 3] = ["540p", "720p", "1080p"];
-const ASPECT_RATIOS: [&str; 5] = ["16:9", "9:16", "4:3", "3:4", "1:1"];
-const STYLES: [&str; 2] = ["general", "anime"];
-const WM_POSITIONS: [&str; 4] = ["top-left", "top-right", "bottom-left", "bottom-right"];
 const TOP_LEVEL_FIELDS: [&str; 4] = ["request_id", "model", "input", "metadata"];
 
 /// A request id: 1–128 characters of `[A-Za-z0-9._:-]`. Deserializing one
@@ -163,49 +155,6 @@ fn looks_internal(name: &str) -> bool {
     }
 }
 
-/// The validated Vidu Q3 Pro request body, serialized as the upstream wants it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ViduInput {
-    /// Exactly one image URL.
-    pub images: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Motion description.
-    pub prompt: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Seconds of video, 1..=16.
-    pub duration: Option<u8>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Random seed, 0..=2147483647.
-    pub seed: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// `540p`, `720p` or `1080p`.
-    pub resolution: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Output aspect ratio.
-    pub aspect_ratio: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// `general` or `anime`.
-    pub style: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Background music URL.
-    pub audio: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Audio scene matching.
-    pub is_rec: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Off-peak (cheaper, within 48 h) processing.
-    pub off_peak: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Add a watermark.
-    pub watermark: Option<bool>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Watermark image URL.
-    pub wm_url: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// Watermark corner.
-    pub wm_position: Option<String>,
-}
-
 /// Where a request's id came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdSource {
@@ -225,8 +174,8 @@ pub struct GenerationRequest {
     pub request_id: RequestId,
     /// Where the id came from.
     pub id_source: IdSource,
-    /// The model; always [`MODEL`] today.
-    pub model: &'static str,
+    /// The model (the request's `model`, or [`Model::DEFAULT`]).
+    pub model: Model,
     /// The upstream request body.
     pub input: ViduInput,
     /// The producer's metadata, byte for byte.
@@ -242,7 +191,7 @@ impl GenerationRequest {
 
     /// Whether the upstream may take up to 48 h.
     pub fn off_peak(&self) -> bool {
-        self.input.off_peak.unwrap_or(false)
+        self.input.common().off_peak.unwrap_or(false)
     }
 }
 
@@ -287,10 +236,26 @@ pub fn parse(
     }
 }
 
-type Problem = (Cow<'static, str>, String);
-
-fn problem(field: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Problem {
-    (field.into(), message.into())
+/// Refuses a valid request for a model outside the deployment's
+/// `upstream.models`.
+pub fn allowed(
+    req: GenerationRequest,
+    models: &[Model],
+) -> Result<GenerationRequest, Box<InvalidRequest>> {
+    if models.contains(&req.model) {
+        return Ok(req);
+    }
+    let names: Vec<&str> = models.iter().map(|m| m.as_str()).collect();
+    Err(Box::new(InvalidRequest {
+        message: format!(
+            "{} is not served by this deployment (upstream.models: {})",
+            req.model,
+            names.join(", ")
+        ),
+        request_id: req.request_id,
+        field: Cow::Borrowed("model"),
+        metadata: req.metadata,
+    }))
 }
 
 struct Ctx<'p> {
@@ -405,15 +370,18 @@ impl Ctx<'_> {
         }
 
         let model = match fields.get("model").filter(|r| r.get() != "null") {
-            None => MODEL,
+            None => Model::DEFAULT,
             Some(raw) => match serde_json::from_str::<String>(raw.get()) {
-                Ok(m) if m == MODEL => MODEL,
-                Ok(m) => {
-                    return Err(problem(
+                Ok(m) => Model::parse(&m).ok_or_else(|| {
+                    problem(
                         "model",
-                        format!("unknown model {:?}; the only model is {MODEL}", excerpt(&m)),
-                    ))
-                }
+                        format!(
+                            "unknown model {:?}; the models are {}",
+                            excerpt(&m),
+                            Model::names()
+                        ),
+                    )
+                })?,
                 Err(_) => return Err(problem("model", "must be a string")),
             },
         };
@@ -421,7 +389,7 @@ impl Ctx<'_> {
         let input = match fields.get("input").filter(|r| r.get() != "null") {
             None => return Err(problem("input", "is required")),
             Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
-                Ok(Value::Object(map)) => parse_input(map)?,
+                Ok(Value::Object(map)) => parse_input(model, map)?,
                 Ok(_) => return Err(problem("input", "must be a JSON object")),
                 Err(e) => return Err(problem("input", e.to_string())),
             },
@@ -599,13 +567,6 @@ fn check_structure(body: &[u8]) -> Result<(), Problem> {
     }
 }
 
-/// Text with control characters replaced, for names quoted in messages.
-fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
-        .collect()
-}
-
 fn json_problem(body: &[u8], err: &serde_json::Error) -> String {
     let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
     match (err.classify(), first) {
@@ -619,214 +580,6 @@ fn json_problem(body: &[u8], err: &serde_json::Error) -> String {
             format!("is not valid UTF-8 JSON ({err})")
         }
         _ => format!("is not valid JSON ({err})"),
-    }
-}
-
-/// Shortens untrusted text for error messages, with control characters
-/// replaced (they would forge log lines and terminal output).
-fn excerpt(s: &str) -> String {
-    const MAX: usize = 64;
-    let mut out: String = printable(&s.chars().take(MAX).collect::<String>());
-    if s.chars().count() > MAX {
-        out.push('…');
-    }
-    out
-}
-
-fn parse_input(mut map: Map<String, Value>) -> Result<ViduInput, Problem> {
-    // Null means "not given" for every optional field.
-    map.retain(|_, v| !v.is_null());
-    let mut input = ViduInput {
-        images: Vec::new(),
-        prompt: None,
-        duration: None,
-        seed: None,
-        resolution: None,
-        aspect_ratio: None,
-        style: None,
-        audio: None,
-        is_rec: None,
-        off_peak: None,
-        watermark: None,
-        wm_url: None,
-        wm_position: None,
-    };
-    let mut keys: Vec<String> = map.keys().cloned().collect();
-    keys.sort_unstable();
-    for key in keys {
-        let Some(value) = map.remove(&key) else {
-            continue;
-        };
-        match key.as_str() {
-            "images" => input.images = parse_images(value)?,
-            "prompt" => {
-                let prompt = string(value, "input.prompt")?;
-                let chars = prompt.chars().count();
-                if chars > MAX_PROMPT_CHARS {
-                    return Err(problem(
-                        "input.prompt",
-                        format!("is {chars} characters, more than the limit of {MAX_PROMPT_CHARS}"),
-                    ));
-                }
-                input.prompt = Some(prompt);
-            }
-            "duration" => {
-                input.duration = Some(integer(&value, "input.duration", 1, 16)? as u8);
-            }
-            "seed" => {
-                input.seed = Some(integer(&value, "input.seed", 0, 2_147_483_647)? as u32);
-            }
-            "resolution" => {
-                input.resolution = Some(one_of(value, "input.resolution", &RESOLUTIONS)?)
-            }
-            "aspect_ratio" => {
-                input.aspect_ratio = Some(one_of(value, "input.aspect_ratio", &ASPECT_RATIOS)?)
-            }
-            "style" => input.style = Some(one_of(value, "input.style", &STYLES)?),
-            "wm_position" => {
-                input.wm_position = Some(one_of(value, "input.wm_position", &WM_POSITIONS)?)
-            }
-            "audio" => input.audio = Some(http_url(value, "input.audio")?),
-            "wm_url" => input.wm_url = Some(http_url(value, "input.wm_url")?),
-            "is_rec" => input.is_rec = Some(boolean(&value, "input.is_rec")?),
-            "off_peak" => input.off_peak = Some(boolean(&value, "input.off_peak")?),
-            "watermark" => input.watermark = Some(boolean(&value, "input.watermark")?),
-            other => {
-                let name = excerpt(other);
-                return Err(problem(
-                    format!("input.{name}"),
-                    format!("unknown field {name:?} for {MODEL}"),
-                ));
-            }
-        }
-    }
-    if input.images.is_empty() {
-        return Err(problem(
-            "input.images",
-            "is required: exactly one image URL",
-        ));
-    }
-    Ok(input)
-}
-
-fn parse_images(value: Value) -> Result<Vec<String>, Problem> {
-    let Value::Array(items) = value else {
-        return Err(problem(
-            "input.images",
-            format!(
-                "must be an array with exactly one image URL, found {}",
-                kind(&value)
-            ),
-        ));
-    };
-    if items.len() != 1 {
-        return Err(problem(
-            "input.images",
-            format!("must hold exactly one image URL, found {}", items.len()),
-        ));
-    }
-    let mut items = items;
-    let url = http_url(items.remove(0), "input.images[0]")?;
-    let path = url::Url::parse(&url)
-        .map(|u| u.path().to_ascii_lowercase())
-        .unwrap_or_default();
-    if !IMAGE_EXTENSIONS.iter().any(|ext| path.ends_with(ext)) {
-        return Err(problem(
-            "input.images[0]",
-            "must point to a .jpg, .jpeg, .png or .webp file",
-        ));
-    }
-    Ok(vec![url])
-}
-
-fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
-fn string(value: Value, field: &'static str) -> Result<String, Problem> {
-    match value {
-        Value::String(s) => Ok(s),
-        other => Err(problem(
-            field,
-            format!("must be a string, found {}", kind(&other)),
-        )),
-    }
-}
-
-fn boolean(value: &Value, field: &'static str) -> Result<bool, Problem> {
-    value.as_bool().ok_or_else(|| {
-        problem(
-            field,
-            format!("must be true or false, found {}", kind(value)),
-        )
-    })
-}
-
-fn integer(value: &Value, field: &'static str, min: u64, max: u64) -> Result<u64, Problem> {
-    let range = || format!("must be an integer from {min} to {max}");
-    let Value::Number(n) = value else {
-        return Err(problem(
-            field,
-            format!("{}, found {}", range(), kind(value)),
-        ));
-    };
-    match n.as_u64() {
-        Some(v) if (min..=max).contains(&v) => Ok(v),
-        _ => Err(problem(
-            field,
-            format!("{}, found {}", range(), excerpt(&n.to_string())),
-        )),
-    }
-}
-
-fn one_of(value: Value, field: &'static str, allowed: &[&str]) -> Result<String, Problem> {
-    let s = string(value, field)?;
-    if allowed.contains(&s.as_str()) {
-        Ok(s)
-    } else {
-        Err(problem(
-            field,
-            format!("{:?} is not one of {}", excerpt(&s), allowed.join(", ")),
-        ))
-    }
-}
-
-fn http_url(value: Value, field: &'static str) -> Result<String, Problem> {
-    let s = string(value, field)?;
-    if s.chars().count() > MAX_URL_CHARS {
-        return Err(problem(
-            field,
-            format!("is longer than {MAX_URL_CHARS} characters"),
-        ));
-    }
-    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(problem(field, "must be a URL without spaces"));
-    }
-    match url::Url::parse(&s) {
-        Ok(u)
-            if matches!(u.scheme(), "http" | "https")
-                && u.host_str().is_some_and(|h| !h.is_empty()) =>
-        {
-            Ok(s)
-        }
-        Ok(u) if !matches!(u.scheme(), "http" | "https") => Err(problem(
-            field,
-            format!(
-                "must be an http(s) URL, found scheme {:?}",
-                excerpt(u.scheme())
-            ),
-        )),
-        _ => Err(problem(
-            field,
-            format!("{:?} is not a valid http(s) URL", excerpt(&s)),
-        )),
     }
 }
 
@@ -877,8 +630,8 @@ mod tests {
     fn optional_fields_may_be_absent_or_null() {
         let req = parse_json(json!({"input": {"images": ["http://e.com/a.webp"], "prompt": null}}))
             .expect("valid");
-        assert_eq!(req.model, MODEL);
-        assert_eq!(req.input.prompt, None);
+        assert_eq!(req.model, Model::DEFAULT);
+        assert_eq!(req.input.prompt(), None);
         let body = serde_json::to_string(&req.input).expect("ser");
         assert_eq!(body, r#"{"images":["http://e.com/a.webp"]}"#);
     }

@@ -27,12 +27,12 @@ use serde::{Deserialize, Deserializer};
 use crate::{
     config::{ConfigError, UpstreamSettings},
     metrics::Metrics,
-    request::ViduInput,
+    model::{Model, ViduInput},
     retry::{RetryHint, Transient},
     tls,
 };
 
-/// Path of the create endpoint.
+/// Path of the default model's create endpoint (each model's is [`Model::create_path`]).
 pub const CREATE_PATH: &str = "/v3/async/vidu-q3-pro-i2v";
 /// Path of the task-result endpoint.
 pub const RESULT_PATH: &str = "/v3/async/task-result";
@@ -464,7 +464,8 @@ struct Answer {
 #[derive(Clone)]
 pub struct UpstreamClient {
     http: reqwest::Client,
-    create_url: reqwest::Url,
+    /// The create endpoint of each model, in [`Model::ALL`] order.
+    create_urls: Vec<(Model, reqwest::Url)>,
     result_url: reqwest::Url,
     key: SecretString,
     /// The task-result budget (`upstream.max_requests_per_second`); creates
@@ -518,7 +519,10 @@ impl UpstreamClient {
         };
         Ok(Self {
             http,
-            create_url: url(CREATE_PATH)?,
+            create_urls: Model::ALL
+                .into_iter()
+                .map(|m| Ok((m, url(&m.create_path())?)))
+                .collect::<Result<_, ConfigError>>()?,
             result_url: url(RESULT_PATH)?,
             key,
             poll_limiter: rate_limiter(settings.max_requests_per_second),
@@ -540,7 +544,11 @@ impl UpstreamClient {
         traceparent: Option<&str>,
         alive: &(dyn Fn() -> bool + Sync),
     ) -> Result<String, UpstreamError> {
-        let mut req = self.http.post(self.create_url.clone()).json(input);
+        let Some((_, create_url)) = self.create_urls.iter().find(|(m, _)| *m == input.model())
+        else {
+            return Err(UpstreamError::NotSent);
+        };
+        let mut req = self.http.post(create_url.clone()).json(input);
         if let Some(tp) = traceparent {
             req = req.header(TRACEPARENT_HTTP_HEADER, tp);
         }

@@ -138,9 +138,24 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("tickets.previous_secrets")
+                .with_list_parse_key("upstream.models")
                 .source(Some(prefixed.into_iter().collect())),
         );
         let config = builder.build().map_err(from_config_error)?;
+        if let Ok(models) = config.get_array("upstream.models") {
+            for value in models {
+                let name = value.into_string().unwrap_or_default();
+                if crate::model::Model::parse(name.trim()).is_none() {
+                    return Err(ConfigError::new(
+                        "upstream.models",
+                        format!(
+                            "{name:?} is not a Vidu Q3 model; the models are {}",
+                            crate::model::Model::names()
+                        ),
+                    ));
+                }
+            }
+        }
         for (key, allowed) in ENUM_KEYS {
             if let Ok(text) = config.get_string(key) {
                 if !allowed.contains(&text.as_str()) {
@@ -203,6 +218,15 @@ impl Settings {
 
     /// Checks the values that types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstream.models.is_empty() {
+            return Err(ConfigError::new(
+                "upstream.models",
+                format!(
+                    "names no model; leave it out for all six ({})",
+                    crate::model::Model::names()
+                ),
+            ));
+        }
         for DurationLimit { key, limit, value } in DURATION_LIMITS {
             let (limit, value) = (*limit, value(self));
             if value > limit {
@@ -722,6 +746,7 @@ mod tests {
         up.retry_initial = Duration::from_millis(250);
         up.retry_max = Duration::from_secs(8);
         up.create_retry_budget = Duration::from_secs(300);
+        up.models = vec![crate::model::Model::TurboT2v, crate::model::Model::ProF2v];
         up.ca_file = Some(cert);
         s.polling = PollingSettings {
             min_interval: Duration::from_millis(300),
@@ -1030,5 +1055,33 @@ mod tests {
         let dbg = format!("{s:?}");
         assert!(!dbg.contains("sk-very-secret"), "{dbg}");
         assert!(!dbg.contains("hunter2"), "{dbg}");
+    }
+
+    #[test]
+    fn the_model_allow_list_names_only_q3_models() {
+        let load = |value: &str| {
+            let env: HashMap<String, String> =
+                [("VIDU_WORKER__UPSTREAM__MODELS".to_owned(), value.to_owned())].into();
+            Settings::load_with_env(Path::new("/nonexistent"), None, &env)
+        };
+        let s = load("vidu-q3-turbo-t2v,vidu-q3-pro-f2v").expect("loads");
+        assert_eq!(
+            s.upstream.models,
+            [crate::model::Model::TurboT2v, crate::model::Model::ProF2v]
+        );
+        let e = load("vidu-q3-pro-i2v,vidu-q2").expect_err("unknown model");
+        assert_eq!(e.key, "upstream.models");
+        assert!(
+            e.to_string().contains("\"vidu-q2\" is not a Vidu Q3 model"),
+            "{e}"
+        );
+        assert_eq!(
+            Settings::default().upstream.models,
+            crate::model::Model::ALL
+        );
+        let mut none = Settings::default();
+        none.upstream.models.clear();
+        let e = none.validate().expect_err("empty");
+        assert_eq!(e.key, "upstream.models");
     }
 }

@@ -7,6 +7,7 @@
 //! [`MANAGED_QUEUE_ARGUMENTS`] names the queue arguments users may not set.
 //! Nothing here reads a file or the environment: that is the loader's job.
 
+use crate::model::Model;
 use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -365,6 +366,9 @@ pub struct UpstreamSettings {
     /// Extra CA certificates (PEM) to trust besides the system roots, e.g.
     /// a corporate proxy's.
     pub ca_file: Option<PathBuf>,
+    /// The models this deployment may spend on (default: all six); a
+    /// request for another is refused as `invalid_request` naming `model`.
+    pub models: Vec<Model>,
 }
 
 impl Default for UpstreamSettings {
@@ -381,6 +385,7 @@ impl Default for UpstreamSettings {
             retry_max: Duration::from_secs(30),
             create_retry_budget: Duration::from_secs(120),
             ca_file: None,
+            models: Model::ALL.to_vec(),
         }
     }
 }

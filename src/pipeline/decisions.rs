@@ -474,7 +474,7 @@ mod tests {
             v: super::super::ticket::TICKET_VERSION,
             request_id: RequestId::parse("r-1").unwrap_or_else(|_| unreachable!()),
             task_id: "t-1".into(),
-            model: crate::request::MODEL.into(),
+            model: crate::model::Model::DEFAULT.as_str().into(),
             metadata: None,
             correlation_id: None,
             reply_to: None,

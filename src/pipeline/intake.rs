@@ -31,6 +31,7 @@ use crate::{
     broker::{self, TRACEPARENT_HEADER},
     events::{self, EventKind, FailureCode, RequestContext},
     gate::{ProbeClaim, Refusal, Turn},
+    model::Model,
     quota::SlotError,
     request::{self, GenerationRequest, MessageProps, RequestId},
     retry,
@@ -42,7 +43,7 @@ use crate::{
 const TICKET_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Handles one delivery from the request queue.
-#[tracing::instrument(name = "request", skip_all, fields(request_id, task_id))]
+#[tracing::instrument(name = "request", skip_all, fields(request_id, model, task_id))]
 pub(crate) async fn handle(ctx: &Context, delivery: &Delivery, lease: &Lease) -> Disposition {
     let props = &delivery.properties;
     let message_props = MessageProps {
@@ -59,9 +60,13 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery, lease: &Lease) ->
         return poisoned(ctx, delivery, message_props, traceparent.as_deref(), count).await;
     }
 
-    match request::parse(&delivery.data, message_props) {
+    let parsed = request::parse(&delivery.data, message_props)
+        .and_then(|req| request::allowed(req, &ctx.settings.upstream.models));
+    match parsed {
         Ok(req) => {
-            tracing::Span::current().record("request_id", req.request_id.as_str());
+            let span = tracing::Span::current();
+            span.record("request_id", req.request_id.as_str());
+            span.record("model", req.model.as_str());
             submit(ctx, delivery, lease, req, traceparent).await
         }
         Err(invalid) => {
@@ -214,7 +219,7 @@ async fn submit(
             Err(failure) => failure,
         };
         match decisions::after_create(failure) {
-            CreateStep::NotSent => return abandoned(ctx),
+            CreateStep::NotSent => return abandoned(ctx, req.model),
             CreateStep::Abandon => return Disposition::Abandon,
             CreateStep::HandBack { close, detail } => {
                 if let Some(refusal) = close {
@@ -258,7 +263,8 @@ async fn submit(
         // will redeliver the request. Record the task anyway (its ticket is
         // published on the next session), and remember it so that a copy
         // redelivered to this worker is not created again.
-        ctx.metrics.create("accepted_after_delivery_lost");
+        ctx.metrics
+            .create("accepted_after_delivery_lost", req.model);
         tracing::warn!("the upstream accepted a task after the request's delivery was lost; recording it so the redelivered copy is not created again here");
     }
     let disposition = record(ctx, delivery, req, task_id, received_at, traceparent).await;
@@ -373,7 +379,7 @@ async fn create_once(
         Err(UpstreamError::Transient { .. }) => "failed",
         Err(_) => "rejected",
     };
-    ctx.metrics.create(outcome);
+    ctx.metrics.create(outcome, req.model);
     result.map_err(CreateError::Upstream)
 }
 
@@ -419,8 +425,8 @@ async fn take_slot(ctx: &Context, lease: &Lease) -> Result<(), CreateError> {
 
 /// The delivery was lost before its create was sent: nothing to do here,
 /// the broker has handed the request to someone else.
-fn abandoned(ctx: &Context) -> Disposition {
-    ctx.metrics.create("not_sent");
+fn abandoned(ctx: &Context, model: Model) -> Disposition {
+    ctx.metrics.create("not_sent", model);
     tracing::debug!("the request's delivery was lost while it waited; not creating it");
     Disposition::Abandon
 }

@@ -165,7 +165,7 @@ impl Ticket {
             v: TICKET_VERSION,
             request_id: req.request_id,
             task_id,
-            model: req.model.to_owned(),
+            model: req.model.as_str().to_owned(),
             metadata: req.metadata,
             correlation_id: origin.correlation_id,
             reply_to: origin.reply_to,
@@ -269,7 +269,7 @@ impl Ticket {
         if !valid_task_id(&self.task_id) {
             return Err("task_id is not 1 to 128 printable characters".into());
         }
-        if self.model != request::MODEL {
+        if crate::model::Model::parse(&self.model).is_none() {
             return Err("model is not one this worker serves".into());
         }
         if let Some(m) = &self.metadata {

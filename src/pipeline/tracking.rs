@@ -36,7 +36,7 @@ use crate::{
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Handles one delivery from the tracking queue.
-#[tracing::instrument(name = "ticket", skip_all, fields(request_id, task_id))]
+#[tracing::instrument(name = "ticket", skip_all, fields(request_id, model, task_id))]
 pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
     let keys = TicketKeys {
         signer: &ctx.signer,
@@ -50,6 +50,7 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
     };
     let span = tracing::Span::current();
     span.record("request_id", ticket.request_id.as_str());
+    span.record("model", ticket.model.as_str());
     span.record("task_id", ticket.task_id.as_str());
 
     if let Some(count) = poison::check(delivery, ctx.settings.amqp.max_deliveries) {
