@@ -2,9 +2,10 @@
 //!
 //! Starts the built-in simulator and a worker on private, uniquely named
 //! queues and exchange (so it can never touch a real deployment on the same
-//! broker), publishes a few sample requests (a plain one, one with
-//! metadata/correlation id/reply-to, an invalid one, one the upstream
-//! fails), prints every event as it arrives, prints the worker's metrics,
+//! broker), publishes a few sample requests (image-to-video with
+//! metadata/correlation id/reply-to, plain image-to-video, text-to-video on
+//! Turbo, start-and-end-frame with a data-URI frame, an invalid one, one the
+//! upstream fails), prints every event as it arrives, prints the worker's metrics,
 //! removes what it declared and exits 0 when every request ended as
 //! expected.
 
@@ -76,6 +77,39 @@ fn samples(run: &str) -> Vec<Sample> {
                     "prompt": "boats rock gently, gulls fly past",
                     "aspect_ratio": "16:9",
                     "style": "general"
+                }
+            }),
+            correlation_id: None,
+            reply_to: false,
+            expect: events::SUCCEEDED,
+        },
+        Sample {
+            request_id: format!("demo-{run}-lighthouse"),
+            body: json!({
+                "request_id": format!("demo-{run}-lighthouse"),
+                "model": "vidu-q3-turbo-t2v",
+                "input": {
+                    "prompt": "a lighthouse at dusk, waves breaking, the beam sweeping the fog",
+                    "audio": true,
+                    "duration": 4
+                }
+            }),
+            correlation_id: None,
+            reply_to: false,
+            expect: events::SUCCEEDED,
+        },
+        Sample {
+            request_id: format!("demo-{run}-bloom"),
+            body: json!({
+                "request_id": format!("demo-{run}-bloom"),
+                "model": "vidu-q3-pro-f2v",
+                "input": {
+                    "images": [
+                        "https://example.com/bud.png",
+                        "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+                    ],
+                    "prompt": "the bud opens into a flower",
+                    "audio": false
                 }
             }),
             correlation_id: None,
@@ -185,6 +219,7 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
         .map_err(|e| e.to_string())?;
     let samples = samples(&run);
     let mut expected: HashMap<String, &'static str> = HashMap::new();
+    let mut models: HashMap<String, String> = HashMap::new();
     for s in &samples {
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
@@ -200,8 +235,13 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
             .publish("", &topology.request_queue, &body, props, true)
             .await
             .map_err(|e| e.to_string())?;
-        println!("published {}", s.request_id);
+        let model = s.body["model"]
+            .as_str()
+            .unwrap_or(crate::model::Model::DEFAULT.as_str())
+            .to_owned();
+        println!("published {} ({model})", s.request_id);
         expected.insert(s.request_id.clone(), s.expect);
+        models.insert(s.request_id.clone(), model);
     }
     println!();
 
@@ -262,7 +302,11 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
             .map_or("(no terminal event)", String::as_str);
         let ok = got == want;
         all_ok &= ok;
-        println!("  {} {id}: {got}", if ok { "ok  " } else { "FAIL" });
+        let model = models.get(&id).map_or("?", String::as_str);
+        println!(
+            "  {} {id} ({model}): {got}",
+            if ok { "ok  " } else { "FAIL" }
+        );
     }
     println!("  reply_to queue received {replies} terminal event(s)");
     let stats = sim.stats();

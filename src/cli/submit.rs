@@ -34,9 +34,14 @@ use crate::{
 /// Arguments of `submit`.
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
-    /// Image URL (http/https, .jpg/.jpeg/.png/.webp).
+    /// The model: vidu-q3-pro-i2v (default), vidu-q3-turbo-i2v,
+    /// vidu-q3-pro-t2v, vidu-q3-turbo-t2v, vidu-q3-pro-f2v, vidu-q3-turbo-f2v.
     #[arg(long)]
-    image: Option<String>,
+    model: Option<String>,
+    /// Image URL (http/https, .jpg/.jpeg/.png/.webp) or, for the f2v models,
+    /// a data URI; once for i2v, twice (start, end) for f2v, never for t2v.
+    #[arg(long)]
+    image: Vec<String>,
     /// Motion description.
     #[arg(long)]
     prompt: Option<String>,
@@ -49,6 +54,15 @@ pub struct SubmitArgs {
     /// 16:9, 9:16, 4:3, 3:4 or 1:1.
     #[arg(long = "aspect-ratio")]
     aspect_ratio: Option<String>,
+    /// Generate audio with the video (the models where `audio` is a boolean).
+    #[arg(long, overrides_with = "no_audio")]
+    audio: bool,
+    /// Generate no audio (the models where `audio` is a boolean).
+    #[arg(long = "no-audio")]
+    no_audio: bool,
+    /// Background music URL (vidu-q3-pro-i2v, where `audio` is a URL).
+    #[arg(long = "audio-url", value_name = "URL")]
+    audio_url: Option<String>,
     /// A whole request body (JSON); the flags above override its input fields.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -84,8 +98,14 @@ fn build_body(args: &SubmitArgs) -> Result<Map<String, Value>, String> {
     let Value::Object(input) = input else {
         return Err("input must be a JSON object".into());
     };
-    if let Some(image) = &args.image {
-        input.insert("images".into(), json!([image]));
+    if !args.image.is_empty() {
+        input.insert("images".into(), json!(args.image));
+    }
+    if args.audio || args.no_audio {
+        input.insert("audio".into(), json!(args.audio && !args.no_audio));
+    }
+    if let Some(url) = &args.audio_url {
+        input.insert("audio".into(), json!(url));
     }
     if let Some(prompt) = &args.prompt {
         input.insert("prompt".into(), json!(prompt));
@@ -98,6 +118,9 @@ fn build_body(args: &SubmitArgs) -> Result<Map<String, Value>, String> {
     }
     if let Some(aspect) = &args.aspect_ratio {
         input.insert("aspect_ratio".into(), json!(aspect));
+    }
+    if let Some(model) = &args.model {
+        body.insert("model".into(), json!(model));
     }
     if !body.contains_key("request_id") {
         body.insert(

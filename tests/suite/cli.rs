@@ -102,7 +102,13 @@ async fn the_demo_prints_a_succeeded_event_with_a_video_url() {
         stdout.contains("vidu_worker_requests_received_total"),
         "metrics printed: {stdout}"
     );
-    assert_eq!(stdout.matches("\n  ok   demo-").count(), 4, "{stdout}");
+    assert_eq!(stdout.matches("\n  ok   demo-").count(), 6, "{stdout}");
+    for model in ["vidu-q3-pro-i2v", "vidu-q3-turbo-t2v", "vidu-q3-pro-f2v"] {
+        assert!(
+            stdout.contains(&format!("({model}): {SUCCEEDED}")),
+            "{model} succeeded: {stdout}"
+        );
+    }
     assert!(!stdout.contains("FAIL"), "{stdout}");
 }
 
