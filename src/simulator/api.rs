@@ -1,5 +1,6 @@
-//! The Novita-shaped HTTP API: the create endpoint (body validation,
-//! directives, quota and faults, billing a task) and the task-result
+//! The Novita-shaped HTTP API: the create endpoints, one per model (body
+//! validation by the model's rules, directives, quota and faults, billing a
+//! task), and the task-result
 //! endpoint (the task's answer by the clock, in Novita's JSON shapes, or
 //! the hostile variants a directive asks for), the Bearer auth check in
 //! front of both, and the flat `{"code","reason","message","metadata"}`
@@ -16,7 +17,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use tokio::time::Instant;
@@ -27,14 +28,18 @@ use uuid::Uuid;
 use super::config::{AuthMode, EtaMode};
 use super::directives::{parse_directives, Directives};
 use super::faults::Fault;
+use super::models::{create_path, task_type, ModelSpec, SPECS};
 use super::state::{lock, Call, Endpoint, Outcome, Simulator};
 use super::tasks::{ceil_secs, progress, Phase, TaskRecord, TaskSnapshot};
 
-/// Path of the create-task endpoint (`POST`).
+/// Path of the `vidu-q3-pro-i2v` create-task endpoint (`POST`); every model
+/// in [`MODELS`](super::MODELS) has one at
+/// [`create_path`](super::create_path)`(model)`.
 pub const CREATE_PATH: &str = "/v3/async/vidu-q3-pro-i2v";
 /// Path of the task-result endpoint (`GET ?task_id=<id>`).
 pub const TASK_RESULT_PATH: &str = "/v3/async/task-result";
-/// `task.task_type` reported for every simulated task.
+/// `task.task_type` reported for `vidu-q3-pro-i2v` tasks (other models':
+/// [`task_type`](super::task_type)).
 pub const TASK_TYPE: &str = "VIDU_Q3_PRO_I2V";
 /// Prefix of the video URLs handed out: `<prefix><task_id>.mp4`.
 pub const VIDEO_URL_PREFIX: &str = "https://sim.novita.local/videos/";
@@ -46,22 +51,6 @@ pub(super) const GARBAGE_BODY: &str = "<html>upstream proxy error</html>";
 
 /// Longest prompt or task id kept per call in the call log.
 const CALL_LOG_PROMPT_CHARS: usize = 200;
-/// Top-level fields the create endpoint accepts.
-const KNOWN_FIELDS: &[&str] = &[
-    "images",
-    "prompt",
-    "duration",
-    "resolution",
-    "seed",
-    "aspect_ratio",
-    "style",
-    "audio",
-    "wm_url",
-    "wm_position",
-    "is_rec",
-    "off_peak",
-    "watermark",
-];
 
 /// Router state: the simulator plus the token that releases hanging calls.
 #[derive(Clone)]
@@ -70,19 +59,26 @@ pub(super) struct AppState {
     pub(super) release: CancellationToken,
 }
 
-/// The two API endpoints.
+/// The API endpoints: a create endpoint per model and the shared
+/// task-result endpoint.
 pub(super) fn routes() -> Router<AppState> {
-    Router::new()
-        .route(CREATE_PATH, post(handle_create))
+    SPECS
+        .iter()
+        .fold(Router::new(), |router, spec| {
+            router.route(&create_path(spec.name), create_route(spec))
+        })
         .route(TASK_RESULT_PATH, get(handle_poll))
 }
 
-async fn handle_create(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    app.sim.create(&headers, body, &app.release).await
+/// `POST` of one model's create endpoint.
+fn create_route(spec: &'static ModelSpec) -> MethodRouter<AppState> {
+    post(
+        move |State(app): State<AppState>,
+              headers: HeaderMap,
+              body: Result<Bytes, BytesRejection>| async move {
+            app.sim.create(spec, &headers, body, &app.release).await
+        },
+    )
 }
 
 async fn handle_poll(
@@ -96,16 +92,18 @@ async fn handle_poll(
 impl Simulator {
     async fn create(
         &self,
+        spec: &'static ModelSpec,
         headers: &HeaderMap,
         body: Result<Bytes, BytesRejection>,
         release: &CancellationToken,
     ) -> Response {
         let mut call = Call::arrive(Endpoint::Create);
-        self.note_arrival(Endpoint::Create);
+        call.model = Some(spec.name);
+        self.note_arrival(&call);
         // Read the body first (cheaply) so the call log can name the request;
         // its problems are answered after auth, quota and faults, as before.
         let parsed = match &body {
-            Ok(body) => validate_create_body(body),
+            Ok(body) => spec.validate(body),
             Err(rejection) => Err(rejection.body_text()),
         };
         if let Ok(request) = &parsed {
@@ -140,7 +138,7 @@ impl Simulator {
             return self.finish(&call, resp);
         }
         let directives_task_id_bytes = directives.hostile.task_id_bytes;
-        let task_id = self.create_task(&request, directives);
+        let task_id = self.create_task(spec.name, &request, directives);
         call.task_id = Some(task_id.to_string());
         match after {
             AfterCreate::Drop => {
@@ -172,7 +170,7 @@ impl Simulator {
         release: &CancellationToken,
     ) -> Response {
         let mut call = Call::arrive(Endpoint::Poll);
-        self.note_arrival(Endpoint::Poll);
+        self.note_arrival(&call);
         let task_id = query
             .ok()
             .and_then(|Query(mut q)| q.remove("task_id"))
@@ -264,7 +262,7 @@ impl Simulator {
 
         let mut task = Map::new();
         task.insert("task_id".into(), task_id.into());
-        task.insert("task_type".into(), TASK_TYPE.into());
+        task.insert("task_type".into(), task_type(snap.model).into());
         task.insert("status".into(), status.into());
         if !snap.odd {
             task.insert("reason".into(), reason.into());
@@ -438,10 +436,12 @@ impl Simulator {
         }
     }
 
-    fn create_task(&self, request: &Value, directives: Directives) -> Uuid {
+    fn create_task(&self, model: &'static str, request: &Value, directives: Directives) -> Uuid {
         let id = Uuid::new_v4();
         let body = canonical_json(request);
+        // The same body sent to two models is two requests, not a duplicate.
         let mut hasher = DefaultHasher::new();
+        model.hash(&mut hasher);
         body.hash(&mut hasher);
         let body_hash = hasher.finish();
         let seed = request
@@ -449,6 +449,7 @@ impl Simulator {
             .and_then(Value::as_u64)
             .unwrap_or_else(|| id.as_u64_pair().0 >> 33);
         let record = TaskRecord {
+            model,
             created: Instant::now(),
             created_wall: SystemTime::now(),
             generation: directives
@@ -465,6 +466,7 @@ impl Simulator {
         };
         let mut state = lock(&self.inner.state);
         state.tasks_created += 1;
+        *state.tasks_by_model.entry(model).or_default() += 1;
         if !state.body_hashes.insert(body_hash) {
             state.duplicate_creates += 1;
         }
@@ -590,30 +592,6 @@ fn number_or_string(n: u64, as_string: bool) -> Value {
     } else {
         Value::from(n)
     }
-}
-
-/// Modest validation of a create body, like the real API's.
-fn validate_create_body(body: &[u8]) -> Result<Value, String> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON: {e}"))?;
-    let object = value
-        .as_object()
-        .ok_or_else(|| "request body must be a JSON object".to_owned())?;
-    if let Some(unknown) = object.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
-        return Err(format!("unknown field `{unknown}`"));
-    }
-    let images_ok = match object.get("images") {
-        None => return Err("field `images` is required".to_owned()),
-        Some(Value::Array(images)) => images.len() == 1 && images.iter().all(Value::is_string),
-        Some(_) => false,
-    };
-    if !images_ok {
-        return Err("field `images` must be an array of exactly one image URL string".to_owned());
-    }
-    if object.get("prompt").is_some_and(|p| !p.is_string()) {
-        return Err("field `prompt` must be a string".to_owned());
-    }
-    Ok(value)
 }
 
 /// Compact JSON with object keys sorted at every level (independent of

@@ -143,7 +143,8 @@ pub struct EndpointFaults {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultPlan {
-    /// Faults for `POST /v3/async/vidu-q3-pro-i2v`.
+    /// Faults for the create endpoints (`POST /v3/async/<model>`, all six
+    /// models share one script and random sequence).
     pub create: EndpointFaults,
     /// Faults for `GET /v3/async/task-result`.
     pub poll: EndpointFaults,

@@ -1,7 +1,8 @@
-//! Offline stand-in for Novita's "Vidu Q3 Pro Image-to-Video" async API,
-//! used by the tests, the throughput benchmark and the demo
-//! (`vidu-worker simulate`): it serves the same endpoints
-//! (`POST /v3/async/vidu-q3-pro-i2v`, `GET /v3/async/task-result`), the
+//! Offline stand-in for Novita's Vidu Q3 async API, used by the tests, the
+//! throughput benchmark and the demo (`vidu-worker simulate`): it serves the
+//! same endpoints (`POST /v3/async/<model>` for each of the six models in
+//! [`MODELS`], each checking its own body rules, and the shared
+//! `GET /v3/async/task-result`), the
 //! same `Authorization: Bearer` auth and the same JSON shapes (task results,
 //! and the flat `{"code","reason","message","metadata"}` error bodies) as
 //! the real service, and adds deterministic fault injection: per task
@@ -22,6 +23,7 @@ mod api;
 mod config;
 mod directives;
 mod faults;
+mod models;
 mod quota;
 mod state;
 mod tasks;
@@ -43,6 +45,7 @@ use api::AppState;
 pub use api::{CREATE_PATH, TASK_RESULT_PATH, TASK_TYPE, VIDEO_URL_PREFIX};
 pub use config::{AuthMode, EtaMode, SimulatorConfig};
 pub use faults::{EndpointFaults, Fault, FaultParseError, FaultPlan};
+pub use models::{create_path, task_type, MODELS};
 pub use quota::AccountQuota;
 pub use state::{CallRecord, SimStats, Simulator};
 pub use tasks::TaskView;

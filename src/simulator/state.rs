@@ -40,13 +40,17 @@ pub struct CallRecord {
     pub task_id: Option<String>,
     /// Creates: the request's prompt (first 200 characters).
     pub prompt: Option<String>,
+    /// Creates: the model whose endpoint was called (`vidu-q3-pro-i2v`, …);
+    /// `None` for polls.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 /// Counters kept by the simulator (also served by `GET /sim/stats`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct SimStats {
-    /// Every call to the create endpoint, whatever the answer.
+    /// Every call to a create endpoint (any model), whatever the answer.
     pub create_calls: u64,
     /// Tasks actually created (billed), including `accept-then-drop` ones.
     pub tasks_created: u64,
@@ -66,6 +70,10 @@ pub struct SimStats {
     /// Most API calls (create + poll, not admin) whose arrivals fell within
     /// any sliding one-second window.
     pub max_calls_in_any_second: u64,
+    /// `create_calls` by model (only models called so far).
+    pub creates_by_model: BTreeMap<String, u64>,
+    /// `tasks_created` by model (only models with a task so far).
+    pub tasks_created_by_model: BTreeMap<String, u64>,
 }
 
 impl SimStats {
@@ -200,12 +208,15 @@ impl Simulator {
     }
 
     /// Counts an API call on arrival (and in the busiest-second window).
-    pub(super) fn note_arrival(&self, endpoint: Endpoint) {
+    pub(super) fn note_arrival(&self, call: &Call) {
         let now = Instant::now();
         let mut state = lock(&self.inner.state);
-        match endpoint {
+        match call.endpoint {
             Endpoint::Create => state.create_calls += 1,
             Endpoint::Poll => state.poll_calls += 1,
+        }
+        if let Some(model) = call.model {
+            *state.creates_by_model.entry(model).or_default() += 1;
         }
         state.window.record(now);
     }
@@ -228,6 +239,7 @@ impl Simulator {
             outcome: outcome.to_string(),
             task_id: call.task_id.clone(),
             prompt: call.prompt.clone(),
+            model: call.model.map(str::to_owned),
         });
     }
 
@@ -249,6 +261,8 @@ pub(super) struct Call {
     at: Instant,
     pub(super) prompt: Option<String>,
     pub(super) task_id: Option<String>,
+    /// Creates: the model whose endpoint was called.
+    pub(super) model: Option<&'static str>,
 }
 
 impl Call {
@@ -259,6 +273,7 @@ impl Call {
             at: Instant::now(),
             prompt: None,
             task_id: None,
+            model: None,
         }
     }
 }
@@ -309,7 +324,9 @@ pub(super) struct SimState {
     pub(super) tasks: HashMap<Uuid, TaskRecord>,
     pub(super) body_hashes: HashSet<u64>,
     create_calls: u64,
+    creates_by_model: BTreeMap<&'static str, u64>,
     pub(super) tasks_created: u64,
+    pub(super) tasks_by_model: BTreeMap<&'static str, u64>,
     pub(super) duplicate_creates: u64,
     poll_calls: u64,
     task_polls: u64,
@@ -327,7 +344,9 @@ impl Default for SimState {
             tasks: HashMap::new(),
             body_hashes: HashSet::new(),
             create_calls: 0,
+            creates_by_model: BTreeMap::new(),
             tasks_created: 0,
+            tasks_by_model: BTreeMap::new(),
             duplicate_creates: 0,
             poll_calls: 0,
             task_polls: 0,
@@ -377,6 +396,8 @@ impl SimState {
             max_polls_per_task: self.max_polls_per_task,
             avg_polls_per_task,
             max_calls_in_any_second: self.window.max,
+            creates_by_model: by_model(&self.creates_by_model),
+            tasks_created_by_model: by_model(&self.tasks_by_model),
         }
     }
 
@@ -386,6 +407,7 @@ impl SimState {
         task.polls += 1;
         let polls = task.polls;
         let snap = TaskSnapshot {
+            model: task.model,
             created: task.created,
             created_wall: task.created_wall,
             generation: task.generation,
@@ -400,6 +422,10 @@ impl SimState {
         self.max_polls_per_task = self.max_polls_per_task.max(polls);
         Some(snap)
     }
+}
+
+fn by_model(counts: &BTreeMap<&'static str, u64>) -> BTreeMap<String, u64> {
+    counts.iter().map(|(m, n)| ((*m).to_owned(), *n)).collect()
 }
 
 /// Arrival instants of the API calls of the last second.

@@ -18,6 +18,9 @@ use super::directives::Hostile;
 pub struct TaskView {
     /// Task id (UUID v4).
     pub task_id: String,
+    /// The model whose create endpoint made the task.
+    #[serde(default)]
+    pub model: String,
     /// Current `TASK_STATUS_*` by the clock.
     pub status: String,
     /// When the task was created, RFC 3339 with milliseconds.
@@ -36,6 +39,7 @@ pub struct TaskView {
 
 /// A created task, as the simulator keeps it.
 pub(super) struct TaskRecord {
+    pub(super) model: &'static str,
     pub(super) created: Instant,
     pub(super) created_wall: SystemTime,
     pub(super) generation: Duration,
@@ -65,6 +69,7 @@ impl TaskRecord {
         });
         TaskView {
             task_id: id.to_string(),
+            model: self.model.to_owned(),
             status: status.to_owned(),
             created_at: humantime::format_rfc3339_millis(self.created_wall).to_string(),
             done_at,
@@ -77,6 +82,7 @@ impl TaskRecord {
 
 /// What a poll needs from a task, copied out under the lock.
 pub(super) struct TaskSnapshot {
+    pub(super) model: &'static str,
     pub(super) created: Instant,
     pub(super) created_wall: SystemTime,
     pub(super) generation: Duration,

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::{
-    EndpointFaults, Fault, FaultPlan, RunningSimulator, Simulator, SimulatorConfig, CREATE_PATH,
-    TASK_RESULT_PATH,
+    create_path, EndpointFaults, Fault, FaultPlan, RunningSimulator, Simulator, SimulatorConfig,
+    CREATE_PATH, TASK_RESULT_PATH,
 };
 
 pub(super) const KEY: &str = "test-key";
@@ -47,6 +47,21 @@ pub(super) async fn create(
     body: &Value,
 ) -> reqwest::Response {
     c.post(format!("{}{CREATE_PATH}", sim.base_url()))
+        .bearer_auth(KEY)
+        .json(body)
+        .send()
+        .await
+        .expect("create send")
+}
+
+/// A create call to `model`'s endpoint.
+pub(super) async fn create_at(
+    c: &reqwest::Client,
+    sim: &RunningSimulator,
+    model: &str,
+    body: &Value,
+) -> reqwest::Response {
+    c.post(format!("{}{}", sim.base_url(), create_path(model)))
         .bearer_auth(KEY)
         .json(body)
         .send()
