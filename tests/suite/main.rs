@@ -27,4 +27,5 @@ mod faults;
 mod hostile;
 mod infrastructure;
 mod interface_docs;
+mod models;
 mod request_parser;
