@@ -1,5 +1,5 @@
-//! vidu-worker: turns image-to-video requests on a RabbitMQ queue into
-//! Novita Vidu Q3 Pro tasks, tracks them durably in the broker, and publishes
+//! vidu-worker: turns video requests on a RabbitMQ queue into
+//! Novita Vidu Q3 tasks (six models), tracks them durably in the broker, and publishes
 //! CloudEvents with the video URL.
 #![deny(unsafe_code)]
 #![warn(unreachable_pub, clippy::unwrap_used, missing_docs)]

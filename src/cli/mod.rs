@@ -28,7 +28,7 @@ pub use exit::EXIT_CONFIG;
 #[command(
     name = "vidu-worker",
     version,
-    about = "Image-to-video requests from RabbitMQ, through Novita's Vidu Q3 Pro, to CloudEvents"
+    about = "Video requests from RabbitMQ, through Novita's Vidu Q3 models, to CloudEvents"
 )]
 struct Cli {
     /// An extra configuration file (TOML), layered over config/default.toml.
