@@ -306,3 +306,73 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+#[tokio::test]
+async fn submit_picks_the_model_and_its_images_and_audio() {
+    let env = TestEnv::new("submit-models", sim(Duration::from_millis(300))).await;
+    let _worker = env.start_worker().await;
+    let envs = env.worker_env();
+    let tap = env.tap().await;
+    let cases: [(&str, Vec<&str>); 3] = [
+        (
+            "vidu-q3-pro-f2v",
+            vec![
+                "--image",
+                "https://example.com/bud.png",
+                "--image",
+                "https://example.com/flower.png",
+                "--no-audio",
+            ],
+        ),
+        (
+            "vidu-q3-turbo-t2v",
+            vec!["--prompt", "a lighthouse at dusk", "--audio"],
+        ),
+        (
+            "vidu-q3-pro-i2v",
+            vec![
+                "--image",
+                "https://example.com/cat.png",
+                "--audio-url",
+                "https://example.com/music.mp3",
+            ],
+        ),
+    ];
+    for (model, args) in &cases {
+        let mut cmd = binary();
+        cmd.args(["submit", "--model", model])
+            .args(args)
+            .envs(envs.clone());
+        let (code, stdout, stderr) = output(cmd, Duration::from_secs(30)).await;
+        assert_eq!(code, Some(0), "{model}: {stderr}");
+        let request_id = stdout.trim().to_owned();
+        let done = tap
+            .wait_terminal(&request_id, Duration::from_secs(30))
+            .await;
+        assert_eq!(done.kind(), SUCCEEDED, "{model}: {}", done.body);
+    }
+    // What reached the upstream: each model's path, with the flags' values.
+    let calls = env.sim.calls();
+    for (model, _) in &cases {
+        assert!(
+            calls.iter().any(|c| c.model.as_deref() == Some(*model)),
+            "{model}: {calls:?}"
+        );
+    }
+    // A body the model refuses is refused by submit itself, before publishing.
+    let mut cmd = binary();
+    cmd.args([
+        "submit",
+        "--model",
+        "vidu-q3-pro-f2v",
+        "--image",
+        "https://example.com/a.png",
+    ])
+    .envs(envs.clone());
+    let (code, _, stderr) = output(cmd, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("input.images: must hold exactly two images"),
+        "{stderr}"
+    );
+}
