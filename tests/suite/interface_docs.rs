@@ -29,13 +29,13 @@ use lapin::{
     types::{AMQPValue, FieldTable},
     BasicProperties,
 };
-use proptest::prelude::*;
+use proptest::{prelude::*, strategy::ValueTree, test_runner::TestRunner};
 use serde_json::{json, Value};
 use vidu_worker::{
     broker::{Topology, ERROR_HEADER, TRACEPARENT_HEADER},
     config::Settings,
     events::{CONTENT_TYPE, FAILED, PROGRESS, SUBMITTED, SUCCEEDED},
-    request::{self, MessageProps},
+    request::{self, MessageProps, Model},
 };
 
 /// Event types and the schema file of each.
@@ -498,22 +498,417 @@ fn agreement_table() -> Vec<(&'static str, Value, bool)> {
     ]
 }
 
+// ---------------------------------------------------------------------------
+// (d) Per-model bodies
+// ---------------------------------------------------------------------------
+
+const IMG: &str = "https://example.com/cat.png";
+const END: &str = "https://example.com/end.jpg";
+/// A 1×1 PNG.
+const PNG: &str = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==";
+/// A field no model has.
+const NO_MODELS_FIELD: &str = "negative_prompt";
+
+fn is_t2v(model: Model) -> bool {
+    matches!(model, Model::ProT2v | Model::TurboT2v)
+}
+
+/// The one field the model cannot do without.
+fn required_field(model: Model) -> &'static str {
+    if is_t2v(model) {
+        "prompt"
+    } else {
+        "images"
+    }
+}
+
+/// A request for `model` with this `input`.
+fn for_model(model: Model, input: Value) -> Value {
+    json!({"model": model.as_str(), "input": input})
+}
+
+/// The smallest `input` each model takes.
+fn minimal_input(model: Model) -> Value {
+    match model {
+        Model::ProI2v | Model::TurboI2v => json!({"images": [IMG]}),
+        Model::ProT2v | Model::TurboT2v => json!({"prompt": "a cat on a bike"}),
+        Model::ProF2v | Model::TurboF2v => json!({"images": [IMG, END]}),
+    }
+}
+
+/// Every field of the model, the limits at their largest.
+fn full_input(model: Model) -> Value {
+    let prompt = "é".repeat(model.max_prompt_chars());
+    let mut input = match model {
+        Model::ProI2v => json!({
+            "images": ["https://example.com/cat.PNG?sig=abc"], "prompt": prompt,
+            "audio": "https://x.example/m.mp3", "style": "anime", "is_rec": true,
+            "aspect_ratio": "9:16", "watermark": true, "wm_url": "https://x.example/w.png",
+            "wm_position": "bottom-right"
+        }),
+        Model::TurboI2v => json!({
+            "images": ["HTTP://e.example/a.JPEG#x"], "prompt": prompt, "audio": false,
+            "audio_type": "speech_only", "is_rec": false
+        }),
+        Model::ProT2v | Model::TurboT2v => json!({
+            "prompt": prompt, "audio": true, "aspect_ratio": "1:1", "watermark": true,
+            "wm_url": "https://x.example/w.png", "wm_position": 4
+        }),
+        Model::ProF2v => json!({
+            "images": [PNG, END], "prompt": prompt, "audio": true, "is_rec": true,
+            "watermark": false, "wm_url": "https://x.example/w.png", "wm_position": 1
+        }),
+        Model::TurboF2v => json!({
+            "images": [IMG, PNG], "prompt": prompt, "audio": false, "is_rec": true
+        }),
+    };
+    for (field, value) in [
+        ("duration", json!(16)),
+        ("seed", json!(2147483647)),
+        ("resolution", json!("1080p")),
+        ("off_peak", json!(true)),
+    ] {
+        input[field] = value;
+    }
+    input
+}
+
+/// Every field of every model.
+fn all_fields() -> BTreeSet<&'static str> {
+    Model::ALL
+        .iter()
+        .flat_map(|m| m.fields().iter().copied())
+        .collect()
+}
+
+/// The first model with `field`, to take a value of the right shape from.
+fn owner(field: &str) -> Option<Model> {
+    Model::ALL.into_iter().find(|m| m.fields().contains(&field))
+}
+
+/// `input` with `field` set to `value`.
+fn with(mut input: Value, field: &str, value: Value) -> Value {
+    input[field] = value;
+    input
+}
+
+/// `input` without `field`.
+fn without(mut input: Value, field: &str) -> Value {
+    if let Some(map) = input.as_object_mut() {
+        map.remove(field);
+    }
+    input
+}
+
+/// A value of another JSON type.
+fn wrong_type(value: &Value) -> Value {
+    match value {
+        Value::String(_) => json!(5),
+        Value::Bool(_) => json!("true"),
+        Value::Number(_) => json!("5"),
+        _ => json!("x"),
+    }
+}
+
+/// Per model: its minimal and its full body, nulls, and every kind of
+/// refusal (another model's fields, the required field missing, the wrong
+/// number of images, wrong types, an over-long prompt, bad data URIs).
+fn per_model_table() -> Vec<(String, Value, bool)> {
+    let mut table = Vec::new();
+    let mut case = |model: Model, label: &str, input: Value, ok: bool| {
+        table.push((format!("{model}: {label}"), for_model(model, input), ok));
+    };
+    for model in Model::ALL {
+        let min = minimal_input(model);
+        let full = full_input(model);
+        let max = model.max_prompt_chars();
+        case(model, "minimal", min.clone(), true);
+        case(model, "every field, at the limits", full.clone(), true);
+        let mut nulls = min.clone();
+        for field in model.fields() {
+            if *field != required_field(model) {
+                nulls[*field] = Value::Null;
+            }
+        }
+        case(model, "nulls for every optional field", nulls, true);
+        for field in all_fields() {
+            if let (false, Some(other)) = (model.fields().contains(&field), owner(field)) {
+                let value = full_input(other)[field].clone();
+                let label = format!("{field}, a field of {other}");
+                case(model, &label, with(min.clone(), field, value), false);
+            }
+        }
+        case(
+            model,
+            "a field of no model",
+            with(min.clone(), NO_MODELS_FIELD, json!("x")),
+            false,
+        );
+        let required = required_field(model);
+        case(
+            model,
+            "required field missing",
+            without(min.clone(), required),
+            false,
+        );
+        case(
+            model,
+            "required field null",
+            with(min.clone(), required, Value::Null),
+            false,
+        );
+        for (field, value) in full.as_object().expect("an object") {
+            let label = format!("{field} of the wrong type");
+            case(
+                model,
+                &label,
+                with(min.clone(), field, wrong_type(value)),
+                false,
+            );
+        }
+        let long = json!("é".repeat(max + 1));
+        case(
+            model,
+            "prompt one character too long",
+            with(min.clone(), "prompt", long),
+            false,
+        );
+        case(
+            model,
+            "prompt at the limit, ASCII",
+            with(min.clone(), "prompt", json!("p".repeat(max))),
+            true,
+        );
+    }
+
+    // The shapes that differ between models.
+    for model in [Model::ProI2v, Model::TurboI2v] {
+        for (label, images) in [
+            ("no image", json!([])),
+            ("two images", json!([IMG, END])),
+            ("a data URI", json!([PNG])),
+            ("a .gif", json!(["https://e.example/a.gif"])),
+            (
+                "the extension in the query only",
+                json!(["https://e.example/a?f=x.png"]),
+            ),
+        ] {
+            case(model, label, json!({"images": images}), false);
+        }
+        case(
+            model,
+            ".webp with a query",
+            json!({"images": ["https://e.example/p/a.webp?w=1"]}),
+            true,
+        );
+    }
+    for model in [Model::ProF2v, Model::TurboF2v] {
+        for (label, images) in [
+            ("one image", json!([IMG])),
+            ("three images", json!([IMG, END, PNG])),
+            ("no image", json!([])),
+            ("a frame null", json!([IMG, null])),
+            ("a frame a number", json!([IMG, 7])),
+            ("a .gif frame", json!([IMG, "https://e.example/b.gif"])),
+        ] {
+            case(model, label, json!({"images": images}), false);
+        }
+        for (label, uri) in [
+            ("two data URIs", PNG),
+            (
+                "upper-case media type, trailing newline",
+                "data:IMAGE/WEBP;base64,QUJD\n",
+            ),
+            (
+                "image/jpg, one padding character",
+                "data:image/jpg;base64,QUI=",
+            ),
+            (
+                "image/jpeg, two padding characters",
+                "data:image/jpeg;base64,QQ==",
+            ),
+        ] {
+            case(model, label, json!({"images": [PNG, uri]}), true);
+        }
+        for (label, uri) in [
+            (
+                "a data URI of a gif",
+                "data:image/gif;base64,R0lGODlhAQABAAAAACw=",
+            ),
+            ("a data URI of svg", "data:image/svg+xml;base64,QUJD"),
+            (
+                "data that is not Base64",
+                "data:image/png;base64,@@not base64@@",
+            ),
+            ("a data URI without data", "data:image/png;base64,"),
+            ("a data URI of blanks", "data:image/png;base64, "),
+            ("a data URI not in Base64", "data:image/png,rawbytes"),
+            ("a data URI without a comma", "data:image/png;base64"),
+            (
+                "a data URI with a parameter",
+                "data:image/png;charset=utf-8;base64,QUJD",
+            ),
+            ("a data URI in capitals", "DATA:image/png;base64,QUJD"),
+            ("Base64 without padding", "data:image/png;base64,QUI"),
+            ("Base64 with stray bits", "data:image/png;base64,QUJ="),
+            (
+                "Base64 with stray bits, two pads",
+                "data:image/png;base64,QR==",
+            ),
+            (
+                "Base64 with extra padding",
+                "data:image/png;base64,QUJD====",
+            ),
+            (
+                "Base64 with a space inside",
+                "data:image/png;base64,QUJD QUJD",
+            ),
+            ("Base64 after a space", "data:image/png;base64, QUJD"),
+        ] {
+            case(model, label, json!({"images": [IMG, uri]}), false);
+        }
+    }
+    for model in [Model::ProT2v, Model::TurboT2v] {
+        for (label, prompt) in [
+            ("an empty prompt", ""),
+            ("a prompt of spaces", "   "),
+            ("a prompt of tabs and newlines", "\t\n\r"),
+            ("a prompt of ideographic spaces", "\u{3000}\u{2028}\u{85}"),
+        ] {
+            case(model, label, json!({"prompt": prompt}), false);
+        }
+        // The byte order mark is not whitespace to the parser.
+        for (label, prompt) in [
+            ("a prompt in spaces", " x "),
+            ("a byte order mark", "\u{feff}"),
+        ] {
+            case(model, label, json!({"prompt": prompt}), true);
+        }
+        for position in [0, 5] {
+            let label = format!("wm_position {position}");
+            case(
+                model,
+                &label,
+                json!({"prompt": "x", "wm_position": position}),
+                false,
+            );
+        }
+        case(
+            model,
+            "wm_position a corner name",
+            json!({"prompt": "x", "wm_position": "top-left"}),
+            false,
+        );
+    }
+    case(
+        Model::ProI2v,
+        "audio a boolean",
+        json!({"images": [IMG], "audio": true}),
+        false,
+    );
+    case(
+        Model::ProI2v,
+        "wm_position a number",
+        json!({"images": [IMG], "wm_position": 2}),
+        false,
+    );
+    case(
+        Model::ProF2v,
+        "wm_position a corner name",
+        json!({"images": [IMG, END], "wm_position": "top-left"}),
+        false,
+    );
+    for model in [
+        Model::TurboI2v,
+        Model::ProT2v,
+        Model::ProF2v,
+        Model::TurboF2v,
+    ] {
+        let input = with(
+            minimal_input(model),
+            "audio",
+            json!("https://x.example/m.mp3"),
+        );
+        case(model, "audio a URL", input, false);
+    }
+    case(
+        Model::TurboI2v,
+        "audio_type music",
+        json!({"images": [IMG], "audio_type": "music"}),
+        false,
+    );
+
+    // `model` chooses the schema; absent or null is Pro image-to-video.
+    for (label, body, ok) in [
+        (
+            "no model: a text-to-video body",
+            json!({"input": minimal_input(Model::ProT2v)}),
+            false,
+        ),
+        (
+            "model null: a start-end-frame body",
+            json!({"model": null, "input": minimal_input(Model::ProF2v)}),
+            false,
+        ),
+        (
+            "model null: an image-to-video body",
+            json!({"model": null, "input": minimal_input(Model::ProI2v)}),
+            true,
+        ),
+        (
+            "text-to-video model, image-to-video body",
+            for_model(Model::ProT2v, minimal_input(Model::ProI2v)),
+            false,
+        ),
+        (
+            "Turbo start-end-frame model, Pro body",
+            for_model(Model::TurboF2v, full_input(Model::ProF2v)),
+            false,
+        ),
+        (
+            "a model in capitals",
+            json!({"model": "VIDU-Q3-PRO-T2V", "input": minimal_input(Model::ProT2v)}),
+            false,
+        ),
+        (
+            "a model without its kind",
+            json!({"model": "vidu-q3-pro", "input": minimal_input(Model::ProI2v)}),
+            false,
+        ),
+    ] {
+        table.push((label.to_owned(), body, ok));
+    }
+    table
+}
+
 #[test]
 fn request_schema_agrees_with_the_parser_on_a_table_of_bodies() {
-    let table = agreement_table();
-    let good = table.iter().filter(|(_, _, ok)| *ok).count();
+    let defaults = agreement_table();
+    let good = defaults.iter().filter(|(_, _, ok)| *ok).count();
     assert!(
-        good >= 15 && table.len() - good >= 15,
+        good >= 15 && defaults.len() - good >= 15,
         "keep the table broad"
     );
+    let per_model = per_model_table();
+    for model in Model::ALL {
+        let prefix = format!("{model}: ");
+        let of_model = || per_model.iter().filter(|(l, _, _)| l.starts_with(&prefix));
+        let good = of_model().filter(|(_, _, ok)| *ok).count();
+        let bad = of_model().count() - good;
+        assert!(good >= 4 && bad >= 15, "{model}: {good} good, {bad} bad");
+    }
+    let table = defaults
+        .into_iter()
+        .map(|(label, body, ok)| (label.to_owned(), body, ok))
+        .chain(per_model);
     let mut disagreements = Vec::new();
-    for (label, body, expected) in &table {
-        let parser = parser_accepts(body);
-        let schema = REQUEST_VALIDATOR.is_valid(body);
-        if parser != *expected || schema != *expected {
+    for (label, body, expected) in table {
+        let parser = parser_accepts(&body);
+        let schema = REQUEST_VALIDATOR.is_valid(&body);
+        if parser != expected || schema != expected {
             disagreements.push(format!(
                 "{label}: expected {expected}, parser says {parser}, schema says {schema} {:?}",
-                violations(&REQUEST_VALIDATOR, body)
+                violations(&REQUEST_VALIDATOR, &body)
             ));
         }
     }
@@ -525,64 +920,249 @@ fn request_schema_agrees_with_the_parser_on_a_table_of_bodies() {
 /// parser or the schema changed: update the descriptions and this list.
 #[test]
 fn the_schema_is_only_more_lenient_where_it_says_so() {
-    let img = json!(["https://example.com/cat.png"]);
+    let img = json!([IMG]);
     let big = json!({"input": {"images": img}, "metadata": {"k": "x".repeat(16 * 1024)}});
-    assert!(
-        REQUEST_VALIDATOR.is_valid(&big),
-        "metadata size is not in the schema"
-    );
-    assert!(
-        !parser_accepts(&big),
-        "the parser limits metadata to 16 KiB"
-    );
+    let mut lenient = vec![("metadata over 16 KiB", big)];
     // `5.0` is an integer to JSON Schema (this validator happens to refuse
     // it, others accept it); the parser wants integers written as such.
-    assert!(!parser_accepts(
-        &json!({"input": {"images": img, "duration": 5.0}})
-    ));
+    for model in Model::ALL {
+        for (field, value) in [("duration", json!(5.0)), ("seed", json!(1.0))] {
+            let body = for_model(model, with(minimal_input(model), field, value));
+            assert!(!parser_accepts(&body), "{body}");
+        }
+    }
+    for model in [Model::ProT2v, Model::TurboT2v, Model::ProF2v] {
+        let body = for_model(model, with(minimal_input(model), "wm_position", json!(4.0)));
+        assert!(!parser_accepts(&body), "{body}");
+    }
+    // URLs of the documented shape that the URL parser refuses.
+    for url in [
+        "https://e.example:99999/a.png",
+        "https://e<x.example/a.png",
+        "https://[::1/a.png",
+    ] {
+        for model in Model::ALL {
+            let input = if is_t2v(model) {
+                with(minimal_input(model), "wm_url", json!(url))
+            } else if matches!(model, Model::ProF2v | Model::TurboF2v) {
+                json!({"images": [PNG, url]})
+            } else {
+                json!({"images": [url]})
+            };
+            lenient.push(("a URL the URL parser refuses", for_model(model, input)));
+        }
+        let audio = with(minimal_input(Model::ProI2v), "audio", json!(url));
+        lenient.push((
+            "an audio URL the URL parser refuses",
+            json!({"input": audio}),
+        ));
+    }
+    for (label, body) in &lenient {
+        assert!(
+            REQUEST_VALIDATOR.is_valid(body),
+            "{label}: the schema should accept {body}: {:?}",
+            violations(&REQUEST_VALIDATOR, body)
+        );
+        assert!(
+            !parser_accepts(body),
+            "{label}: the parser should refuse {body}"
+        );
+    }
     let description = load_json(REQUEST_SCHEMA).to_string();
-    assert!(description.contains("16 KiB") && description.contains("5.0"));
+    for said in ["16 KiB", "5.0", "65535", "`<`"] {
+        assert!(description.contains(said), "the schema says {said:?}");
+    }
 }
 
-/// The other direction of the agreement: every value the schema enumerates
-/// is one the parser takes, so an enum cannot grow in the schema alone.
+/// `key` of a schema, found in it or where its `$ref`s lead.
+fn keyword<'a>(doc: &'a Value, spec: &'a Value, key: &str) -> Option<&'a Value> {
+    spec.get(key).or_else(|| {
+        let target = spec.get("$ref")?.as_str()?;
+        keyword(doc, resolve_pointer(doc, target)?, key)
+    })
+}
+
+/// The other direction of the agreement: every value the schema enumerates,
+/// for every model, is one the parser takes, so an enum cannot grow in the
+/// schema alone; and every integer bound and prompt length is the parser's.
 #[test]
 fn every_value_the_schema_enumerates_is_accepted_by_the_parser() {
     let schema = load_json(REQUEST_SCHEMA);
-    let mut checked = 0;
+    let mut problems = Vec::new();
+    let mut check = |label: String, body: Value, ok: bool| {
+        let (schema, parser) = (REQUEST_VALIDATOR.is_valid(&body), parser_accepts(&body));
+        if schema != ok || parser != ok {
+            problems.push(format!(
+                "{label}: expected {ok}, schema says {schema}, parser says {parser}"
+            ));
+        }
+    };
+    let mut enumerated = 0;
     let top = schema["properties"].as_object().expect("properties");
-    let input = schema["$defs"]["input"]["properties"]
-        .as_object()
-        .expect("input properties");
-    for (in_input, props) in [(false, top), (true, input)] {
-        for (field, spec) in props {
-            for value in spec["enum"].as_array().into_iter().flatten() {
-                let mut body = json!({"input": {"images": ["https://example.com/cat.png"]}});
-                if in_input {
-                    body["input"][field] = value.clone();
-                } else {
-                    body[field] = value.clone();
-                }
-                assert!(REQUEST_VALIDATOR.is_valid(&body), "{body}");
-                assert!(
-                    parser_accepts(&body),
-                    "the parser refuses {field} = {value}"
-                );
-                checked += 1;
-            }
+    for (field, spec) in top {
+        for value in spec["enum"].as_array().into_iter().flatten() {
+            let model = value
+                .as_str()
+                .and_then(Model::parse)
+                .unwrap_or(Model::DEFAULT);
+            let mut body = json!({"input": minimal_input(model)});
+            body[field] = value.clone();
+            check(format!("{field} = {value}"), body, true);
+            enumerated += 1;
         }
     }
-    assert!(checked >= 20, "only {checked} enumerated values found");
+    for model in Model::ALL {
+        let props = schema["$defs"][model.as_str()]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no $defs/{model}/properties"));
+        for (field, spec) in props {
+            let body = |value: Value| for_model(model, with(minimal_input(model), field, value));
+            let values = keyword(&schema, spec, "enum").and_then(Value::as_array);
+            for value in values.into_iter().flatten() {
+                check(
+                    format!("{model}: {field} = {value}"),
+                    body(value.clone()),
+                    true,
+                );
+                enumerated += 1;
+            }
+            for (bound, step) in [("minimum", -1), ("maximum", 1)] {
+                if let Some(limit) = keyword(&schema, spec, bound).and_then(Value::as_i64) {
+                    check(
+                        format!("{model}: {field} = {limit}"),
+                        body(json!(limit)),
+                        true,
+                    );
+                    let past = limit + step;
+                    check(
+                        format!("{model}: {field} = {past}"),
+                        body(json!(past)),
+                        false,
+                    );
+                }
+            }
+        }
+        let prompt = &props["prompt"];
+        assert_eq!(
+            prompt["maxLength"],
+            json!(model.max_prompt_chars()),
+            "{model}: prompt length"
+        );
+        let body = |n: usize| {
+            for_model(
+                model,
+                with(minimal_input(model), "prompt", json!("é".repeat(n))),
+            )
+        };
+        check(
+            format!("{model}: the longest prompt"),
+            body(model.max_prompt_chars()),
+            true,
+        );
+        check(
+            format!("{model}: a longer prompt"),
+            body(model.max_prompt_chars() + 1),
+            false,
+        );
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    assert!(
+        enumerated >= 60,
+        "only {enumerated} enumerated values found"
+    );
 }
 
-fn choose(valid: Vec<Value>, invalid: Vec<Value>) -> impl Strategy<Value = Option<Value>> {
+/// One input schema per model, chosen by `model`, with exactly the model's
+/// fields.
+#[test]
+fn the_request_schema_has_one_input_schema_per_model() {
+    let schema = load_json(REQUEST_SCHEMA);
+    let names: Vec<Value> = Model::ALL
+        .iter()
+        .map(|m| json!(m.as_str()))
+        .chain([Value::Null])
+        .collect();
+    assert_eq!(schema["properties"]["model"]["enum"], Value::Array(names));
+    assert_eq!(
+        schema["properties"]["model"]["default"],
+        Model::DEFAULT.as_str()
+    );
+    let clauses = schema["allOf"].as_array().expect("allOf");
+    assert_eq!(clauses.len(), Model::ALL.len(), "one clause per model");
+    let description = schema["properties"]["model"]["description"]
+        .as_str()
+        .expect("a description");
+    for model in Model::ALL {
+        assert!(
+            description.contains(&format!("`{model}`")),
+            "model describes {model}"
+        );
+        let target = format!("#/$defs/{model}");
+        let picking: Vec<&Value> = clauses
+            .iter()
+            .filter(|c| c["then"]["properties"]["input"]["$ref"] == target.as_str())
+            .collect();
+        assert_eq!(picking.len(), 1, "one clause picks {target}");
+        let condition = jsonschema::options()
+            .with_draft(Draft::Draft202012)
+            .build(&picking[0]["if"])
+            .expect("the condition compiles");
+        for other in Model::ALL {
+            assert_eq!(
+                condition.is_valid(&json!({"model": other.as_str()})),
+                other == model,
+                "the clause of {model} on {other}"
+            );
+        }
+        for unnamed in [json!({}), json!({"model": null})] {
+            assert_eq!(
+                condition.is_valid(&unnamed),
+                model == Model::DEFAULT,
+                "the clause of {model} on {unnamed}"
+            );
+        }
+
+        let def = &schema["$defs"][model.as_str()];
+        assert_eq!(def["type"], "object", "{model}");
+        assert_eq!(def["additionalProperties"], false, "{model}");
+        assert_eq!(def["required"], json!([required_field(model)]), "{model}");
+        let fields: BTreeSet<&str> = def["properties"]
+            .as_object()
+            .expect("properties")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let expected: BTreeSet<&str> = model.fields().iter().copied().collect();
+        assert_eq!(
+            fields, expected,
+            "{model}: the schema's fields are the parser's"
+        );
+        let about = def["description"].as_str().unwrap_or_default();
+        assert!(
+            about.contains(&model.create_path()),
+            "{model} names its endpoint"
+        );
+    }
+}
+
+fn choose(valid: Vec<Value>, invalid: Vec<Value>) -> BoxedStrategy<Option<Value>> {
+    choose_present(0.6, valid, invalid)
+}
+
+/// A value present with probability `present`, mostly a valid one.
+fn choose_present(
+    present: f64,
+    valid: Vec<Value>,
+    invalid: Vec<Value>,
+) -> BoxedStrategy<Option<Value>> {
     proptest::option::weighted(
-        0.6,
+        present,
         prop_oneof![
-            4 => proptest::sample::select(valid),
+            7 => proptest::sample::select(valid),
             1 => proptest::sample::select(invalid),
         ],
     )
+    .boxed()
 }
 
 fn url_values() -> (Vec<Value>, Vec<Value>) {
@@ -603,104 +1183,273 @@ fn url_values() -> (Vec<Value>, Vec<Value>) {
     )
 }
 
-prop_compose! {
-    fn input_object()(
-        images in proptest::option::weighted(0.95, proptest::sample::select(vec![
-            json!(["https://example.com/cat.png"]),
-            json!(["https://example.com/cat.png"]),
-            json!(["HTTP://e.example/a.JPEG?x=1"]),
-            json!(["https://e.example/a.webp#f"]),
-            json!([]),
-            json!(["https://e.example/a.png", "https://e.example/b.png"]),
-            json!(["https://e.example/a.gif"]),
-            json!(["ftp://e.example/a.png"]),
-            json!(["https://e.example/a b.png"]),
-            json!([5]),
-            json!("https://e.example/a.png"),
-            Value::Null,
-        ])),
-        prompt in choose(
-            vec![json!("blink"), json!(""), json!("é".repeat(1500)), Value::Null],
-            vec![json!("é".repeat(1501)), json!(5)],
+/// Values of one input field: those `model` takes, and some it refuses.
+fn field_values(model: Model, field: &str) -> (Vec<Value>, Vec<Value>) {
+    let booleans = || vec![json!(true), json!(false), Value::Null];
+    let max = model.max_prompt_chars();
+    match (field, model) {
+        ("images", Model::ProI2v | Model::TurboI2v) => (
+            vec![
+                json!([IMG]),
+                json!(["HTTP://e.example/a.JPEG?x=1"]),
+                json!(["https://e.example/a.webp#f"]),
+            ],
+            vec![
+                json!([]),
+                json!([IMG, END]),
+                json!([PNG]),
+                json!(["https://e.example/a.gif"]),
+                json!(["ftp://e.example/a.png"]),
+                json!(["https://e.example/a b.png"]),
+                json!([5]),
+                json!(IMG),
+                Value::Null,
+            ],
         ),
-        duration in choose(
+        ("images", _) => (
+            vec![
+                json!([IMG, END]),
+                json!([PNG, END]),
+                json!([IMG, PNG]),
+                json!([
+                    "data:IMAGE/WEBP;base64,QUI=\n",
+                    "https://e.example/b.JPG?v=2"
+                ]),
+            ],
+            vec![
+                json!([IMG]),
+                json!([IMG, END, PNG]),
+                json!([]),
+                json!([IMG, "data:image/png;base64,"]),
+                json!([IMG, "data:image/png;base64,QUJ="]),
+                json!([IMG, "data:image/gif;base64,QUJD"]),
+                json!(["data:image/png,QUJD", END]),
+                json!([IMG, "https://e.example/b.gif"]),
+                json!([IMG, 7]),
+                json!(PNG),
+                Value::Null,
+            ],
+        ),
+        ("prompt", Model::ProT2v | Model::TurboT2v) => (
+            vec![json!("blink"), json!(" x "), json!("é".repeat(max))],
+            vec![
+                json!(""),
+                json!(" \t"),
+                json!("é".repeat(max + 1)),
+                json!(5),
+                Value::Null,
+            ],
+        ),
+        ("prompt", _) => (
+            vec![
+                json!("blink"),
+                json!(""),
+                json!("é".repeat(max)),
+                Value::Null,
+            ],
+            vec![json!("é".repeat(max + 1)), json!(5)],
+        ),
+        ("duration", _) => (
             vec![json!(1), json!(5), json!(16), Value::Null],
             vec![json!(0), json!(17), json!(-1), json!("5"), json!(true)],
         ),
-        seed in choose(
+        ("seed", _) => (
             vec![json!(0), json!(42), json!(2147483647), Value::Null],
             vec![json!(2147483648_u64), json!(-5), json!("1")],
         ),
-        resolution in choose(
+        ("resolution", _) => (
             vec![json!("540p"), json!("720p"), json!("1080p"), Value::Null],
             vec![json!("720P"), json!(720)],
         ),
-        aspect_ratio in choose(
-            vec![json!("16:9"), json!("9:16"), json!("4:3"), json!("3:4"), json!("1:1")],
+        ("aspect_ratio", _) => (
+            vec![
+                json!("16:9"),
+                json!("9:16"),
+                json!("4:3"),
+                json!("3:4"),
+                json!("1:1"),
+                Value::Null,
+            ],
             vec![json!("21:9"), json!("")],
         ),
-        style in choose(vec![json!("general"), json!("anime")], vec![json!("Anime")]),
-        audio in choose(url_values().0, url_values().1),
-        wm_url in choose(url_values().0, url_values().1),
-        is_rec in choose(vec![json!(true), json!(false), Value::Null], vec![json!("true"), json!(0)]),
-        off_peak in choose(vec![json!(true), json!(false)], vec![json!("no")]),
-        watermark in choose(vec![json!(true), json!(false)], vec![json!(1)]),
-        wm_position in choose(
-            vec![json!("top-left"), json!("top-right"), json!("bottom-left"), json!("bottom-right")],
-            vec![json!("middle")],
+        ("style", _) => (
+            vec![json!("general"), json!("anime"), Value::Null],
+            vec![json!("Anime"), json!(1)],
         ),
-        unknown in proptest::option::weighted(0.05, Just(json!("x"))),
-    ) -> Value {
-        let mut map = serde_json::Map::new();
-        let fields = [
-            ("images", images), ("prompt", prompt), ("duration", duration), ("seed", seed),
-            ("resolution", resolution), ("aspect_ratio", aspect_ratio), ("style", style),
-            ("audio", audio), ("wm_url", wm_url), ("is_rec", is_rec), ("off_peak", off_peak),
-            ("watermark", watermark), ("wm_position", wm_position),
-            ("negative_prompt", unknown),
-        ];
-        for (name, value) in fields {
-            if let Some(v) = value {
-                map.insert(name.to_owned(), v);
-            }
+        ("audio_type", _) => (
+            vec![
+                json!("all"),
+                json!("speech_only"),
+                json!("sound_effect_only"),
+                Value::Null,
+            ],
+            vec![json!("music"), json!(true)],
+        ),
+        ("audio", Model::ProI2v) => {
+            let (valid, mut invalid) = url_values();
+            invalid.push(json!(true));
+            (valid, invalid)
         }
-        Value::Object(map)
+        ("audio", _) => (
+            booleans(),
+            vec![json!("https://x.example/a.mp3"), json!("yes"), json!(1)],
+        ),
+        ("wm_url", _) => url_values(),
+        ("wm_position", Model::ProI2v) => (
+            vec![
+                json!("top-left"),
+                json!("top-right"),
+                json!("bottom-left"),
+                json!("bottom-right"),
+            ],
+            vec![json!("middle"), json!(2)],
+        ),
+        ("wm_position", _) => (
+            vec![json!(1), json!(2), json!(3), json!(4), Value::Null],
+            vec![json!(0), json!(5), json!("top-left"), json!(2.5)],
+        ),
+        ("is_rec" | "off_peak" | "watermark", _) => (booleans(), vec![json!("true"), json!(0)]),
+        _ => (vec![json!("x")], vec![json!(1)]),
     }
 }
 
-prop_compose! {
-    fn request_body()(
-        request_id in choose(
-            vec![json!("order-1"), json!("a".repeat(128)), json!("x:y.z_-"), Value::Null],
-            vec![json!(""), json!("a/b"), json!("a".repeat(129)), json!(5)],
-        ),
-        model in choose(vec![json!("vidu-q3-pro-i2v"), Value::Null], vec![json!("other"), json!(7)]),
-        metadata in choose(
-            vec![json!({"k": 1}), json!({}), Value::Null],
-            vec![json!("x"), json!([1]), json!(5)],
-        ),
-        input in prop_oneof![
-            20 => input_object(),
-            1 => proptest::sample::select(vec![json!("x"), json!([]), Value::Null]),
-        ],
-        input_present in proptest::bool::weighted(0.97),
-        unknown in proptest::option::weighted(0.05, Just(json!(1))),
-    ) -> Value {
-        let mut map = serde_json::Map::new();
-        for (name, value) in [
-            ("request_id", request_id), ("model", model), ("metadata", metadata),
-            ("input", input_present.then_some(input)), ("extra", unknown),
-        ] {
-            if let Some(v) = value {
-                map.insert(name.to_owned(), v);
+/// An `input` for `model`: its own fields (mostly valid), now and then a
+/// field of another model or of none.
+fn input_object(model: Model) -> impl Strategy<Value = Value> {
+    let names: Vec<&'static str> = all_fields().into_iter().chain([NO_MODELS_FIELD]).collect();
+    let fields: Vec<BoxedStrategy<Option<Value>>> = names
+        .iter()
+        .map(|field| {
+            if model.fields().contains(field) {
+                let (valid, invalid) = field_values(model, field);
+                let present = if *field == required_field(model) {
+                    0.95
+                } else {
+                    0.6
+                };
+                choose_present(present, valid, invalid)
+            } else {
+                // A value its own model takes. Never null: the parser drops a
+                // null field before it looks for fields of other models, the
+                // schema refuses any field not the model's.
+                let mut values = field_values(owner(field).unwrap_or(model), field).0;
+                values.retain(|v| !v.is_null());
+                proptest::option::weighted(0.03, proptest::sample::select(values)).boxed()
             }
-        }
+        })
+        .collect();
+    fields.prop_map(move |values| {
+        let map: serde_json::Map<String, Value> = names
+            .iter()
+            .zip(values)
+            .filter_map(|(name, value)| Some(((*name).to_owned(), value?)))
+            .collect();
         Value::Object(map)
+    })
+}
+
+/// `model` as written in a body (absent, null, a name, or not one), and the
+/// model whose input to generate.
+fn model_choice() -> impl Strategy<Value = (Option<Value>, Model)> {
+    prop_oneof![
+        12 => proptest::sample::select(Model::ALL.to_vec())
+            .prop_map(|m| (Some(json!(m.as_str())), m)),
+        2 => Just((None, Model::DEFAULT)),
+        1 => Just((Some(Value::Null), Model::DEFAULT)),
+        1 => proptest::sample::select(vec![
+            json!("other"), json!(7), json!("VIDU-Q3-PRO-I2V"), json!("vidu-q3-pro"),
+        ])
+        .prop_map(|v| (Some(v), Model::DEFAULT)),
+    ]
+}
+
+fn request_body() -> impl Strategy<Value = Value> {
+    model_choice()
+        .prop_flat_map(|(model, of)| {
+            (
+                Just(model),
+                choose(
+                    vec![
+                        json!("order-1"),
+                        json!("a".repeat(128)),
+                        json!("x:y.z_-"),
+                        Value::Null,
+                    ],
+                    vec![json!(""), json!("a/b"), json!("a".repeat(129)), json!(5)],
+                ),
+                choose(
+                    vec![json!({"k": 1}), json!({}), Value::Null],
+                    vec![json!("x"), json!([1]), json!(5)],
+                ),
+                prop_oneof![
+                    20 => input_object(of),
+                    1 => proptest::sample::select(vec![json!("x"), json!([]), Value::Null]),
+                ],
+                proptest::bool::weighted(0.97),
+                proptest::option::weighted(0.05, Just(json!(1))),
+            )
+        })
+        .prop_map(
+            |(model, request_id, metadata, input, input_present, unknown)| {
+                let mut map = serde_json::Map::new();
+                for (name, value) in [
+                    ("request_id", request_id),
+                    ("model", model),
+                    ("metadata", metadata),
+                    ("input", input_present.then_some(input)),
+                    ("extra", unknown),
+                ] {
+                    if let Some(v) = value {
+                        map.insert(name.to_owned(), v);
+                    }
+                }
+                Value::Object(map)
+            },
+        )
+}
+
+/// The generator is not degenerate: every model gets accepted and refused
+/// bodies, and fields of other models occur.
+#[test]
+fn generated_bodies_cover_every_model_both_ways() {
+    let strategy = request_body();
+    let mut runner = TestRunner::deterministic();
+    let mut counts: BTreeMap<(Model, bool), usize> = BTreeMap::new();
+    let mut foreign = 0;
+    for _ in 0..1024 {
+        let body = strategy.new_tree(&mut runner).expect("a body").current();
+        let model = match body.get("model") {
+            Some(Value::String(name)) => Model::parse(name),
+            Some(Value::Null) | None => Some(Model::DEFAULT),
+            Some(_) => None,
+        };
+        let Some(model) = model else { continue };
+        *counts.entry((model, parser_accepts(&body))).or_default() += 1;
+        let fields = body["input"].as_object().into_iter().flat_map(|m| m.keys());
+        if fields
+            .into_iter()
+            .any(|k| !model.fields().contains(&k.as_str()))
+        {
+            foreign += 1;
+        }
     }
+    for model in Model::ALL {
+        for accepted in [true, false] {
+            let n = counts.get(&(model, accepted)).copied().unwrap_or_default();
+            assert!(
+                n >= 20,
+                "{model}: only {n} bodies with accepted = {accepted}"
+            );
+        }
+    }
+    assert!(
+        foreign >= 100,
+        "only {foreign} bodies with another model's field"
+    );
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
 
     #[test]
     fn request_schema_agrees_with_the_parser_on_generated_bodies(body in request_body()) {
@@ -1223,11 +1972,57 @@ fn asyncapi_examples_are_valid_requests() {
     let examples = doc["components"]["messages"]["request"]["examples"]
         .as_array()
         .expect("request examples");
-    assert!(!examples.is_empty());
+    let mut models = BTreeSet::new();
     for example in examples {
         let payload = &example["payload"];
         let problems = violations(&REQUEST_VALIDATOR, payload);
         assert!(problems.is_empty(), "{}: {problems:?}", example["name"]);
         assert!(parser_accepts(payload), "{}", example["name"]);
+        models.insert(
+            payload["model"]
+                .as_str()
+                .and_then(Model::parse)
+                .unwrap_or(Model::DEFAULT),
+        );
+    }
+    assert_eq!(
+        models,
+        BTreeSet::from(Model::ALL),
+        "an example for every model"
+    );
+}
+
+/// The request message describes each model and points to its schema.
+#[test]
+fn asyncapi_request_lists_every_model() {
+    let doc = asyncapi();
+    let message = &doc["components"]["messages"]["request"];
+    assert_eq!(
+        message["payload"]["$ref"],
+        format!("./{}", REQUEST_SCHEMA.trim_start_matches("docs/"))
+    );
+    let description = message["description"].as_str().expect("a description");
+    let schema = load_json(REQUEST_SCHEMA);
+    let lines: Vec<&str> = description.lines().collect();
+    for model in Model::ALL {
+        let start = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("- `{model}`")))
+            .unwrap_or_else(|| panic!("no item for {model}"));
+        let item: Vec<&str> = lines[start + 1..]
+            .iter()
+            .take_while(|l| l.starts_with("  "))
+            .copied()
+            .collect();
+        let item = format!("{} {}", lines[start], item.join(" "));
+        let item = item.split_whitespace().collect::<Vec<_>>().join(" ");
+        let link = format!("./schemas/request.json#/$defs/{model}");
+        assert!(item.contains(&link), "{model}: the item links {link}");
+        let limit = format!("at most {} characters", model.max_prompt_chars());
+        assert!(item.contains(&limit), "{model}: the item says {limit}");
+        assert!(
+            resolve_pointer(&schema, &format!("/$defs/{model}")).is_some(),
+            "{link} resolves"
+        );
     }
 }
