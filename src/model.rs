@@ -405,8 +405,6 @@ fn path(key: &str) -> String {
 
 impl Fields {
     fn new(model: Model, mut map: Map<String, Value>) -> Result<Self, Problem> {
-        // Null means "not given" for every optional field.
-        map.retain(|_, v| !v.is_null());
         let mut unknown: Vec<&String> = map
             .keys()
             .filter(|k| !model.fields().contains(&k.as_str()))
@@ -429,6 +427,9 @@ impl Fields {
             };
             return Err(problem(path(&name), message));
         }
+        // Null means "not given" for every field the model has (a field it
+        // does not have is refused above, null or not, as at the top level).
+        map.retain(|_, v| !v.is_null());
         Ok(Self { model, map })
     }
 
@@ -569,7 +570,7 @@ fn image_url(value: Value, field: &str) -> Result<String, Problem> {
 /// The data itself is never quoted.
 fn frame(value: Value, field: &str) -> Result<String, Problem> {
     match value {
-        Value::String(s) if s.starts_with("data:") => {
+        Value::String(s) if s.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("data:")) => {
             check_data_uri(&s).map_err(|why| problem(field.to_owned(), why))?;
             Ok(s)
         }
@@ -580,7 +581,13 @@ fn frame(value: Value, field: &str) -> Result<String, Problem> {
 /// Checks a `data:image/<type>;base64,<data>` URI: an image type the
 /// upstream takes, and data that decodes.
 pub fn check_data_uri(uri: &str) -> Result<(), String> {
-    let rest = uri.strip_prefix("data:").unwrap_or(uri);
+    let rest = uri
+        .get(5..)
+        .filter(|_| {
+            uri.get(..5)
+                .is_some_and(|p| p.eq_ignore_ascii_case("data:"))
+        })
+        .unwrap_or(uri);
     let Some((header, data)) = rest.split_once(',') else {
         return Err("is a data URI without data (expected data:image/png;base64,…)".into());
     };
@@ -595,7 +602,7 @@ pub fn check_data_uri(uri: &str) -> Result<(), String> {
             IMAGE_MEDIA_TYPES.join(", ")
         ));
     }
-    match base64::engine::general_purpose::STANDARD.decode(data.trim_end()) {
+    match base64::engine::general_purpose::STANDARD.decode(data) {
         Ok(bytes) if !bytes.is_empty() => Ok(()),
         Ok(_) => Err("is a data URI with no image data".into()),
         Err(_) => Err("is a data URI whose data is not valid Base64".into()),
@@ -673,9 +680,14 @@ fn http_url(value: Value, field: &str) -> Result<String, Problem> {
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(problem(field.to_owned(), "must be a URL without spaces"));
     }
+    // The URL parser repairs `https:host`, `https:/host`, `https:///host`
+    // and backslashes; the text that goes upstream is the producer's, so it
+    // must already be in the plain form.
+    let plain = has_authority(&s) && !s.contains('\\');
     match url::Url::parse(&s) {
         Ok(u)
-            if matches!(u.scheme(), "http" | "https")
+            if plain
+                && matches!(u.scheme(), "http" | "https")
                 && u.host_str().is_some_and(|h| !h.is_empty()) =>
         {
             Ok(s)
@@ -692,6 +704,17 @@ fn http_url(value: Value, field: &str) -> Result<String, Problem> {
             format!("{:?} is not a valid http(s) URL", excerpt(&s)),
         )),
     }
+}
+
+/// Whether a URL is written `http://host…` or `https://host…` (the URL
+/// parser would repair `https:host`, `https:/host` or `https:///host`, but
+/// the text that goes upstream is the producer's).
+fn has_authority(s: &str) -> bool {
+    let rest = [("https://", 8), ("http://", 7)]
+        .into_iter()
+        .find(|(p, n)| s.get(..*n).is_some_and(|h| h.eq_ignore_ascii_case(p)))
+        .and_then(|(_, n)| s.get(n..));
+    rest.is_some_and(|r| !r.is_empty() && !r.starts_with('/'))
 }
 
 /// Text with control characters replaced, for names quoted in messages.
@@ -861,6 +884,24 @@ mod tests {
                 "{model} {input}"
             );
         }
+        // URLs the URL parser would repair, nulls of foreign fields, and
+        // data URIs with trailing space or an upper-case scheme.
+        for (model, input, expected) in [
+            (ProI2v, json!({"images": ["https:cdn.example/a.png"]}), "input.images[0]: \"https:cdn.example/a.png\" is not a valid http(s) URL"),
+            (ProI2v, json!({"images": ["https:/cdn.example/a.png"]}), "input.images[0]: \"https:/cdn.example/a.png\" is not a valid http(s) URL"),
+            (ProI2v, json!({"images": ["https:///cdn.example/a.png"]}), "input.images[0]: \"https:///cdn.example/a.png\" is not a valid http(s) URL"),
+            (ProI2v, json!({"images": ["https://cdn.example\\a.png"]}), "input.images[0]: \"https://cdn.example\\\\a.png\" is not a valid http(s) URL"),
+            (ProI2v, json!({"images": [IMG], "audio_type": null}), "input.audio_type: unknown field \"audio_type\" for vidu-q3-pro-i2v (it is a field of vidu-q3-turbo-i2v)"),
+            (ProF2v, json!({"images": [IMG, format!("{PNG}\n")]}), "input.images[1]: is a data URI whose data is not valid Base64"),
+        ] {
+            assert_eq!(parse(model, input.clone()), Err(expected.to_owned()), "{input}");
+        }
+        assert!(parse(
+            ProF2v,
+            json!({"images": [IMG, PNG.replacen("data:", "DATA:", 1)]})
+        )
+        .is_ok());
+        assert!(parse(ProI2v, json!({"images": ["HTTPS://cdn.example/a.png"]})).is_ok());
         // The shared limits, for every model.
         for model in Model::ALL {
             for (field, value, expected) in [
