@@ -3,7 +3,7 @@
 //! crashed or stalled a worker each time, and is dead-lettered instead of
 //! handled again.
 
-use lapin::message::Delivery;
+use lapin::{message::Delivery, BasicProperties};
 
 use crate::broker::{self, DELIVERY_COUNT_HEADER};
 
@@ -21,16 +21,58 @@ pub fn over_limit(
 
 /// [`over_limit`] for a delivery.
 pub(crate) fn check(delivery: &Delivery, max_deliveries: u32) -> Option<i64> {
+    check_properties(delivery.redelivered, &delivery.properties, max_deliveries)
+}
+
+/// [`over_limit`] for a message's redelivery flag and properties (the
+/// broker's `x-delivery-count` header, any integer width).
+pub fn check_properties(
+    redelivered: bool,
+    properties: &BasicProperties,
+    max_deliveries: u32,
+) -> Option<i64> {
     over_limit(
-        delivery.redelivered,
-        broker::header_int(&delivery.properties, DELIVERY_COUNT_HEADER),
+        redelivered,
+        broker::header_int(properties, DELIVERY_COUNT_HEADER),
         max_deliveries,
     )
 }
 
 #[cfg(test)]
 mod tests {
-    use super::over_limit;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    use super::*;
+
+    fn with_count(value: AMQPValue) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(DELIVERY_COUNT_HEADER.into(), value);
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn the_broker_count_is_read_from_the_header_in_any_width() {
+        for value in [
+            AMQPValue::LongLongInt(10),
+            AMQPValue::LongInt(10),
+            AMQPValue::ShortShortUInt(10),
+        ] {
+            assert_eq!(
+                check_properties(true, &with_count(value.clone()), 10),
+                Some(10)
+            );
+            assert_eq!(
+                check_properties(false, &with_count(value.clone()), 10),
+                None
+            );
+            assert_eq!(check_properties(true, &with_count(value), 11), None);
+        }
+        assert_eq!(check_properties(true, &BasicProperties::default(), 1), None);
+        assert_eq!(
+            check_properties(true, &with_count(AMQPValue::LongString("10".into())), 1),
+            None
+        );
+    }
 
     #[test]
     fn only_a_redelivery_at_the_limit_is_poison() {

@@ -407,7 +407,20 @@ async fn a_refusing_reply_queue_ends_the_request_once() {
             .into_iter()
             .filter(SeenEvent::is_terminal)
             .collect();
-        assert_eq!(terminal.len(), 1, "{id}: one terminal event");
+        assert_eq!(
+            terminal.len(),
+            1,
+            "{id}: one terminal event; got {:?}; worker warnings: {:#?}",
+            terminal
+                .iter()
+                .map(|e| (e.id().to_owned(), e.body["time"].clone()))
+                .collect::<Vec<_>>(),
+            worker
+                .logs()
+                .into_iter()
+                .filter(|l| l.contains("WARN") || l.contains("\"warn\"") || l.contains("ERROR"))
+                .collect::<Vec<_>>()
+        );
         assert_eq!(terminal[0].kind(), SUCCEEDED);
     }
     assert_eq!(env.sim.stats().tasks_created, 2);
