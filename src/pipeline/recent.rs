@@ -226,4 +226,57 @@ mod tests {
             Begin::Go(Some(_))
         ));
     }
+
+    #[tokio::test]
+    async fn at_most_the_capacity_is_remembered_oldest_first() {
+        let recent = RecentCreates::default();
+        for i in 0..RECENT_CAPACITY {
+            let Begin::Go(Some(mut guard)) = recent.begin(&id(&format!("r-{i}")), false).await
+            else {
+                panic!("creates");
+            };
+            guard.recorded();
+        }
+        // Exactly the capacity: all remembered.
+        assert!(matches!(
+            recent.begin(&id("r-0"), true).await,
+            Begin::Recorded
+        ));
+        let Begin::Go(Some(mut guard)) = recent.begin(&id("r-new"), false).await else {
+            panic!("creates");
+        };
+        guard.recorded();
+        drop(guard);
+        // One more: the oldest is forgotten, the rest stay.
+        assert!(matches!(
+            recent.begin(&id("r-0"), true).await,
+            Begin::Go(Some(_))
+        ));
+        assert!(matches!(
+            recent.begin(&id("r-1"), true).await,
+            Begin::Recorded
+        ));
+        assert!(matches!(
+            recent.begin(&id("r-new"), true).await,
+            Begin::Recorded
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_message_that_is_not_a_redelivery_does_not_wait() {
+        let recent = RecentCreates::default();
+        let Begin::Go(Some(_guard)) = recent.begin(&id("r-1"), false).await else {
+            panic!("creates");
+        };
+        let started = Instant::now();
+        assert!(matches!(
+            recent.begin(&id("r-1"), false).await,
+            Begin::Go(None)
+        ));
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "no wait for the create in flight"
+        );
+    }
 }

@@ -527,4 +527,219 @@ mod tests {
             assert_eq!(got.as_ref().err().map(|u| u.reason), expected, "{got:?}");
         }
     }
+
+    fn valid_ticket() -> Ticket {
+        let origin = Origin {
+            received_at: at(-5),
+            ..Origin::default()
+        };
+        Ticket::for_created_task(
+            request(r#"{"request_id":"r-1","input":{"images":["https://a/1.png"]}}"#),
+            "t-1".into(),
+            origin,
+            at(0),
+            &PollingSettings::default(),
+        )
+    }
+
+    /// Every rule of `validate`, at its boundary: what passes just inside
+    /// and what is refused just outside.
+    #[test]
+    fn every_ticket_field_is_checked_at_its_boundary() {
+        let day = chrono::Duration::days(1);
+        let raw = |s: &str| serde_json::value::RawValue::from_string(s.to_owned()).ok();
+        let cases: Vec<(&str, Box<dyn Fn(&mut Ticket)>, bool)> = vec![
+            ("as built", Box::new(|_| {}), true),
+            ("v 2", Box::new(|t| t.v = 2), false),
+            ("empty task id", Box::new(|t| t.task_id.clear()), false),
+            (
+                "128-char task id",
+                Box::new(|t| t.task_id = "t".repeat(128)),
+                true,
+            ),
+            (
+                "129-char task id",
+                Box::new(|t| t.task_id = "t".repeat(129)),
+                false,
+            ),
+            (
+                "another Q3 model",
+                Box::new(|t| t.model = "vidu-q3-turbo-f2v".into()),
+                true,
+            ),
+            (
+                "an unknown model",
+                Box::new(|t| t.model = "vidu-q2".into()),
+                false,
+            ),
+            (
+                "object metadata",
+                Box::new(move |t| t.metadata = raw(r#"{"a":1}"#)),
+                true,
+            ),
+            (
+                "array metadata",
+                Box::new(move |t| t.metadata = raw("[1]")),
+                false,
+            ),
+            (
+                "16 KiB metadata",
+                Box::new(move |t| {
+                    t.metadata = raw(&format!(
+                        r#"{{"a":"{}"}}"#,
+                        "x".repeat(request::MAX_METADATA_BYTES - 8)
+                    ))
+                }),
+                true,
+            ),
+            (
+                "metadata one byte over",
+                Box::new(move |t| {
+                    t.metadata = raw(&format!(
+                        r#"{{"a":"{}"}}"#,
+                        "x".repeat(request::MAX_METADATA_BYTES - 7)
+                    ))
+                }),
+                false,
+            ),
+            (
+                "a correlation id",
+                Box::new(|t| t.correlation_id = Some("c-1".into())),
+                true,
+            ),
+            (
+                "a correlation id with a newline",
+                Box::new(|t| t.correlation_id = Some("c\n1".into())),
+                false,
+            ),
+            (
+                "a reply queue",
+                Box::new(|t| t.reply_to = Some("replies".into())),
+                true,
+            ),
+            (
+                "reply_to an internal queue",
+                Box::new(|t| t.reply_to = Some("q.tracking".into())),
+                false,
+            ),
+            (
+                "a traceparent",
+                Box::new(|t| {
+                    t.traceparent =
+                        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into())
+                }),
+                true,
+            ),
+            (
+                "a bad traceparent",
+                Box::new(|t| t.traceparent = Some("00-x".into())),
+                false,
+            ),
+            (
+                "received after submission",
+                Box::new(|t| t.received_at = t.submitted_at + chrono::Duration::seconds(1)),
+                false,
+            ),
+            (
+                "received at submission",
+                Box::new(|t| t.received_at = t.submitted_at),
+                true,
+            ),
+            (
+                "deadline before submission",
+                Box::new(|t| t.deadline = t.submitted_at - chrono::Duration::seconds(1)),
+                false,
+            ),
+            (
+                "deadline at submission",
+                Box::new(|t| t.deadline = t.submitted_at),
+                true,
+            ),
+            (
+                "deadline in 31 days",
+                Box::new(move |t| t.deadline = t.submitted_at + day * 31),
+                true,
+            ),
+            (
+                "deadline past 31 days",
+                Box::new(move |t| {
+                    t.deadline = t.submitted_at + day * 31 + chrono::Duration::seconds(1)
+                }),
+                false,
+            ),
+            (
+                "next poll in 31 days",
+                Box::new(move |t| t.next_poll_at = t.submitted_at + day * 31),
+                true,
+            ),
+            (
+                "next poll past 31 days",
+                Box::new(move |t| {
+                    t.next_poll_at = t.submitted_at + day * 31 + chrono::Duration::seconds(1)
+                }),
+                false,
+            ),
+            (
+                "status queued",
+                Box::new(|t| t.last_status = Some("queued".into())),
+                true,
+            ),
+            (
+                "status processing",
+                Box::new(|t| t.last_status = Some("processing".into())),
+                true,
+            ),
+            (
+                "status succeeded",
+                Box::new(|t| t.last_status = Some("succeeded".into())),
+                false,
+            ),
+            (
+                "progress 100",
+                Box::new(|t| t.last_progress = Some(100)),
+                true,
+            ),
+            (
+                "progress 101",
+                Box::new(|t| t.last_progress = Some(101)),
+                false,
+            ),
+        ];
+        for (what, edit, valid) in cases {
+            let mut t = valid_ticket();
+            edit(&mut t);
+            assert_eq!(
+                t.validate("q").is_ok(),
+                valid,
+                "{what}: {:?}",
+                t.validate("q")
+            );
+        }
+    }
+
+    #[test]
+    fn a_ticket_of_exactly_the_largest_size_is_read_and_its_properties_are_a_tickets() {
+        let secret = secrecy::SecretString::from("s3cret");
+        let signer = Signer::new(&secret, &[], "q");
+        let keys = TicketKeys {
+            signer: &signer,
+            accept_unsigned: false,
+            request_queue: "q",
+        };
+        // Exactly the limit: not "oversized" (it is not a ticket either).
+        let body = vec![b' '; MAX_TICKET_BYTES];
+        let got = Ticket::read(&body, Some(&signer.sign(&body)), &keys);
+        assert_eq!(got.err().map(|u| u.reason), Some("invalid"));
+        let props = Ticket::properties("sig".into());
+        assert_eq!(props.kind().as_ref().map(|k| k.as_str()), Some(TICKET_TYPE));
+        assert_eq!(*props.delivery_mode(), Some(2));
+        assert_eq!(
+            props.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
+        assert_eq!(
+            crate::broker::header_str(&props, SIGNATURE_HEADER),
+            Some("sig")
+        );
+    }
 }
