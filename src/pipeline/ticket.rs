@@ -548,7 +548,8 @@ mod tests {
     fn every_ticket_field_is_checked_at_its_boundary() {
         let day = chrono::Duration::days(1);
         let raw = |s: &str| serde_json::value::RawValue::from_string(s.to_owned()).ok();
-        let cases: Vec<(&str, Box<dyn Fn(&mut Ticket)>, bool)> = vec![
+        type Edit = Box<dyn Fn(&mut Ticket)>;
+        let cases: Vec<(&str, Edit, bool)> = vec![
             ("as built", Box::new(|_| {}), true),
             ("v 2", Box::new(|t| t.v = 2), false),
             ("empty task id", Box::new(|t| t.task_id.clear()), false),
