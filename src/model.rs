@@ -54,6 +54,11 @@ impl Model {
     /// The model of a request that names none.
     pub const DEFAULT: Self = Self::ProI2v;
 
+    /// Its place in [`Model::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The model's name, which is also its path on the upstream.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -813,6 +818,7 @@ mod tests {
         assert_eq!(Model::names(), "vidu-q3-pro-i2v, vidu-q3-turbo-i2v, vidu-q3-pro-t2v, vidu-q3-turbo-t2v, vidu-q3-pro-f2v, vidu-q3-turbo-f2v");
         for model in Model::ALL {
             assert_eq!(Model::parse(model.as_str()), Some(model));
+            assert_eq!(Model::ALL[model.index()], model);
             assert_eq!(model.create_path(), format!("/v3/async/{model}"));
             let json = serde_json::to_string(&model).unwrap_or_default();
             assert_eq!(json, format!("\"{model}\""));

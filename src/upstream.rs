@@ -32,8 +32,6 @@ use crate::{
     tls,
 };
 
-/// Path of the default model's create endpoint (each model's is [`Model::create_path`]).
-pub const CREATE_PATH: &str = "/v3/async/vidu-q3-pro-i2v";
 /// Path of the task-result endpoint.
 pub const RESULT_PATH: &str = "/v3/async/task-result";
 /// Longest upstream message kept in errors and events.
@@ -465,7 +463,7 @@ struct Answer {
 pub struct UpstreamClient {
     http: reqwest::Client,
     /// The create endpoint of each model, in [`Model::ALL`] order.
-    create_urls: Vec<(Model, reqwest::Url)>,
+    create_urls: [reqwest::Url; 6],
     result_url: reqwest::Url,
     key: SecretString,
     /// The task-result budget (`upstream.max_requests_per_second`); creates
@@ -519,10 +517,10 @@ impl UpstreamClient {
         };
         Ok(Self {
             http,
-            create_urls: Model::ALL
-                .into_iter()
-                .map(|m| Ok((m, url(&m.create_path())?)))
-                .collect::<Result<_, ConfigError>>()?,
+            create_urls: {
+                let [a, b, c, d, e, f] = Model::ALL.map(|m| url(&m.create_path()));
+                [a?, b?, c?, d?, e?, f?]
+            },
             result_url: url(RESULT_PATH)?,
             key,
             poll_limiter: rate_limiter(settings.max_requests_per_second),
@@ -544,10 +542,7 @@ impl UpstreamClient {
         traceparent: Option<&str>,
         alive: &(dyn Fn() -> bool + Sync),
     ) -> Result<String, UpstreamError> {
-        let Some((_, create_url)) = self.create_urls.iter().find(|(m, _)| *m == input.model())
-        else {
-            return Err(UpstreamError::NotSent);
-        };
+        let create_url = &self.create_urls[input.model().index()];
         let mut req = self.http.post(create_url.clone()).json(input);
         if let Some(tp) = traceparent {
             req = req.header(TRACEPARENT_HTTP_HEADER, tp);

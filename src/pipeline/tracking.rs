@@ -250,14 +250,13 @@ async fn finish(ctx: &Context, ticket: &Ticket, terminal: Terminal) -> Dispositi
         Err(e) => {
             tracing::warn!(error = %e, "could not publish the terminal event; parking the ticket to try again later");
             let mut again = ticket.clone();
+            let attempt = again.errors;
             again.errors = again.errors.saturating_add(1);
-            let delay = error_delay(
-                &ctx.settings.polling,
-                ctx.retry_policy(),
-                again.errors.saturating_sub(1),
-                None,
-            );
-            again.next_poll_at = Utc::now() + to_chrono(delay);
+            let backoff = NextPoll::Backoff {
+                attempt,
+                retry_after: None,
+            };
+            again.next_poll_at = next_poll_at(ctx, backoff, Utc::now());
             park_patiently(ctx, &again).await
         }
     }

@@ -449,18 +449,20 @@ impl Simulator {
             .and_then(Value::as_u64)
             .unwrap_or_else(|| id.as_u64_pair().0 >> 33);
         let record = TaskRecord {
-            model,
-            created: Instant::now(),
-            created_wall: SystemTime::now(),
-            generation: directives
-                .generation
-                .unwrap_or(self.inner.config.generation_time),
-            seed,
-            fail: directives.fail,
-            fail500: directives.fail500,
-            noeta: directives.noeta,
-            odd: directives.odd,
-            hostile: directives.hostile,
+            spec: TaskSnapshot {
+                model,
+                created: Instant::now(),
+                created_wall: SystemTime::now(),
+                generation: directives
+                    .generation
+                    .unwrap_or(self.inner.config.generation_time),
+                seed,
+                fail: directives.fail,
+                fail500: directives.fail500,
+                noeta: directives.noeta,
+                odd: directives.odd,
+                hostile: directives.hostile,
+            },
             body: body.into_boxed_str(),
             polls: 0,
         };

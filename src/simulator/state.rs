@@ -200,7 +200,7 @@ impl Simulator {
             .tasks
             .iter()
             .filter(|(_, t)| t.body.contains(needle))
-            .map(|(id, t)| (t.created, t.view(id, now)))
+            .map(|(id, t)| (t.spec.created, t.view(id, now)))
             .collect();
         drop(state);
         found.sort_by_key(|(created, _)| *created);
@@ -406,18 +406,7 @@ impl SimState {
         let task = self.tasks.get_mut(id)?;
         task.polls += 1;
         let polls = task.polls;
-        let snap = TaskSnapshot {
-            model: task.model,
-            created: task.created,
-            created_wall: task.created_wall,
-            generation: task.generation,
-            seed: task.seed,
-            fail: task.fail.clone(),
-            fail500: task.fail500,
-            noeta: task.noeta,
-            odd: task.odd,
-            hostile: task.hostile.clone(),
-        };
+        let snap = task.spec.clone();
         self.task_polls += 1;
         self.max_polls_per_task = self.max_polls_per_task.max(polls);
         Some(snap)

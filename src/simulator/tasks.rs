@@ -37,18 +37,10 @@ pub struct TaskView {
     pub polls: u64,
 }
 
-/// A created task, as the simulator keeps it.
+/// A created task, as the simulator keeps it: what a poll needs, the body
+/// it was created with, and how often it was polled.
 pub(super) struct TaskRecord {
-    pub(super) model: &'static str,
-    pub(super) created: Instant,
-    pub(super) created_wall: SystemTime,
-    pub(super) generation: Duration,
-    pub(super) seed: u64,
-    pub(super) fail: Option<Box<str>>,
-    pub(super) fail500: bool,
-    pub(super) noeta: bool,
-    pub(super) odd: bool,
-    pub(super) hostile: Hostile,
+    pub(super) spec: TaskSnapshot,
     /// Canonical (sorted keys, compact) JSON of the request body.
     pub(super) body: Box<str>,
     pub(super) polls: u64,
@@ -56,24 +48,25 @@ pub(super) struct TaskRecord {
 
 impl TaskRecord {
     pub(super) fn view(&self, id: &Uuid, now: Instant) -> TaskView {
-        let elapsed = now.saturating_duration_since(self.created);
-        let p = progress(self.generation, elapsed);
-        let status = match (p.phase, &self.fail) {
+        let elapsed = now.saturating_duration_since(self.spec.created);
+        let p = progress(self.spec.generation, elapsed);
+        let status = match (p.phase, &self.spec.fail) {
             (Phase::Queued, _) => "TASK_STATUS_QUEUED",
             (Phase::Processing, _) => "TASK_STATUS_PROCESSING",
             (Phase::Done, Some(_)) => "TASK_STATUS_FAILED",
             (Phase::Done, None) => "TASK_STATUS_SUCCEED",
         };
         let done_at = (p.phase == Phase::Done).then(|| {
-            humantime::format_rfc3339_millis(self.created_wall + self.generation).to_string()
+            humantime::format_rfc3339_millis(self.spec.created_wall + self.spec.generation)
+                .to_string()
         });
         TaskView {
             task_id: id.to_string(),
-            model: self.model.to_owned(),
+            model: self.spec.model.to_owned(),
             status: status.to_owned(),
-            created_at: humantime::format_rfc3339_millis(self.created_wall).to_string(),
+            created_at: humantime::format_rfc3339_millis(self.spec.created_wall).to_string(),
             done_at,
-            generation_time: self.generation,
+            generation_time: self.spec.generation,
             request: serde_json::from_str(&self.body).unwrap_or(Value::Null),
             polls: self.polls,
         }
@@ -81,6 +74,7 @@ impl TaskRecord {
 }
 
 /// What a poll needs from a task, copied out under the lock.
+#[derive(Clone)]
 pub(super) struct TaskSnapshot {
     pub(super) model: &'static str,
     pub(super) created: Instant,

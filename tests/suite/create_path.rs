@@ -6,11 +6,7 @@
 //! broker refuses, `Retry-After`). Counts come from the simulator over real
 //! HTTP and the real broker.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use crate::common::{node::BrokerNode, *};
 use lapin::{
@@ -29,25 +25,6 @@ use vidu_worker::{
 
 fn quota(text: &str) -> Option<CreateQuota> {
     Some(CreateQuota::parse(text).expect("quota"))
-}
-
-/// Asserts every subject has exactly one distinct terminal event id, and
-/// returns how many terminal events were seen in all.
-fn one_terminal_id_each(tap: &EventTap, subjects: &[String]) -> usize {
-    let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
-    let terminal = tap.terminal();
-    for e in &terminal {
-        ids.entry(e.subject().to_owned())
-            .or_default()
-            .insert(e.id().to_owned());
-    }
-    for s in subjects {
-        let set = ids
-            .get(s)
-            .unwrap_or_else(|| panic!("{s} has no terminal event"));
-        assert_eq!(set.len(), 1, "{s} has {} distinct terminal ids", set.len());
-    }
-    terminal.len()
 }
 
 fn assert_session_kept(worker: &WorkerProcess) {

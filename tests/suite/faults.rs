@@ -4,10 +4,7 @@
 //! test drives worker child processes with real AMQP messages and checks the
 //! outcome from the outside (events, simulator counters, queue depths).
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::Duration,
-};
+use std::time::Duration;
 
 use crate::common::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -42,22 +39,6 @@ fn seeded_rng(test: &str) -> StdRng {
 
 fn faults(list: &[&str]) -> Vec<Fault> {
     list.iter().map(|f| f.parse().expect("fault")).collect()
-}
-
-/// Asserts every subject has exactly one distinct terminal event id.
-fn assert_one_terminal_id_each(tap: &EventTap, subjects: &[String]) {
-    let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
-    for e in tap.terminal() {
-        ids.entry(e.subject().to_owned())
-            .or_default()
-            .insert(e.id().to_owned());
-    }
-    for s in subjects {
-        let set = ids
-            .get(s)
-            .unwrap_or_else(|| panic!("{s} has no terminal event"));
-        assert_eq!(set.len(), 1, "{s} has {} distinct terminal ids", set.len());
-    }
 }
 
 /// Waits until the simulator has given `n` more answers of `kind` than
@@ -114,7 +95,7 @@ async fn sigkill_at_random_moments_loses_nothing() {
         worker = env.start_worker().await;
     }
     tap.wait_finished(n, Duration::from_secs(240)).await;
-    assert_one_terminal_id_each(&tap, &subjects);
+    one_terminal_id_each(&tap, &subjects);
     tap.assert_all_succeeded();
     let stats = env.sim.stats();
     let extra = stats.tasks_created - n as u64;
@@ -181,7 +162,7 @@ async fn upstream_faults_of_every_kind_are_survived_without_tight_loops() {
     }
     tap.wait_finished(n, Duration::from_secs(180)).await;
     tap.assert_all_succeeded();
-    assert_one_terminal_id_each(&tap, &subjects);
+    one_terminal_id_each(&tap, &subjects);
     let stats = env.sim.stats();
     eprintln!(
         "upstream faults: {n} requests, {} create calls ({:.2}/request), {} polls ({:.2}/request), peak {} calls/s, responses {:?}",
@@ -295,7 +276,7 @@ async fn a_refused_key_fails_nothing_and_work_resumes_by_itself() {
     env.sim.set_auth(AuthMode::Accept);
     tap.wait_finished(n + 1, Duration::from_secs(90)).await;
     tap.assert_all_succeeded();
-    assert_one_terminal_id_each(&tap, &subjects);
+    one_terminal_id_each(&tap, &subjects);
     worker.wait_ready(Duration::from_secs(30)).await;
     assert!(worker
         .logs()
@@ -489,7 +470,7 @@ async fn sigterm_hands_back_work_exits_zero_and_a_restart_completes_it() {
 
     let _next = env.start_worker().await;
     tap.wait_finished(n, Duration::from_secs(120)).await;
-    assert_one_terminal_id_each(&tap, &subjects);
+    one_terminal_id_each(&tap, &subjects);
     tap.assert_all_succeeded();
     assert_eq!(
         env.sim.stats().tasks_created,

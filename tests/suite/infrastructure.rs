@@ -39,7 +39,8 @@ use vidu_worker::{
     broker::{self, Topology},
     config::{QueueType, Settings, API_KEY_ENV},
     events::{FAILED, SUCCEEDED},
-    upstream::{CREATE_PATH, RESULT_PATH},
+    model::Model,
+    upstream::RESULT_PATH,
 };
 
 // ---------------------------------------------------------------------------
@@ -1358,7 +1359,7 @@ async fn the_http_proxy_comes_from_the_standard_environment_variables() {
     let base = env.sim.base_url();
     assert!(
         seen.iter()
-            .any(|l| l.starts_with(&format!("POST {base}{CREATE_PATH} "))),
+            .any(|l| l.starts_with(&format!("POST {base}{} ", Model::DEFAULT.create_path()))),
         "create through the proxy: {seen:?}"
     );
     assert!(

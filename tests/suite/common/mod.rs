@@ -782,6 +782,25 @@ pub async fn refuse_events(env: &TestEnv) -> String {
     name
 }
 
+/// Asserts every subject has exactly one distinct terminal event id, and
+/// returns how many terminal events were seen in all.
+pub fn one_terminal_id_each(tap: &EventTap, subjects: &[String]) -> usize {
+    let mut ids: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    let terminal = tap.terminal();
+    for e in &terminal {
+        ids.entry(e.subject().to_owned())
+            .or_default()
+            .insert(e.id().to_owned());
+    }
+    for s in subjects {
+        let set = ids
+            .get(s)
+            .unwrap_or_else(|| panic!("{s} has no terminal event"));
+        assert_eq!(set.len(), 1, "{s} has {} distinct terminal ids", set.len());
+    }
+    terminal.len()
+}
+
 /// A valid request body.
 pub fn request(id: &str, prompt: &str) -> Value {
     serde_json::json!({
