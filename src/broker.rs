@@ -64,6 +64,8 @@ pub struct Topology {
     pub events_exchange: String,
     /// Declared queue type.
     pub queue_type: QueueType,
+    /// Replicas of each quorum queue (`amqp.quorum_initial_group_size`).
+    pub quorum_initial_group_size: Option<u16>,
     /// Broker-side delivery limit (quorum queues), a backstop behind the
     /// worker's own `max_deliveries` check.
     pub delivery_limit: u32,
@@ -92,6 +94,7 @@ impl Topology {
                 .collect(),
             events_exchange: settings.amqp.events_exchange.clone(),
             queue_type: settings.amqp.queue_type,
+            quorum_initial_group_size: settings.amqp.quorum_initial_group_size,
             delivery_limit: settings.amqp.max_deliveries + 2,
             declares: settings.amqp.declare_topology,
             queue_arguments: settings
@@ -196,6 +199,12 @@ impl Topology {
             "x-queue-type".into(),
             AMQPValue::LongString(self.queue_type.as_str().into()),
         );
+        if let (QueueType::Quorum, Some(size)) = (self.queue_type, self.quorum_initial_group_size) {
+            args.insert(
+                "x-quorum-initial-group-size".into(),
+                AMQPValue::LongInt(i32::from(size)),
+            );
+        }
         args
     }
 
@@ -755,16 +764,140 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "unknown-host".into())
 }
 
-/// Connects to the broker: the URL's host, port and vhost, credentials from
-/// the URL or `amqp.username` / `amqp.password(_file)`, and for `amqps://`
-/// the `amqp.tls` files. Errors never contain a password.
+/// How long one node may take to accept a connection before the next node
+/// of `amqp.url` is tried (a node that is down refuses at once; one behind
+/// a dropped route would otherwise hold the attempt for minutes).
+pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The order in which one worker tries the nodes of `amqp.url`: shuffled
+/// once per process (so a fleet spreads over the cluster), starting after
+/// the node whose session was lost (so a dead node is tried last).
+#[derive(Debug, Clone)]
+pub struct NodeOrder {
+    order: Vec<usize>,
+    start: usize,
+}
+
+impl NodeOrder {
+    /// A random order of `count` nodes.
+    pub fn shuffled(count: usize) -> Self {
+        use rand::seq::SliceRandom;
+        let mut order: Vec<usize> = (0..count).collect();
+        order.shuffle(&mut rand::rng());
+        Self { order, start: 0 }
+    }
+
+    /// The nodes in the order `amqp.url` lists them (one-shot commands).
+    pub fn listed(count: usize) -> Self {
+        Self {
+            order: (0..count).collect(),
+            start: 0,
+        }
+    }
+
+    /// Only node `index` (a check of each node in turn).
+    pub fn only(index: usize) -> Self {
+        Self {
+            order: vec![index],
+            start: 0,
+        }
+    }
+
+    /// The node indices of the next attempt, each once.
+    pub fn attempt(&self) -> impl Iterator<Item = usize> + '_ {
+        let n = self.order.len();
+        (0..n).map(move |k| self.order[(self.start + k) % n])
+    }
+
+    /// The session on node `index` was lost: the next attempt begins with
+    /// the node after it.
+    pub fn lost(&mut self, index: usize) {
+        if let Some(pos) = self.order.iter().position(|i| *i == index) {
+            self.start = (pos + 1) % self.order.len().max(1);
+        }
+    }
+}
+
+/// A connection and the node of `amqp.url` it reached.
+pub struct Connected {
+    /// The open connection.
+    pub conn: Connection,
+    /// The node's index in `amqp.url`.
+    pub index: usize,
+    /// The node's `host:port`, for logs and `/readyz`.
+    pub node: String,
+}
+
+/// Connects to the first node of `amqp.url` that answers, in the listed
+/// order (see [`connect_to_any`]).
 pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, BrokerError> {
+    let order = NodeOrder::listed(settings.amqp.node_count());
+    connect_to_any(settings, role, &order)
+        .await
+        .map(|c| c.conn)
+}
+
+/// Connects to the first node that answers, trying them in `order`: the
+/// URL's host, port and vhost, credentials from the URL or `amqp.username`
+/// / `amqp.password(_file)`, and for `amqps://` the `amqp.tls` files. When
+/// no node answers, the error names each node and why. Errors never contain
+/// a password.
+pub async fn connect_to_any(
+    settings: &Settings,
+    role: &str,
+    order: &NodeOrder,
+) -> Result<Connected, BrokerError> {
     let amqp = &settings.amqp;
-    let uri = amqp.connection_uri()?;
+    let mut nodes: Vec<Option<crate::config::NodeUri>> =
+        amqp.node_uris()?.into_iter().map(Some).collect();
     let tls = tls_config(amqp)?;
-    let runtime = lapin::runtime::default_runtime().map_err(BrokerError::Connection)?;
-    let props = ConnectionProperties::default()
-        .with_connection_name(LongString::from(connection_name(role, &amqp.request_queue)))
+    let several = nodes.len() > 1;
+    let mut reasons = Vec::new();
+    for index in order.attempt() {
+        let Some(node) = nodes.get_mut(index).and_then(Option::take) else {
+            continue;
+        };
+        let attempt = Connection::connect_uri_with_config(
+            node.uri,
+            connection_properties(role, &amqp.request_queue),
+            tls.clone(),
+            lapin::runtime::default_runtime().map_err(BrokerError::Connection)?,
+        );
+        let reason = match tokio::time::timeout(NODE_CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(conn)) => {
+                return Ok(Connected {
+                    conn,
+                    index,
+                    node: node.name,
+                })
+            }
+            Ok(Err(e)) => explain_connect_error(&e, amqp),
+            Err(_) => format!(
+                "no answer within {}",
+                humantime::format_duration(NODE_CONNECT_TIMEOUT)
+            ),
+        };
+        if several {
+            tracing::debug!(node = %node.name, reason = %reason, "broker node did not answer");
+            reasons.push(format!("{}: {reason}", node.name));
+        } else {
+            reasons.push(reason);
+        }
+    }
+    Err(BrokerError::Connect {
+        broker: amqp.display_url(),
+        reason: if reasons.is_empty() {
+            "amqp.url names no broker".into()
+        } else {
+            reasons.join("; ")
+        },
+    })
+}
+
+/// How this process introduces itself (see [`connection_name`]).
+fn connection_properties(role: &str, request_queue: &str) -> ConnectionProperties {
+    ConnectionProperties::default()
+        .with_connection_name(LongString::from(connection_name(role, request_queue)))
         .with_client_property("product".into(), LongString::from("vidu-worker"))
         .with_client_property(
             "version".into(),
@@ -775,16 +908,7 @@ pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, Brok
             "pid".into(),
             LongString::from(std::process::id().to_string()),
         )
-        .with_client_property(
-            "request_queue".into(),
-            LongString::from(amqp.request_queue.as_str()),
-        );
-    Connection::connect_uri_with_config(uri, props, tls, runtime)
-        .await
-        .map_err(|e| BrokerError::Connect {
-            broker: amqp.display_url(),
-            reason: explain_connect_error(&e, amqp),
-        })
+        .with_client_property("request_queue".into(), LongString::from(request_queue))
 }
 
 /// The TLS files, read now so that rotated certificates are used at the
@@ -997,6 +1121,56 @@ mod tests {
     /// `x-expires`, which it leaves unset on purpose. (The quota ledger's
     /// declaration takes no user arguments.)
     #[test]
+    fn node_order_tries_each_node_once_and_the_lost_one_last() {
+        let mut order = NodeOrder::listed(3);
+        assert_eq!(order.attempt().collect::<Vec<_>>(), [0, 1, 2]);
+        order.lost(0);
+        assert_eq!(order.attempt().collect::<Vec<_>>(), [1, 2, 0]);
+        order.lost(2);
+        assert_eq!(order.attempt().collect::<Vec<_>>(), [0, 1, 2]);
+        let one = NodeOrder::shuffled(1);
+        assert_eq!(one.attempt().collect::<Vec<_>>(), [0]);
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let shuffled = NodeOrder::shuffled(3);
+            let mut all: Vec<_> = shuffled.attempt().collect();
+            firsts.insert(all[0]);
+            all.sort_unstable();
+            assert_eq!(all, [0, 1, 2]);
+        }
+        assert_eq!(firsts.len(), 3, "every node comes first for some worker");
+        let mut empty = NodeOrder::shuffled(0);
+        empty.lost(0);
+        assert_eq!(empty.attempt().count(), 0);
+    }
+
+    #[test]
+    fn quorum_queues_get_the_group_size_classic_queues_never() {
+        let mut settings = Settings::default();
+        settings.amqp.quorum_initial_group_size = Some(3);
+        let declarations = Topology::new(&settings).queue_declarations();
+        assert_eq!(declarations.len(), 3 + WAIT_TIERS_SECS.len());
+        for (name, args) in &declarations {
+            assert_eq!(
+                args.inner().get("x-quorum-initial-group-size"),
+                Some(&AMQPValue::LongInt(3)),
+                "{name}"
+            );
+        }
+        settings.amqp.queue_type = QueueType::Classic;
+        for (name, args) in Topology::new(&settings).queue_declarations() {
+            assert!(
+                !args.inner().contains_key("x-quorum-initial-group-size"),
+                "{name}"
+            );
+        }
+        let unset = Topology::new(&Settings::default()).queue_declarations();
+        assert!(unset
+            .iter()
+            .all(|(_, args)| !args.inner().contains_key("x-quorum-initial-group-size")));
+    }
+
+    #[test]
     fn managed_queue_arguments_are_the_ones_the_topology_sets() {
         let mut set = std::collections::BTreeSet::new();
         for queue_type in [
@@ -1005,6 +1179,7 @@ mod tests {
         ] {
             let mut settings = Settings::default();
             settings.amqp.queue_type = queue_type;
+            settings.amqp.quorum_initial_group_size = Some(3);
             for (_, args) in Topology::new(&settings).queue_declarations() {
                 set.extend(args.inner().keys().map(|k| k.to_string()));
             }

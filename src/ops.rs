@@ -18,7 +18,8 @@ use crate::{gate::Gate, metrics::Metrics};
 
 #[derive(Debug, Clone)]
 struct HealthState {
-    broker: Result<(), String>,
+    /// The node in use (`host:port`), or why there is none.
+    broker: Result<String, String>,
     consuming: bool,
     stopping: bool,
 }
@@ -48,9 +49,10 @@ impl Health {
         f(&mut state);
     }
 
-    /// The broker connection is up.
-    pub fn broker_up(&self) {
-        self.update(|s| s.broker = Ok(()));
+    /// The broker connection is up, to `node` (`host:port`).
+    pub fn broker_up(&self, node: &str) {
+        let node = node.to_owned();
+        self.update(|s| s.broker = Ok(node));
     }
 
     /// The broker connection is down, and why.
@@ -72,8 +74,8 @@ impl Health {
         self.update(|s| s.stopping = true);
     }
 
-    /// `Ok` when ready; otherwise why not.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// `Ok` with the broker node in use when ready; otherwise why not.
+    pub fn readiness(&self) -> Result<String, String> {
         let state = self
             .state
             .lock()
@@ -82,14 +84,16 @@ impl Health {
         if state.stopping {
             return Err("shutting down".into());
         }
-        state.broker.map_err(|e| format!("broker: {e}"))?;
+        let node = state.broker.map_err(|e| format!("broker: {e}"))?;
         if let Some(reason) = self.gate.refusal() {
-            return Err(reason);
+            return Err(format!("{reason} (broker node {node})"));
         }
         if !state.consuming {
-            return Err("not consuming the request queue".into());
+            return Err(format!(
+                "not consuming the request queue (broker node {node})"
+            ));
         }
-        Ok(())
+        Ok(node)
     }
 }
 
@@ -110,7 +114,7 @@ pub fn router(health: Health, metrics: Metrics) -> Router {
 
 async fn readyz(State(ops): State<Ops>) -> impl IntoResponse {
     match ops.health.readiness() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(node) => (StatusCode::OK, format!("ready (broker node {node})\n")),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),

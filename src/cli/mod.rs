@@ -192,23 +192,7 @@ async fn simulate(args: SimulateArgs) -> ExitCode {
 async fn check(settings: Settings) -> ExitCode {
     let mut ok = true;
     println!("ok   configuration");
-    let url = settings.amqp.display_url();
-    match broker::connect(&settings, "check").await {
-        Ok(conn) => {
-            let how = match (settings.amqp.uses_tls(), &settings.amqp.tls.cert_file) {
-                (false, _) => "",
-                (true, None) => " over TLS",
-                (true, Some(_)) => " over TLS with a client certificate",
-            };
-            println!("ok   broker {url} reachable{how}");
-            ok &= check_topology(&settings, &conn).await;
-            let _ = conn.close(200, "check done".into()).await;
-        }
-        Err(e) => {
-            ok = false;
-            println!("FAIL broker: {e}");
-        }
-    }
+    ok &= check_broker(&settings).await;
     match &settings.upstream.api_key {
         None => println!("skip upstream: no API key set (NOVITA_API_KEY)"),
         Some(key) => {
@@ -242,6 +226,46 @@ async fn check(settings: Settings) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// Reaches every node of `amqp.url`, naming each; checks the topology on
+/// the first that answers. Fails when no node answers; a node that does not
+/// answer while another does is a warning (the worker runs, with less
+/// room to fail over).
+async fn check_broker(settings: &Settings) -> bool {
+    let how = match (settings.amqp.uses_tls(), &settings.amqp.tls.cert_file) {
+        (false, _) => "",
+        (true, None) => " over TLS",
+        (true, Some(_)) => " over TLS with a client certificate",
+    };
+    let count = settings.amqp.node_count();
+    let mut reached = false;
+    let mut topology_ok = true;
+    let mut down = Vec::new();
+    for index in 0..count {
+        match broker::connect_to_any(settings, "check", &broker::NodeOrder::only(index)).await {
+            Ok(connected) => {
+                println!("ok   broker node {} reachable{how}", connected.node);
+                if !reached {
+                    topology_ok = check_topology(settings, &connected.conn).await;
+                }
+                reached = true;
+                let _ = connected.conn.close(200, "check done".into()).await;
+            }
+            Err(e) => down.push(e),
+        }
+    }
+    for e in &down {
+        if reached {
+            println!("warn broker: {e}");
+        } else {
+            println!("FAIL broker: {e}");
+        }
+    }
+    if let Some(warning) = crate::worker::cluster_warning(settings) {
+        println!("warn {warning}");
+    }
+    reached && topology_ok
 }
 
 /// With `amqp.declare_topology = false`, reports whether the topology the

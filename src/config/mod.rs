@@ -38,7 +38,7 @@ pub use schema::{
     LogFormat, LogSettings, PollingSettings, QueueArgument, QueueType, ShutdownSettings,
     TicketSettings, UpstreamSettings, DURATION_LIMITS, MANAGED_QUEUE_ARGUMENTS,
 };
-pub use uri::redact_url;
+pub use uri::{redact_url, split_urls, NodeUri, MAX_NODES};
 
 /// The environment prefix of every key (`VIDU_WORKER__AMQP__URL`).
 pub const ENV_PREFIX: &str = "VIDU_WORKER";
@@ -251,16 +251,8 @@ impl Settings {
                 "must be at least 16 characters (or unset, to derive the key from the API key)",
             ));
         }
-        let url = self.amqp.url.expose_secret();
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return Err(ConfigError::new(
-                "amqp.url",
-                "must start with amqp:// or amqps://",
-            ));
-        }
-        if url.parse::<lapin::uri::AMQPUri>().is_err() {
-            return Err(ConfigError::new("amqp.url", "is not a valid AMQP URL"));
-        }
+        self.amqp.validate_nodes()?;
+        self.validate_quorum_group_size()?;
         self.validate_broker_access()?;
         self.validate_queue_arguments()?;
         check_name("amqp.request_queue", &self.amqp.request_queue)?;
@@ -392,6 +384,27 @@ impl Settings {
             ));
         }
         amqp.effective_password()?;
+        Ok(())
+    }
+
+    /// `amqp.quorum_initial_group_size`: replicas of a quorum queue, so
+    /// only with quorum queues, and at least one.
+    fn validate_quorum_group_size(&self) -> Result<(), ConfigError> {
+        let Some(size) = self.amqp.quorum_initial_group_size else {
+            return Ok(());
+        };
+        if size == 0 {
+            return Err(ConfigError::new(
+                "amqp.quorum_initial_group_size",
+                "must be at least 1 (or unset, for the broker's default: every cluster node)",
+            ));
+        }
+        if self.amqp.queue_type == QueueType::Classic {
+            return Err(ConfigError::new(
+                "amqp.quorum_initial_group_size",
+                "applies to quorum queues only, and amqp.queue_type is classic",
+            ));
+        }
         Ok(())
     }
 
@@ -638,6 +651,32 @@ mod tests {
             ("VIDU_WORKER__HTTP__LISTEN", "nowhere", "http.listen"),
             ("VIDU_WORKER__LOG__FORMAT", "xml", "log.format"),
             ("VIDU_WORKER__AMQP__QUEUE_TYPE", "stream", "amqp.queue_type"),
+            (
+                "VIDU_WORKER__AMQP__URL",
+                "amqp://h1:5672/%2f,amqps://h2:5671/%2f",
+                "amqp.url",
+            ),
+            (
+                "VIDU_WORKER__AMQP__URL",
+                "amqp://h1:5672/%2f,amqp://h2:5672/other",
+                "amqp.url",
+            ),
+            ("VIDU_WORKER__AMQP__URL", "amqp://h1:5672/%2f,", "amqp.url"),
+            (
+                "VIDU_WORKER__AMQP__URL",
+                "amqp://h1:5672/%2f,amqp://h2:notaport/%2f",
+                "amqp.url",
+            ),
+            (
+                "VIDU_WORKER__AMQP__QUORUM_INITIAL_GROUP_SIZE",
+                "0",
+                "amqp.quorum_initial_group_size",
+            ),
+            (
+                "VIDU_WORKER__AMQP__QUORUM_INITIAL_GROUP_SIZE",
+                "three",
+                "amqp.quorum_initial_group_size",
+            ),
         ];
         for (var, value, key) in cases {
             let err = load(&[(var, value)]).expect_err(var);
@@ -645,6 +684,54 @@ mod tests {
             let line = err.to_string();
             assert!(!line.contains('\n'), "one line: {line}");
         }
+    }
+
+    #[test]
+    fn the_nodes_of_a_cluster_are_a_list() {
+        let from_env = load(&[(
+            "VIDU_WORKER__AMQP__URL",
+            "amqp://u:pw1@10.0.0.1:5672/%2f, amqp://u:pw1@10.0.0.2:5673/%2f",
+        )])
+        .expect("a comma-separated list");
+        let from_toml = load_file(
+            "[amqp]\nurl = [\"amqp://u:pw1@10.0.0.1:5672/%2f\", \"amqp://u:pw1@10.0.0.2:5673/%2f\"]\n",
+        )
+        .expect("a TOML list");
+        for s in [from_env, from_toml] {
+            let nodes = s.amqp.node_uris().expect("node URIs");
+            let names: Vec<_> = nodes.iter().map(|n| n.name.as_str()).collect();
+            assert_eq!(names, ["10.0.0.1:5672", "10.0.0.2:5673"]);
+            assert!(nodes.iter().all(|n| n.uri.vhost == "/"));
+            assert_eq!(s.amqp.node_count(), 2);
+            let shown = s.amqp.display_url();
+            assert!(!shown.contains("pw1"), "{shown}");
+            assert!(!format!("{:?}", s.amqp).contains("pw1"));
+        }
+        let s = load(&[
+            (
+                "VIDU_WORKER__AMQP__URL",
+                "amqp://a:b@h1:5672/%2f,amqp://c:d@h2:5672/%2f",
+            ),
+            ("VIDU_WORKER__AMQP__USERNAME", "vidu"),
+            ("VIDU_WORKER__AMQP__PASSWORD", "override-pw"),
+        ])
+        .expect("credentials apply to every node");
+        for node in s.amqp.node_uris().expect("node URIs") {
+            assert_eq!(node.uri.authority.userinfo.username, "vidu");
+            assert_eq!(node.uri.authority.userinfo.password, "override-pw");
+        }
+    }
+
+    #[test]
+    fn quorum_group_size_is_for_quorum_queues() {
+        let s = load(&[("VIDU_WORKER__AMQP__QUORUM_INITIAL_GROUP_SIZE", "3")]).expect("loads");
+        assert_eq!(s.amqp.quorum_initial_group_size, Some(3));
+        let err = load(&[
+            ("VIDU_WORKER__AMQP__QUORUM_INITIAL_GROUP_SIZE", "3"),
+            ("VIDU_WORKER__AMQP__QUEUE_TYPE", "classic"),
+        ])
+        .expect_err("classic queues have no replicas");
+        assert_eq!(err.key, "amqp.quorum_initial_group_size");
     }
 
     /// The variable of a dotted key (`polling.min_interval`).
@@ -723,7 +810,7 @@ mod tests {
                 QueueArgument::Text("balanced".into()),
             ),
             ("x-single-active-consumer", QueueArgument::Bool(true)),
-            ("x-quorum-initial-group-size", QueueArgument::Int(3)),
+            ("x-max-in-memory-length", QueueArgument::Int(3)),
             ("x-vidu-weight", QueueArgument::Float(0.5)),
         ]
         .into_iter()
@@ -989,11 +1076,11 @@ mod tests {
     #[test]
     fn queue_arguments_are_typed_and_guarded() {
         let s = load_file(
-            "[amqp.queue_arguments]\n\"x-quorum-initial-group-size\" = 3\n\"x-queue-leader-locator\" = \"balanced\"\n\"x-single-active-consumer\" = false\n",
+            "[amqp.queue_arguments]\n\"x-max-in-memory-length\" = 3\n\"x-queue-leader-locator\" = \"balanced\"\n\"x-single-active-consumer\" = false\n",
         )
         .expect("loads");
         let args = &s.amqp.queue_arguments;
-        assert_eq!(args["x-quorum-initial-group-size"], QueueArgument::Int(3));
+        assert_eq!(args["x-max-in-memory-length"], QueueArgument::Int(3));
         assert_eq!(
             args["x-queue-leader-locator"],
             QueueArgument::Text("balanced".into())
@@ -1016,6 +1103,10 @@ mod tests {
                 "amqp.queue_arguments.x-message-ttl",
             ),
             ("\"x-expires\" = 1000", "amqp.queue_arguments.x-expires"),
+            (
+                "\"x-quorum-initial-group-size\" = 3",
+                "amqp.queue_arguments.x-quorum-initial-group-size",
+            ),
             (
                 "\"x-overflow\" = \"drop-head\"",
                 "amqp.queue_arguments.x-overflow",

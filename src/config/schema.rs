@@ -11,7 +11,7 @@ use crate::model::Model;
 use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::{env, redact_url, Settings};
 
@@ -115,7 +115,13 @@ impl QueueType {
 pub struct AmqpSettings {
     /// Broker URL, `amqp://user:pass@host:port/vhost` (or `amqps://` for
     /// TLS). The vhost is the URL's path, percent-encoded (`%2f` is `/`).
-    #[serde(serialize_with = "env::secret_url")]
+    /// The nodes of one cluster are a comma-separated list (or a TOML
+    /// list): each worker shuffles them, uses the first that answers and
+    /// moves to another when its node is lost.
+    #[serde(
+        serialize_with = "env::secret_url",
+        deserialize_with = "url_list"
+    )]
     pub url: SecretString,
     /// User name, overriding the URL's.
     pub username: Option<String>,
@@ -140,6 +146,10 @@ pub struct AmqpSettings {
     pub prefetch: u16,
     /// Type of the queues the worker declares.
     pub queue_type: QueueType,
+    /// Replicas of each quorum queue the worker declares
+    /// (`x-quorum-initial-group-size`); unset, the broker's default applies
+    /// (every node of the cluster at declaration time).
+    pub quorum_initial_group_size: Option<u16>,
     /// Deliveries after which a request or ticket that never completes is
     /// dead-lettered as poison.
     pub max_deliveries: u32,
@@ -163,6 +173,7 @@ impl fmt::Debug for AmqpSettings {
             .field("events_exchange", &self.events_exchange)
             .field("prefetch", &self.prefetch)
             .field("queue_type", &self.queue_type)
+            .field("quorum_initial_group_size", &self.quorum_initial_group_size)
             .field("max_deliveries", &self.max_deliveries)
             .field("max_hold", &self.max_hold)
             .finish()
@@ -183,10 +194,26 @@ impl Default for AmqpSettings {
             events_exchange: "vidu.events".into(),
             prefetch: 32,
             queue_type: QueueType::Quorum,
+            quorum_initial_group_size: None,
             max_deliveries: 10,
             max_hold: Duration::from_secs(600),
         }
     }
+}
+
+/// Reads `amqp.url`: one URL, a comma-separated list of the nodes of one
+/// cluster, or (in TOML) a list of URLs, kept as the comma-separated text.
+fn url_list<'de, D: Deserializer<'de>>(d: D) -> Result<SecretString, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(SecretString::from(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(url) => url,
+        OneOrMany::Many(urls) => urls.join(","),
+    }))
 }
 
 /// `[amqp.tls]`: verification of the broker and the client's own identity,
@@ -300,6 +327,10 @@ fn optional_quota<'de, D: serde::Deserializer<'de>>(
 /// declares.
 pub const MANAGED_QUEUE_ARGUMENTS: &[(&str, &str)] = &[
     ("x-queue-type", "set it with amqp.queue_type"),
+    (
+        "x-quorum-initial-group-size",
+        "set it with amqp.quorum_initial_group_size",
+    ),
     ("x-delivery-limit", "it follows amqp.max_deliveries"),
     (
         "x-dead-letter-exchange",

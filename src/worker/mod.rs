@@ -88,12 +88,15 @@ pub async fn run_with_listener(
     tracing::info!(
         request_queue = %settings.amqp.request_queue,
         events_exchange = %settings.amqp.events_exchange,
-        broker = %crate::config::redact_url(secrecy::ExposeSecret::expose_secret(&settings.amqp.url)),
+        broker = %settings.amqp.display_url(),
         upstream = %settings.upstream.base_url,
         create_quota = %settings.upstream.create_quota.map_or_else(|| "learned from 429s".to_owned(), |q| q.to_string()),
         ops = %listen,
         "vidu-worker starting"
     );
+    if let Some(warning) = cluster_warning(&settings) {
+        tracing::warn!("{warning}");
+    }
     let ctx = Arc::new(Context {
         pacer: Pacer::new(settings.upstream.create_quota, metrics.clone()),
         ledger: topology
@@ -125,4 +128,18 @@ pub async fn run_with_listener(
     let _ = ops_task.await;
     tracing::info!("vidu-worker stopped");
     result
+}
+
+/// A warning for a topology that does not survive the loss of a node:
+/// classic queues live on one node of a cluster, so when `amqp.url` names
+/// several nodes their messages are out of reach (or lost) with that node.
+/// A single URL may still be a load balancer in front of a cluster, which
+/// the worker cannot see; the README says so.
+pub fn cluster_warning(settings: &Settings) -> Option<String> {
+    let nodes = settings.amqp.node_count();
+    (nodes > 1 && settings.amqp.queue_type == crate::config::QueueType::Classic).then(|| {
+        format!(
+            "amqp.url names {nodes} nodes but amqp.queue_type is classic: classic queues are not replicated, so requests and tickets on a lost node are unavailable until it returns (or gone, if its disk is); use quorum queues on a cluster"
+        )
+    })
 }

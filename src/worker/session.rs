@@ -47,24 +47,27 @@ pub(super) async fn supervise(ctx: Arc<Context>) -> Result<(), BrokerError> {
     };
     let mut attempt: u32 = 0;
     let mut ever_connected = false;
+    let mut nodes = broker::NodeOrder::shuffled(ctx.settings.amqp.node_count());
     loop {
         if ctx.shutdown.is_cancelled() {
             break;
         }
-        match Session::open(&ctx).await {
+        match Session::open(&ctx, &nodes).await {
             Ok(session) => {
+                let (node, index) = (session.node.clone(), session.node_index);
                 if ever_connected {
-                    tracing::info!("reconnected to the broker");
+                    tracing::info!(node = %node, "reconnected to the broker");
                 } else {
-                    tracing::info!("connected to the broker; consuming");
+                    tracing::info!(node = %node, "connected to the broker; consuming");
                 }
                 ever_connected = true;
                 attempt = 0;
                 match session.run(&ctx, &tracker).await {
                     SessionEnd::Shutdown => return Ok(()),
                     SessionEnd::Lost(reason) => {
-                        tracing::warn!(reason = %reason, "lost the broker session; reconnecting");
-                        ctx.health.broker_down(reason.to_string());
+                        tracing::warn!(node = %node, reason = %reason, "lost the broker session; reconnecting");
+                        ctx.health.broker_down(format!("{reason} (node {node})"));
+                        nodes.lost(index);
                     }
                 }
             }
@@ -148,6 +151,10 @@ pub(super) enum Lost {
 
 struct Session {
     conn: Arc<Connection>,
+    /// The node of `amqp.url` the connection reached: `host:port`, and its
+    /// index in the list.
+    node: String,
+    node_index: usize,
     publisher: Publisher,
     /// Requests are taken (`basic.get`) and acknowledged on this channel.
     intake_channel: Channel,
@@ -158,8 +165,9 @@ struct Session {
 }
 
 impl Session {
-    async fn open(ctx: &Context) -> Result<Self, BrokerError> {
-        let conn = Arc::new(broker::connect(&ctx.settings, "worker").await?);
+    async fn open(ctx: &Context, nodes: &broker::NodeOrder) -> Result<Self, BrokerError> {
+        let connected = broker::connect_to_any(&ctx.settings, "worker", nodes).await?;
+        let conn = Arc::new(connected.conn);
         ctx.topology.declare(&conn).await?;
         let publisher = Publisher::open(conn.clone())
             .await
@@ -173,6 +181,8 @@ impl Session {
             .map_err(BrokerError::Connection)?;
         Ok(Self {
             conn,
+            node: connected.node,
+            node_index: connected.index,
             publisher,
             intake_channel,
             tracking_channel,
@@ -195,7 +205,7 @@ impl Session {
 
     async fn run(self, ctx: &Arc<Context>, tracker: &TaskTracker) -> SessionEnd {
         ctx.publisher.send_replace(Some(self.publisher.clone()));
-        ctx.health.broker_up();
+        ctx.health.broker_up(&self.node);
         ctx.metrics.set_broker_connected(true);
         let sampler_stop = CancellationToken::new();
         let sampler = tokio::spawn(background::sample_tracked(

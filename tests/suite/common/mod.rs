@@ -230,11 +230,7 @@ impl TestEnv {
         tweak(&mut settings);
         let topology = Topology::new(&settings);
         let url = secrecy::ExposeSecret::expose_secret(&settings.amqp.url).to_owned();
-        let conn = Arc::new(
-            Connection::connect(&url, ConnectionProperties::default())
-                .await
-                .expect("RabbitMQ reachable"),
-        );
+        let conn = Arc::new(connect_any(&url).await.expect("RabbitMQ reachable"));
         topology.declare(&conn).await.expect("topology");
         let channel = conn.create_channel().await.expect("channel");
         let publisher = Publisher::open(conn).await.expect("publisher");
@@ -395,7 +391,7 @@ impl TestEnv {
         let mut ready_tx = Some(ready_tx);
         let task = tokio::spawn(async move {
             loop {
-                if let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await {
+                if let Some(conn) = connect_any(&url).await {
                     if let Ok(channel) = conn.create_channel().await {
                         if let Ok(mut consumer) = channel
                             .basic_consume(
@@ -557,8 +553,7 @@ impl Drop for TestEnv {
                 return;
             };
             rt.block_on(async move {
-                let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await
-                else {
+                let Some(conn) = connect_any(&url).await else {
                     return;
                 };
                 let Ok(ch) = conn.create_channel().await else {
@@ -799,6 +794,17 @@ pub fn one_terminal_id_each(tap: &EventTap, subjects: &[String]) -> usize {
         assert_eq!(set.len(), 1, "{s} has {} distinct terminal ids", set.len());
     }
     terminal.len()
+}
+
+/// Connects to the first node of a broker URL (or comma-separated list of
+/// node URLs, as `amqp.url` takes them) that answers.
+pub async fn connect_any(urls: &str) -> Option<Connection> {
+    for url in vidu_worker::config::split_urls(urls) {
+        if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await {
+            return Some(conn);
+        }
+    }
+    None
 }
 
 /// A valid request body.

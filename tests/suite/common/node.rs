@@ -57,6 +57,71 @@ impl BrokerNode {
 
     /// Starts a node with options and waits until it accepts connections.
     pub fn start_with(options: NodeOptions) -> Self {
+        let node = Self::launch(options);
+        node.await_startup();
+        node
+    }
+
+    /// Starts `n` nodes and joins them into one cluster (the nodes 2..n
+    /// join the first with `rabbitmqctl join_cluster`). Every node is
+    /// stopped and its directory removed on drop, also when a later step
+    /// fails.
+    pub fn start_cluster(n: usize) -> Vec<Self> {
+        // Launch all, then wait for all: the Erlang nodes boot in parallel.
+        let nodes: Vec<Self> = (0..n).map(|_| Self::launch(NodeOptions::default())).collect();
+        for node in &nodes {
+            node.await_startup();
+        }
+        let first = nodes[0].name.clone();
+        for node in &nodes[1..] {
+            node.ctl_output(&["stop_app"]);
+            node.ctl_output(&["join_cluster", &first]);
+            node.ctl_output(&["start_app"]);
+            node.await_startup();
+        }
+        let status = nodes[0].ctl_output(&["cluster_status", "--formatter", "json"]);
+        let running = serde_json::from_str::<serde_json::Value>(&status)
+            .ok()
+            .and_then(|v| v["running_nodes"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        assert_eq!(running, n, "cluster of {n} running: {status}");
+        nodes
+    }
+
+    /// Stops the node hard, as a crashed machine would (SIGKILL to the
+    /// Erlang VM): no clean shutdown, no goodbye to its cluster.
+    pub fn kill(&self) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).unwrap_or_default();
+        let pid = pid.trim();
+        assert!(!pid.is_empty(), "no pid file for {}", self.name);
+        let status = Command::new("kill")
+            .args(["-9", pid])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -9 {pid}");
+        // Wait until the VM is gone (its port closes).
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{} still answers after SIGKILL", self.name);
+    }
+
+    /// Starts a killed node again (it rejoins its cluster) and waits for it.
+    pub fn restart(&self) {
+        let status = self
+            .command("rabbitmq-server")
+            .arg("-detached")
+            .status()
+            .expect("rabbitmq-server is installed");
+        assert!(status.success(), "rabbitmq-server -detached failed");
+        self.await_startup();
+    }
+
+    /// Launches a node without waiting for it.
+    fn launch(options: NodeOptions) -> Self {
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("vidutest{}@localhost", &unique[..8]);
         let mut ports = Vec::new();
@@ -108,7 +173,6 @@ impl BrokerNode {
             .status()
             .expect("rabbitmq-server is installed");
         assert!(status.success(), "rabbitmq-server -detached failed");
-        node.await_startup();
         node
     }
 
@@ -244,7 +308,15 @@ impl BrokerNode {
 
 impl Drop for BrokerNode {
     fn drop(&mut self) {
-        let _ = self.ctl(&["stop"]);
+        if !self.ctl(&["stop"]) {
+            // Not answering: make sure no VM of this node is left running.
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+                let _ = Command::new("kill")
+                    .args(["-9", pid.trim()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
