@@ -20,6 +20,7 @@ mod common;
 
 mod broker_restart;
 mod cli;
+mod cluster_manifests;
 mod create_path;
 mod deploy_files;
 mod end_to_end;
