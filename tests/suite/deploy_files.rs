@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use vidu_worker::config::{Settings, API_KEY_ENV, DEFAULT_FILE};
 
-const KUBERNETES_DIR: &str = "deploy/kubernetes";
+pub(crate) const KUBERNETES_DIR: &str = "deploy/kubernetes";
 const COMPOSE_FILE: &str = "deploy/docker-compose.yml";
 /// Official Kubernetes schemas (kubernetes-json-schema, "local-strict").
 const K8S_SCHEMA_DIR: &str = "deploy/schemas/kubernetes/v1.33.0-local-strict";
@@ -32,6 +32,9 @@ const K8S_SCHEMA_DIR: &str = "deploy/schemas/kubernetes/v1.33.0-local-strict";
 const K8S_DEFINITIONS_URI: &str = "https://kubernetes.io/api/_definitions.json";
 /// Schemas for KEDA's custom resources (written from KEDA's documentation).
 const KEDA_SCHEMA_DIR: &str = "deploy/schemas/keda";
+/// Schemas for the RabbitMQ operators' custom resources (written from their
+/// documentation and published CRDs).
+pub(crate) const RABBITMQ_SCHEMA_DIR: &str = "deploy/schemas/rabbitmq-operators";
 const COMPOSE_SCHEMA: &str = "deploy/schemas/compose-spec.json";
 /// The non-root user of the image (Dockerfile `USER`).
 const IMAGE_UID: i64 = 10001;
@@ -41,7 +44,7 @@ const IMAGE_UID: i64 = 10001;
 // ---------------------------------------------------------------------------
 
 /// Every document of a (multi-document) YAML text, empty documents skipped.
-fn yaml_documents(text: &str, origin: &str) -> Vec<Value> {
+pub(crate) fn yaml_documents(text: &str, origin: &str) -> Vec<Value> {
     serde_yaml::Deserializer::from_str(text)
         .map(|doc| {
             Value::deserialize(doc).unwrap_or_else(|e| panic!("{origin} is not valid YAML: {e}"))
@@ -52,24 +55,31 @@ fn yaml_documents(text: &str, origin: &str) -> Vec<Value> {
 
 /// One Kubernetes object and where it came from.
 #[derive(Debug, Clone)]
-struct Manifest {
-    origin: String,
-    doc: Value,
+pub(crate) struct Manifest {
+    pub(crate) origin: String,
+    pub(crate) doc: Value,
 }
 
 impl Manifest {
-    fn kind(&self) -> &str {
+    pub(crate) fn kind(&self) -> &str {
         self.doc["kind"].as_str().unwrap_or_default()
     }
-    fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.doc["metadata"]["name"].as_str().unwrap_or_default()
     }
 }
 
 fn manifests() -> Vec<Manifest> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_path(KUBERNETES_DIR))
-        .expect("deploy/kubernetes exists")
+    manifests_in(KUBERNETES_DIR)
+}
+
+/// The manifests of the `*.yaml` files directly in `dir` (subdirectories are
+/// variants with tests of their own).
+pub(crate) fn manifests_in(dir: &str) -> Vec<Manifest> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo_path(dir))
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
         .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| !p.is_dir())
         .collect();
     files.sort();
     let mut out = Vec::new();
@@ -78,9 +88,9 @@ fn manifests() -> Vec<Manifest> {
         let name = name.unwrap_or_default();
         assert!(
             name.ends_with(".yaml"),
-            "{KUBERNETES_DIR}/{name}: manifests are *.yaml (anything else is not checked)"
+            "{dir}/{name}: manifests are *.yaml (anything else is not checked)"
         );
-        let rel = format!("{KUBERNETES_DIR}/{name}");
+        let rel = format!("{dir}/{name}");
         for (i, doc) in yaml_documents(&read(&rel), &rel).into_iter().enumerate() {
             out.push(Manifest {
                 origin: format!("{rel}#{i}"),
@@ -92,7 +102,7 @@ fn manifests() -> Vec<Manifest> {
 }
 
 /// The one manifest of `kind`.
-fn the(manifests: &[Manifest], kind: &str) -> Manifest {
+pub(crate) fn the(manifests: &[Manifest], kind: &str) -> Manifest {
     let found: Vec<&Manifest> = manifests.iter().filter(|m| m.kind() == kind).collect();
     assert_eq!(found.len(), 1, "exactly one {kind}");
     found[0].clone()
@@ -102,7 +112,7 @@ fn the(manifests: &[Manifest], kind: &str) -> Manifest {
 /// kubernetes-json-schema names them: `<kind>-<group>-<version>.json` (group
 /// = its first DNS label, none for the core group). Unknown kinds are errors:
 /// a manifest nobody can validate must not slip through.
-fn schema_file_for(api_version: &str, kind: &str) -> Result<String, String> {
+pub(crate) fn schema_file_for(api_version: &str, kind: &str) -> Result<String, String> {
     if api_version.is_empty() || kind.is_empty() {
         return Err("a manifest without apiVersion or kind".into());
     }
@@ -115,7 +125,7 @@ fn schema_file_for(api_version: &str, kind: &str) -> Result<String, String> {
     } else {
         format!("{}-{group}-{version}.json", kind.to_lowercase())
     };
-    [K8S_SCHEMA_DIR, KEDA_SCHEMA_DIR]
+    [K8S_SCHEMA_DIR, KEDA_SCHEMA_DIR, RABBITMQ_SCHEMA_DIR]
         .iter()
         .map(|dir| format!("{dir}/{file}"))
         .find(|rel| repo_path(rel).is_file())
@@ -152,7 +162,7 @@ fn manifest_validator(schema_rel: &str) -> Arc<Validator> {
 }
 
 /// Validates one manifest against the schema of its kind.
-fn validate_manifest(doc: &Value) -> Result<(), Vec<String>> {
+pub(crate) fn validate_manifest(doc: &Value) -> Result<(), Vec<String>> {
     let schema = schema_file_for(
         doc["apiVersion"].as_str().unwrap_or_default(),
         doc["kind"].as_str().unwrap_or_default(),
@@ -183,7 +193,7 @@ fn compose_validator() -> Validator {
 
 /// Loads the worker's settings exactly as the binary would: the shipped
 /// defaults file, an optional extra file, and an environment.
-fn load_settings(extra_toml: Option<&str>, env: &HashMap<String, String>) -> Settings {
+pub(crate) fn load_settings(extra_toml: Option<&str>, env: &HashMap<String, String>) -> Settings {
     let extra = extra_toml.map(|text| {
         let path = std::env::temp_dir().join(format!(
             "vidu-worker-deploy-test-{}.toml",
@@ -200,14 +210,14 @@ fn load_settings(extra_toml: Option<&str>, env: &HashMap<String, String>) -> Set
 }
 
 /// A `--key value` option of an argument list.
-fn option_value<'a>(args: &'a [String], option: &str) -> Option<&'a str> {
+pub(crate) fn option_value<'a>(args: &'a [String], option: &str) -> Option<&'a str> {
     args.iter()
         .position(|a| a == option)
         .and_then(|i| args.get(i + 1))
         .map(String::as_str)
 }
 
-fn strings(value: &Value) -> Vec<String> {
+pub(crate) fn strings(value: &Value) -> Vec<String> {
     value
         .as_array()
         .map(|a| {
@@ -218,7 +228,7 @@ fn strings(value: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn port_of(listen: &str) -> u16 {
+pub(crate) fn port_of(listen: &str) -> u16 {
     listen
         .rsplit(':')
         .next()
@@ -251,7 +261,7 @@ fn humantime_secs(text: &str) -> Option<u64> {
     number.is_empty().then_some(total)
 }
 
-fn is_subset(labels: &Value, of: &Value) -> bool {
+pub(crate) fn is_subset(labels: &Value, of: &Value) -> bool {
     labels
         .as_object()
         .is_some_and(|l| !l.is_empty() && l.iter().all(|(k, v)| of.get(k) == Some(v)))
@@ -1023,7 +1033,13 @@ fn the_deploy_readmes_cover_every_file() {
         .expect("dir")
         .flatten()
     {
-        files.push(entry.file_name().to_string_lossy().into_owned());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.path().is_dir() {
+            for inner in std::fs::read_dir(entry.path()).expect("dir").flatten() {
+                files.push(format!("{name}/{}", inner.file_name().to_string_lossy()));
+            }
+        }
+        files.push(name);
     }
     for file in &files {
         assert!(

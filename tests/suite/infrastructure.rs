@@ -229,7 +229,7 @@ async fn delete_exchange_and(env: &TestEnv, queues: &[String]) {
 // ---------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Mode {
+pub(crate) enum Mode {
     /// `amqp.declare_topology = true`: the worker declares.
     Declare,
     /// `amqp.declare_topology = false`: operators own the topology.
@@ -242,7 +242,11 @@ fn escape(name: &str) -> String {
 
 /// The minimal permissions of `vidu-worker run` for one deployment:
 /// [configure, write, read], each a list of anchored alternatives.
-fn worker_permissions(mode: Mode, request_queue: &str, exchange: &str) -> [Vec<String>; 3] {
+pub(crate) fn worker_permissions(
+    mode: Mode,
+    request_queue: &str,
+    exchange: &str,
+) -> [Vec<String>; 3] {
     let rq = escape(request_queue);
     let ex = escape(exchange);
     match mode {
@@ -289,7 +293,7 @@ fn regexp(alternatives: &[String]) -> String {
     }
 }
 
-fn regexps(perms: &[Vec<String>; 3]) -> [String; 3] {
+pub(crate) fn regexps(perms: &[Vec<String>; 3]) -> [String; 3] {
     [regexp(&perms[0]), regexp(&perms[1]), regexp(&perms[2])]
 }
 
@@ -1383,7 +1387,7 @@ async fn the_http_proxy_comes_from_the_standard_environment_variables() {
 // The shipped definitions and documentation
 // ---------------------------------------------------------------------------
 
-fn shipped_definitions_path() -> PathBuf {
+pub(crate) fn shipped_definitions_path() -> PathBuf {
     files::repo_path("deploy/rabbitmq/definitions.json")
 }
 
@@ -1392,7 +1396,7 @@ fn set_readable(path: &Path) {
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644));
 }
 
-fn amqp_json(value: &AMQPValue) -> Value {
+pub(crate) fn amqp_json(value: &AMQPValue) -> Value {
     match value {
         AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into()),
         AMQPValue::LongInt(i) => json!(i),

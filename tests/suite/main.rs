@@ -21,6 +21,7 @@ mod common;
 mod broker_restart;
 mod cli;
 mod cluster;
+mod cluster_manifests;
 mod create_path;
 mod deploy_files;
 mod end_to_end;
