@@ -30,4 +30,5 @@ mod hostile;
 mod infrastructure;
 mod interface_docs;
 mod models;
+mod monitoring;
 mod request_parser;
