@@ -832,9 +832,7 @@ pub struct Connected {
 /// order (see [`connect_to_any`]).
 pub async fn connect(settings: &Settings, role: &str) -> Result<Connection, BrokerError> {
     let order = NodeOrder::listed(settings.amqp.node_count());
-    connect_to_any(settings, role, &order)
-        .await
-        .map(|c| c.conn)
+    connect_to_any(settings, role, &order).await.map(|c| c.conn)
 }
 
 /// Connects to the first node that answers, trying them in `order`: the

@@ -118,10 +118,7 @@ pub struct AmqpSettings {
     /// The nodes of one cluster are a comma-separated list (or a TOML
     /// list): each worker shuffles them, uses the first that answers and
     /// moves to another when its node is lost.
-    #[serde(
-        serialize_with = "env::secret_url",
-        deserialize_with = "url_list"
-    )]
+    #[serde(serialize_with = "env::secret_url", deserialize_with = "url_list")]
     pub url: SecretString,
     /// User name, overriding the URL's.
     pub username: Option<String>,

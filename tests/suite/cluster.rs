@@ -42,7 +42,10 @@ async fn wait_node_of(worker: &WorkerProcess, timeout: Duration) -> u16 {
 async fn replicated_tap(env: &TestEnv) -> EventTap {
     let queue = format!("{}.clustertap", env.name);
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     env.channel
         .queue_declare(
             queue.as_str().into(),
@@ -159,9 +162,11 @@ async fn run(
         .map(|(w, _)| w);
     let mut moved_ready_after = None;
     if let Some(w) = moved {
-        let now_on = eventually(Duration::from_secs(120), "the moved worker's new node", || async {
-            node_of(w).await.filter(|n| *n != killed_port)
-        })
+        let now_on = eventually(
+            Duration::from_secs(120),
+            "the moved worker's new node",
+            || async { node_of(w).await.filter(|n| *n != killed_port) },
+        )
         .await;
         moved_ready_after = Some(killed_at.elapsed());
         eprintln!("{label}: the worker on the lost node now uses port {now_on}");
@@ -172,7 +177,10 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     if tap.finished_subjects().len() < REQUESTS {
-        let alive = nodes.iter().find(|n| n.port != killed_port).expect("a live node");
+        let alive = nodes
+            .iter()
+            .find(|n| n.port != killed_port)
+            .expect("a live node");
         let queues = tokio::task::block_in_place(|| {
             alive.ctl_output(&[
                 "list_queues",
@@ -211,13 +219,18 @@ async fn run(
             .metric("vidu_worker_creates_total", "accepted_after_delivery_lost")
             .await;
         let handled = w
-            .metric("vidu_worker_requests_received_total", "outcome=\"submitted\"")
+            .metric(
+                "vidu_worker_requests_received_total",
+                "outcome=\"submitted\"",
+            )
             .await;
         assert!(handled > 0.0, "both workers took requests");
     }
     if let Some(w) = moved {
         assert!(
-            w.logs().iter().any(|l| l.contains("reconnected to the broker")),
+            w.logs()
+                .iter()
+                .any(|l| l.contains("reconnected to the broker")),
             "the moved worker reconnected without a restart"
         );
     }
@@ -274,7 +287,10 @@ async fn a_cluster_loses_a_node_and_every_request_ends_once() {
             .expect("a worker on a node without leaders")
     })
     .await;
-    assert!(first.moved_ready_after.is_some(), "a worker's node was lost");
+    assert!(
+        first.moved_ready_after.is_some(),
+        "a worker's node was lost"
+    );
     assert!(first.killed_mid_flight, "the node was lost mid-flight");
     let restarted = &nodes[killed];
     tokio::task::block_in_place(|| restarted.restart());

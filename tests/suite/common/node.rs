@@ -68,7 +68,9 @@ impl BrokerNode {
     /// fails.
     pub fn start_cluster(n: usize) -> Vec<Self> {
         // Launch all, then wait for all: the Erlang nodes boot in parallel.
-        let nodes: Vec<Self> = (0..n).map(|_| Self::launch(NodeOptions::default())).collect();
+        let nodes: Vec<Self> = (0..n)
+            .map(|_| Self::launch(NodeOptions::default()))
+            .collect();
         for node in &nodes {
             node.await_startup();
         }
