@@ -245,7 +245,11 @@ async fn check_broker(settings: &Settings) -> bool {
     for index in 0..count {
         match broker::connect_to_any(settings, "check", &broker::NodeOrder::only(index)).await {
             Ok(connected) => {
-                println!("ok   broker node {} reachable{how}", connected.node);
+                println!(
+                    "ok   broker node {} reachable{how} ({})",
+                    connected.node,
+                    settings.amqp.display_node(index)
+                );
                 if !reached {
                     topology_ok = check_topology(settings, &connected.conn).await;
                 }

@@ -706,6 +706,8 @@ mod tests {
             let shown = s.amqp.display_url();
             assert!(!shown.contains("pw1"), "{shown}");
             assert!(!format!("{:?}", s.amqp).contains("pw1"));
+            assert_eq!(s.amqp.display_node(1), "amqp://u:***@10.0.0.2:5673/%2f");
+            assert_eq!(s.amqp.display_node(2), "");
         }
         let s = load(&[
             (

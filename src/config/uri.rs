@@ -78,6 +78,15 @@ impl AmqpSettings {
         }
     }
 
+    /// The `index`-th node's URL as [`AmqpSettings::display_url`] shows it
+    /// (user name, no password); empty past the end of the list.
+    pub fn display_node(&self, index: usize) -> String {
+        split_urls(self.url.expose_secret())
+            .get(index)
+            .map(|one| self.display_one(one))
+            .unwrap_or_default()
+    }
+
     /// How many node URLs `amqp.url` lists.
     pub fn node_count(&self) -> usize {
         split_urls(self.url.expose_secret()).len()
