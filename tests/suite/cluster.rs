@@ -128,7 +128,11 @@ async fn diagnose(nodes: &[BrokerNode], killed_port: u16, workers: &[&WorkerProc
             .filter(|l| l.contains("[warning]") || l.contains("[error]"))
             .collect();
         let tail = &lines[lines.len().saturating_sub(40)..];
-        out.push_str(&format!("\nnode {} warnings:\n{}", node.name, tail.join("\n")));
+        out.push_str(&format!(
+            "\nnode {} warnings:\n{}",
+            node.name,
+            tail.join("\n")
+        ));
     }
     out
 }
@@ -170,8 +174,10 @@ struct Outcome {
     first_event_after: Duration,
     moved_ready_after: Option<Duration>,
     /// Tickets the broker held as dead letters until the lost node was
-    /// back (see [`held_dead_letters`]), and when it was restarted.
-    held_until_node_back: Option<(u64, Duration)>,
+    /// back (see [`held_dead_letters`]): how many, when the node was
+    /// restarted (after the loss), and when every request had finished
+    /// (after the restart).
+    held_until_node_back: Option<(u64, Duration, Duration)>,
 }
 
 /// One run: a fresh deployment on the cluster, two workers on different
@@ -263,7 +269,7 @@ async fn run(
         .iter()
         .find(|n| n.port != killed_port)
         .expect("a live node");
-    let mut held_until_node_back = None;
+    let mut held_until_node_back: Option<(u64, Duration, Instant)> = None;
     let deadline = Instant::now() + Duration::from_secs(420);
     let (mut last_count, mut last_progress) = (0, Instant::now());
     while tap.finished_subjects().len() < REQUESTS && Instant::now() < deadline {
@@ -281,10 +287,12 @@ async fn run(
                     killed.name
                 );
                 tokio::task::block_in_place(|| killed.restart());
-                held_until_node_back = Some((held, at));
+                held_until_node_back = Some((held, at, Instant::now()));
             }
         }
     }
+    let held_until_node_back =
+        held_until_node_back.map(|(held, at, restarted)| (held, at, restarted.elapsed()));
     if tap.finished_subjects().len() < REQUESTS {
         let dump = diagnose(nodes, killed_port, &[&a, &b]).await;
         panic!(
@@ -338,7 +346,7 @@ async fn run(
         "{extra_creates} extra creates, more than {sessions_lost} lost sessions × amqp.prefetch"
     );
     eprintln!(
-        "{label}: {REQUESTS} requests, {terminal} terminal events, {} creates ({extra_creates} extra, {on_the_wire} on the wire at a session loss, {sessions_lost} sessions lost), first event {first_event_after:?} after the loss, moved worker ready {moved_ready_after:?} after it, tickets held as dead letters until the node was back (count, restarted after): {held_until_node_back:?}",
+        "{label}: {REQUESTS} requests, {terminal} terminal events, {} creates ({extra_creates} extra, {on_the_wire} on the wire at a session loss, {sessions_lost} sessions lost), first event {first_event_after:?} after the loss, moved worker ready {moved_ready_after:?} after it, tickets held as dead letters until the node was back (count, node restarted after the loss, all finished after the restart): {held_until_node_back:?}",
         stats.tasks_created
     );
     (
@@ -359,6 +367,29 @@ async fn a_cluster_loses_a_node_and_every_request_ends_once() {
         .await
         .expect("a three-node cluster");
 
+    // Run 1: the node of a worker that holds no queue leader (the test
+    // declares the topology through the first node, and RabbitMQ places a
+    // new queue's leader on the declaring client's node).
+    let (first, killed) = run(&nodes, "clusternode", |env, node_a, node_b| {
+        let rq = env.topology.request_queue.clone();
+        let tq = env.topology.tracking_queue.clone();
+        let lead = leaders(&nodes[1], &[&rq, &tq]);
+        eprintln!("clusternode: leaders of the request and tracking queues: {lead:?}");
+        let worker_nodes = [node_a, node_b];
+        nodes
+            .iter()
+            .position(|n| worker_nodes.contains(&n.port) && !lead.contains(&n.name))
+            .expect("a worker on a node without leaders")
+    })
+    .await;
+    assert!(
+        first.moved_ready_after.is_some(),
+        "a worker's node was lost"
+    );
+    assert!(first.killed_mid_flight, "the node was lost mid-flight");
+    let restarted = &nodes[killed];
+    tokio::task::block_in_place(|| restarted.restart());
+
     // Run 2: the node holding the leaders of the request and tracking
     // queues.
     let (second, _) = run(&nodes, "clusterleader", |env, _, _| {
@@ -376,7 +407,10 @@ async fn a_cluster_loses_a_node_and_every_request_ends_once() {
     assert!(second.killed_mid_flight, "the node was lost mid-flight");
     eprintln!(
         "node loss summary: worker's node: {} extra creates, first event after {:?}, worker moved in {:?}, held {:?}; leader node: {} extra creates, first event after {:?}, worker moved in {:?}, held {:?}",
-        0, Duration::ZERO, None::<Duration>, None::<(u64, Duration)>,
+        first.extra_creates,
+        first.first_event_after,
+        first.moved_ready_after,
+        first.held_until_node_back,
         second.extra_creates,
         second.first_event_after,
         second.moved_ready_after,

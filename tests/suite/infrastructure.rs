@@ -345,6 +345,7 @@ async fn tls_with_a_private_ca_and_a_client_certificate_runs_the_happy_path() {
     let pki = BrokerPki::new();
     let node = private_node(NodeOptions {
         tls: Some(pki.node_tls()),
+        ..NodeOptions::default()
     })
     .await;
     let files = Files::new();
@@ -402,6 +403,7 @@ async fn tls_fails_closed_with_an_error_naming_the_problem() {
     let other = Ca::new("some other CA");
     let node = private_node(NodeOptions {
         tls: Some(pki.node_tls()),
+        ..NodeOptions::default()
     })
     .await;
     let files = Files::new();

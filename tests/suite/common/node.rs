@@ -36,7 +36,16 @@ pub struct NodeTls {
 #[derive(Clone, Default)]
 pub struct NodeOptions {
     pub tls: Option<NodeTls>,
+    /// Erlang terms for the node's `advanced.config` (without the final
+    /// dot), e.g. `[{rabbit, [{key, value}]}]`.
+    pub advanced_config: Option<String>,
 }
+
+/// How long RabbitMQ's at-least-once dead-letter process waits for a
+/// target queue's confirm before it sends again (3.10's default is
+/// minutes). Cluster nodes use a short one, as the README advises, so that
+/// dead letters held after a node loss move soon after the node is back.
+pub const DEAD_LETTER_CONFIRM_TIMEOUT_MS: u32 = 5_000;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -68,9 +77,13 @@ impl BrokerNode {
     /// fails.
     pub fn start_cluster(n: usize) -> Vec<Self> {
         // Launch all, then wait for all: the Erlang nodes boot in parallel.
-        let nodes: Vec<Self> = (0..n)
-            .map(|_| Self::launch(NodeOptions::default()))
-            .collect();
+        let options = NodeOptions {
+            advanced_config: Some(format!(
+                "[{{rabbit, [{{dead_letter_worker_publisher_confirm_timeout, {DEAD_LETTER_CONFIRM_TIMEOUT_MS}}}]}}]"
+            )),
+            ..NodeOptions::default()
+        };
+        let nodes: Vec<Self> = (0..n).map(|_| Self::launch(options.clone())).collect();
         for node in &nodes {
             node.await_startup();
         }
@@ -160,6 +173,11 @@ impl BrokerNode {
                 tls.require_client_cert,
             ));
         }
+        if let Some(terms) = &options.advanced_config {
+            let path = dir.join("advanced.config");
+            std::fs::write(&path, format!("{terms}.\n")).expect("advanced.config");
+            set_mode(&path, 0o644);
+        }
         let conf_path = dir.join("rabbitmq.conf");
         std::fs::write(&conf_path, conf).expect("node config");
         set_mode(&conf_path, 0o644);
@@ -188,6 +206,7 @@ impl BrokerNode {
             .env("RABBITMQ_LOG_BASE", d("log"))
             .env("RABBITMQ_PID_FILE", d("pid"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d("advanced.config"))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         cmd
