@@ -8,8 +8,15 @@
 //! upstream fails), prints every event as it arrives, prints the worker's metrics,
 //! removes what it declared and exits 0 when every request ended as
 //! expected.
+//!
+//! When `amqp.url` is left to the built-in default and nothing answers on
+//! 127.0.0.1:5672, the demo runs on a private RabbitMQ node started for it
+//! ([`crate::local_broker`]), says so in one line, and stops and removes
+//! the node afterwards, also when the demo fails or is interrupted; without
+//! `rabbitmq-server` it exits 1 with one line saying how to install it. A
+//! broker the user configured is never replaced.
 
-use std::{collections::HashMap, process::ExitCode, time::Duration};
+use std::{collections::HashMap, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Args;
 use futures_util::StreamExt;
@@ -26,6 +33,7 @@ use crate::{
     broker::{self, Publisher, Topology},
     config::Settings,
     events,
+    local_broker::{self, Action, Installation, LocalNode},
     simulator::{Simulator, SimulatorConfig},
     worker,
 };
@@ -139,9 +147,56 @@ fn samples(run: &str) -> Vec<Sample> {
     ]
 }
 
-/// Runs the demo.
+/// The start of the line the demo prints when it runs on a private node.
+pub const PRIVATE_NODE_LINE: &str =
+    "no broker answers on 127.0.0.1:5672: started a private RabbitMQ node for this demo";
+
+/// Exit status of a demo ended by Ctrl-C or SIGTERM while on a private node.
+const EXIT_INTERRUPTED: u8 = 130;
+
+/// Runs the demo: on the configured broker, or on a private node when the
+/// broker is left to the default and nothing answers there.
 pub async fn demo(settings: Settings, args: DemoArgs) -> ExitCode {
-    match run_demo(settings, args).await {
+    let configured = broker_configured(&settings);
+    let probe = tokio::task::spawn_blocking(move || {
+        let answers = !configured && local_broker::default_broker_answers();
+        let tools = if configured || answers {
+            None
+        } else {
+            Installation::find()
+        };
+        (
+            local_broker::decide(configured, answers, tools.is_some()),
+            tools,
+        )
+    })
+    .await;
+    match probe {
+        Ok((Action::StartPrivateNode, Some(tools))) => on_private_node(settings, args, tools).await,
+        Ok((Action::ExplainInstall, _)) => {
+            eprintln!("demo: {}", local_broker::INSTALL_HINT);
+            ExitCode::FAILURE
+        }
+        Ok(_) => outcome(run_demo(settings, args, CancellationToken::new()).await),
+        Err(e) => {
+            eprintln!("demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Whether the user chose the broker: set `amqp.url` in a file or the
+/// environment (even to the default), or credentials for it.
+fn broker_configured(settings: &Settings) -> bool {
+    let amqp = &settings.amqp;
+    amqp.url_configured
+        || amqp.username.is_some()
+        || amqp.password.is_some()
+        || amqp.password_file.is_some()
+}
+
+fn outcome(result: Result<bool, String>) -> ExitCode {
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -151,7 +206,59 @@ pub async fn demo(settings: Settings, args: DemoArgs) -> ExitCode {
     }
 }
 
-async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String> {
+/// Runs the demo on a private node, stopped and removed afterwards: when
+/// the demo ends, fails or is interrupted (Ctrl-C, SIGTERM) and, through a
+/// watcher process, when this process is killed.
+async fn on_private_node(mut settings: Settings, args: DemoArgs, tools: Installation) -> ExitCode {
+    let interrupted = super::shutdown_on_signals();
+    let launched =
+        tokio::task::spawn_blocking(move || LocalNode::launch(&tools, "vidu-demo")).await;
+    let node = match launched.map_err(|e| e.to_string()).and_then(|r| r) {
+        Ok(node) => Arc::new(node),
+        Err(e) => {
+            eprintln!("demo: cannot start a private RabbitMQ node: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The stop below is the rule; the watcher covers a SIGKILL.
+    let _ = node.stop_when_process_exits(std::process::id());
+    println!(
+        "{PRIVATE_NODE_LINE}, {} (stopped and removed afterwards)",
+        node.name()
+    );
+    settings.amqp.url = SecretString::from(node.url());
+    let waiting = node.clone();
+    // Interrupted, the demo's worker stops before its broker does.
+    let cancel = interrupted.clone();
+    let run = async move {
+        let timeout = local_broker::STARTUP_TIMEOUT;
+        tokio::task::spawn_blocking(move || waiting.await_startup(timeout))
+            .await
+            .map_err(|e| e.to_string())??;
+        run_demo(settings, args, cancel).await
+    };
+    let result = tokio::select! {
+        result = run => Some(result),
+        () = interrupted.cancelled() => None,
+    };
+    let stopping = node.clone();
+    let _ = tokio::task::spawn_blocking(move || stopping.stop()).await;
+    match result {
+        Some(result) => outcome(result),
+        None => {
+            eprintln!("demo: interrupted (the private RabbitMQ node is stopped and removed)");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+    }
+}
+
+/// Runs the demo on the broker of `settings`; its worker stops when
+/// `cancel` is cancelled (or when the demo ends).
+async fn run_demo(
+    mut settings: Settings,
+    args: DemoArgs,
+    cancel: CancellationToken,
+) -> Result<bool, String> {
     let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let sim = Simulator::start(SimulatorConfig {
         api_key: Some("demo-key".into()),
@@ -207,7 +314,7 @@ async fn run_demo(mut settings: Settings, args: DemoArgs) -> Result<bool, String
         .await
         .map_err(|e| e.to_string())?;
     let ops_addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let stop = CancellationToken::new();
+    let stop = cancel.child_token();
     let worker_task = tokio::spawn(worker::run_with_listener(
         settings.clone(),
         listener,

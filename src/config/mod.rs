@@ -182,7 +182,10 @@ impl Settings {
                 }
             }
         }
+        // Defaults are serde's: a key is in `config` only if a layer set it.
+        let url_configured = config.get::<config::Value>("amqp.url").is_ok();
         let mut settings: Settings = config.try_deserialize().map_err(from_config_error)?;
+        settings.amqp.url_configured = url_configured;
         settings.normalize();
         if let Some(key) = env.get(API_KEY_ENV).filter(|k| !k.trim().is_empty()) {
             settings.upstream.api_key = Some(SecretString::from(key.trim().to_owned()));
@@ -965,6 +968,29 @@ mod tests {
         )
         .expect("config/default.toml loads");
         assert_eq!(format!("{shipped:?}"), format!("{s:?}"));
+    }
+
+    #[test]
+    fn an_amqp_url_set_by_any_layer_counts_as_configured_even_at_the_default() {
+        let default = "amqp://guest:guest@127.0.0.1:5672/%2f";
+        assert!(!load(&[]).expect("defaults").amqp.url_configured);
+        let shipped = Settings::load_with_env(
+            Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml")),
+            None,
+            &HashMap::new(),
+        )
+        .expect("config/default.toml loads");
+        assert!(
+            !shipped.amqp.url_configured,
+            "the shipped file leaves amqp.url to the built-in default"
+        );
+        let from_env = load(&[("VIDU_WORKER__AMQP__URL", default)]).expect("env");
+        assert!(from_env.amqp.url_configured);
+        let from_file = load_file(&format!("[amqp]\nurl = \"{default}\"\n")).expect("file");
+        assert!(from_file.amqp.url_configured);
+        // Another key of [amqp] is not the URL.
+        let other = load(&[("VIDU_WORKER__AMQP__PREFETCH", "7")]).expect("env");
+        assert!(!other.amqp.url_configured);
     }
 
     #[test]

@@ -154,6 +154,11 @@ pub struct AmqpSettings {
     /// the balance) before it is handed back to the queue.
     #[serde(with = "humantime_serde")]
     pub max_hold: Duration,
+    /// Whether a layer (a configuration file or the environment) set
+    /// `url`, even to the built-in default; false when it is the built-in
+    /// default. Set by [`Settings::load_with_env`], not a key.
+    #[serde(skip)]
+    pub url_configured: bool,
 }
 
 impl fmt::Debug for AmqpSettings {
@@ -194,6 +199,7 @@ impl Default for AmqpSettings {
             quorum_initial_group_size: None,
             max_deliveries: 10,
             max_hold: Duration::from_secs(600),
+            url_configured: false,
         }
     }
 }

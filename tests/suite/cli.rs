@@ -1,19 +1,26 @@
-//! The command line as a user meets it: the README's demo command, `submit`
-//! with and without `--wait`, `check`, and configuration errors (exit 2, one
-//! line naming the key).
+//! The command line as a user meets it: the README's demo command (also
+//! where nothing answers on 127.0.0.1:5672, in a network namespace of its
+//! own), `submit` with and without `--wait`, `check`, and configuration
+//! errors (exit 2, one line naming the key).
 
-use std::{process::Stdio, time::Duration};
+use std::{ffi::OsString, process::Stdio, time::Duration};
 
 use crate::common::*;
 use serde_json::Value;
 use tokio::process::Command;
 use vidu_worker::{
+    cli::demo::PRIVATE_NODE_LINE,
     config::{API_KEY_ENV, ENV_PREFIX},
     events::{FAILED, SUCCEEDED},
+    local_broker::Installation,
 };
 
 fn binary() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vidu-worker"));
+    without_worker_env(Command::new(env!("CARGO_BIN_EXE_vidu-worker")))
+}
+
+/// A command with none of the worker's variables from this environment.
+fn without_worker_env(mut cmd: Command) -> Command {
     cmd.env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -91,8 +98,16 @@ async fn bad_configuration_exits_2_with_one_line_naming_the_key() {
 async fn the_demo_prints_a_succeeded_event_with_a_video_url() {
     let mut cmd = binary();
     cmd.args(["demo", "--generation-time", "1s"]);
+    if let Some(node) = shared_broker().private_node() {
+        cmd.env("VIDU_WORKER__AMQP__URL", node.url());
+    }
     let (code, stdout, stderr) = output(cmd, Duration::from_secs(120)).await;
     assert_eq!(code, Some(0), "demo failed:\n{stdout}\n{stderr}");
+    assert_demo_succeeded(&stdout);
+}
+
+/// What the demo prints when every sample ended as expected.
+fn assert_demo_succeeded(stdout: &str) {
     assert!(stdout.contains(&format!("── {SUCCEEDED}")), "{stdout}");
     assert!(stdout.contains("\"video_url\": \"https://"), "{stdout}");
     assert!(stdout.contains(&format!("── {FAILED}")), "{stdout}");
@@ -110,6 +125,180 @@ async fn the_demo_prints_a_succeeded_event_with_a_video_url() {
         );
     }
     assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+/// The demo's binary with `args`, run by `unshare -n` in a network
+/// namespace of its own, where nothing listens on 127.0.0.1:5672; `None`,
+/// after a notice, where no namespace can be made (it takes root, `unshare`
+/// and `ip`).
+fn in_network_namespace(args: &[OsString]) -> Option<Command> {
+    let works = std::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        eprintln!("skipped: no network namespace (`unshare -n` with `ip`, as root)");
+        return None;
+    }
+    let mut cmd = without_worker_env(Command::new("unshare"));
+    cmd.args(["-n", "sh", "-c", r#"ip link set lo up && exec "$@""#, "sh"])
+        .args(args);
+    Some(cmd)
+}
+
+fn demo_args(extra: &[&str]) -> Vec<OsString> {
+    let mut args = vec![OsString::from(env!("CARGO_BIN_EXE_vidu-worker"))];
+    args.extend(extra.iter().map(OsString::from));
+    args
+}
+
+/// Processes of the node `name` (`vidu-demo-XXXXXXXX@localhost`): its name
+/// on their command line (`pgrep -f`) or in their environment, where the
+/// VM and the epmd it started carry it (RabbitMQ's VM does not show its
+/// node name on its command line).
+fn processes_of_node(name: &str) -> Vec<String> {
+    let mut found: Vec<String> = std::process::Command::new("pgrep")
+        .args(["-a", "-f", name])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let needle = format!("RABBITMQ_NODENAME={name}");
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|var| var == needle.as_bytes())
+        {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            found.push(format!(
+                "{} {}",
+                entry.file_name().to_string_lossy(),
+                String::from_utf8_lossy(&cmdline).replace('\0', " ")
+            ));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_demo_starts_a_private_node_when_nothing_answers_and_removes_it() {
+    if Installation::find().is_none() {
+        eprintln!("skipped: rabbitmq-server is not installed (not on PATH)");
+        return;
+    }
+    let Some(cmd) = in_network_namespace(&demo_args(&["demo", "--generation-time", "1s"])) else {
+        return;
+    };
+    let (code, stdout, stderr) = output(cmd, Duration::from_secs(300)).await;
+    assert_eq!(code, Some(0), "demo failed:\n{stdout}\n{stderr}");
+    let first = stdout.lines().next().unwrap_or_default();
+    assert!(first.starts_with(PRIVATE_NODE_LINE), "{stdout}");
+    assert!(
+        first.ends_with("(stopped and removed afterwards)"),
+        "{first}"
+    );
+    assert_eq!(
+        stdout.matches("started a private RabbitMQ node").count(),
+        1,
+        "said once: {stdout}"
+    );
+    assert_demo_succeeded(&stdout);
+    let name = first
+        .split_once(", ")
+        .and_then(|(_, rest)| rest.split_once(' '))
+        .map(|(name, _)| name.to_owned())
+        .expect("the node's name in the line");
+    let short = name.split_once('@').map_or(name.as_str(), |(s, _)| s);
+    assert!(
+        short.starts_with("vidu-demo-") && name.ends_with("@localhost"),
+        "{name}"
+    );
+    // Gone once the demo has exited: its VM, its epmd, its directory (a
+    // watcher that found nothing left to do takes a moment to go).
+    eventually(
+        Duration::from_secs(20),
+        &format!("no process of {name} left"),
+        || async { processes_of_node(&name).is_empty().then_some(()) },
+    )
+    .await;
+    let dir = std::env::temp_dir().join(short);
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+#[tokio::test]
+async fn the_demo_never_replaces_an_amqp_url_the_user_set() {
+    let default = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let dir = tempdir();
+    let file = dir.join("broker.toml");
+    std::fs::write(&file, format!("[amqp]\nurl = \"{default}\"\n")).expect("write");
+    let file = file.to_string_lossy().into_owned();
+    for (how, args, env) in [
+        (
+            "environment",
+            demo_args(&["demo"]),
+            Some(("VIDU_WORKER__AMQP__URL", default)),
+        ),
+        (
+            "--config file",
+            demo_args(&["--config", &file, "demo"]),
+            None,
+        ),
+    ] {
+        let Some(mut cmd) = in_network_namespace(&args) else {
+            break;
+        };
+        if let Some((key, value)) = env {
+            cmd.env(key, value);
+        }
+        let (code, stdout, stderr) = output(cmd, Duration::from_secs(60)).await;
+        assert_ne!(code, Some(0), "{how}: {stdout}\n{stderr}");
+        assert!(
+            !stdout.contains("private RabbitMQ node") && !stderr.contains("private RabbitMQ node"),
+            "{how}: no private node: {stdout}\n{stderr}"
+        );
+        assert!(
+            stderr.contains("cannot connect to the broker at amqp://guest:***@127.0.0.1:5672/%2f"),
+            "{how}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn the_demo_says_how_to_install_rabbitmq_when_nothing_answers_and_it_is_not_installed() {
+    // The PATH without the directories holding a rabbitmq-server.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let kept: Vec<_> = std::env::split_paths(&path)
+        .filter(|dir| !dir.join("rabbitmq-server").exists())
+        .collect();
+    let path = std::env::join_paths(kept).expect("a PATH");
+    let mut path_var = OsString::from("PATH=");
+    path_var.push(&path);
+    let mut args = vec![OsString::from("env"), path_var];
+    args.extend(demo_args(&["demo"]));
+    let Some(cmd) = in_network_namespace(&args) else {
+        return;
+    };
+    let (code, stdout, stderr) = output(cmd, Duration::from_secs(60)).await;
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one line: {stderr}");
+    for needle in [
+        "sudo apt-get install rabbitmq-server",
+        "brew install rabbitmq",
+        "docker run -d -p 5672:5672 rabbitmq:3",
+    ] {
+        assert!(lines[0].contains(needle), "{needle} in {stderr}");
+    }
 }
 
 #[tokio::test]

@@ -582,7 +582,8 @@ impl RefusingPolicy {
             "^{}\\.(tracking|wait\\..+)$",
             env.topology.request_queue.replace('.', "\\.")
         );
-        let ok = std::process::Command::new("rabbitmqctl")
+        let ok = shared_broker()
+            .rabbitmqctl()
             .args([
                 "-q",
                 "set_policy",
@@ -600,7 +601,8 @@ impl RefusingPolicy {
     }
 
     fn clear(&self) {
-        let _ = std::process::Command::new("rabbitmqctl")
+        let _ = shared_broker()
+            .rabbitmqctl()
             .args(["-q", "clear_policy", &self.0])
             .status();
     }

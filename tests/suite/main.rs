@@ -1,6 +1,7 @@
 //! The integration test suite: one test binary, one module per area, all
 //! sharing the helpers in [`common`] (a per-test deployment on the real
-//! RabbitMQ at 127.0.0.1:5672, the simulator over real HTTP, worker child
+//! RabbitMQ at 127.0.0.1:5672, or on one private node for the whole run
+//! when nothing answers there, the simulator over real HTTP, worker child
 //! processes, private broker nodes).
 //!
 //! `cargo test --locked` runs it together with the library's unit tests.

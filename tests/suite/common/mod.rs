@@ -2,7 +2,9 @@
 //! queue and exchange names on the real local RabbitMQ), the built-in
 //! simulator over real HTTP, worker child processes, an event tap, and
 //! clean-up of everything on drop. Tests wait on conditions with deadlines,
-//! never on fixed sleeps.
+//! never on fixed sleeps. The shared broker is the one on 127.0.0.1:5672
+//! when it answers, else one private node for the whole run
+//! ([`shared_broker`]).
 
 pub mod files;
 pub mod node;
@@ -10,7 +12,7 @@ pub mod node;
 use std::{
     collections::HashMap,
     process::Stdio,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -33,10 +35,71 @@ use vidu_worker::{
     broker::{Publisher, Topology},
     config::{env_vars, Settings, API_KEY_ENV},
     events::{FAILED, SUCCEEDED},
+    local_broker::{self, Installation, LocalNode},
     simulator::{RunningSimulator, Simulator, SimulatorConfig},
 };
 
 pub const API_KEY: &str = "sk-test-0123456789";
+
+/// The broker the tests share: the machine's on 127.0.0.1:5672, or a
+/// private node started for this run when nothing answers there.
+pub struct SharedBroker {
+    url: String,
+    node: Option<LocalNode>,
+}
+
+impl SharedBroker {
+    /// Its AMQP URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The private node, when the run has one.
+    pub fn private_node(&self) -> Option<&LocalNode> {
+        self.node.as_ref()
+    }
+
+    /// `rabbitmqctl` for this broker.
+    pub fn rabbitmqctl(&self) -> std::process::Command {
+        match &self.node {
+            Some(node) => node.ctl_command(),
+            None => std::process::Command::new("rabbitmqctl"),
+        }
+    }
+}
+
+static SHARED_BROKER: OnceLock<SharedBroker> = OnceLock::new();
+
+/// The shared broker, found on first use: the machine's when 127.0.0.1:5672
+/// answers (as on CI), else one private node for the whole run, which a
+/// watcher process stops and removes when the test process exits (a
+/// static's drop never runs).
+pub fn shared_broker() -> &'static SharedBroker {
+    SHARED_BROKER.get_or_init(|| {
+        if local_broker::default_broker_answers() {
+            let url = Settings::default().amqp.url;
+            return SharedBroker {
+                url: secrecy::ExposeSecret::expose_secret(&url).to_owned(),
+                node: None,
+            };
+        }
+        let tools =
+            Installation::find().unwrap_or_else(|| panic!("{}", local_broker::INSTALL_HINT));
+        let node = LocalNode::start(&tools, "vidu-suite", local_broker::STARTUP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        node.stop_when_process_exits(std::process::id())
+            .unwrap_or_else(|e| panic!("{e}"));
+        eprintln!(
+            "no broker answers on 127.0.0.1:5672: the tests share a private RabbitMQ node, \
+             {} (stopped and removed when they end)",
+            node.name()
+        );
+        SharedBroker {
+            url: node.url(),
+            node: Some(node),
+        }
+    })
+}
 
 /// Waits until `f` returns `Some`, or panics with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
@@ -216,6 +279,7 @@ impl TestEnv {
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("t.{test}.{}", &unique[..8]);
         let mut settings = Settings::default();
+        settings.amqp.url = shared_broker().url().into();
         settings.amqp.request_queue = format!("{name}.requests");
         settings.amqp.events_exchange = format!("{name}.events");
         settings.amqp.prefetch = 16;
@@ -450,7 +514,8 @@ impl TestEnv {
     /// Ready plus unacknowledged messages of a queue on the shared broker
     /// (asks `rabbitmqctl`; passive declares count only ready messages).
     pub fn total_messages(&self, queue: &str) -> Option<u64> {
-        let out = std::process::Command::new("rabbitmqctl")
+        let out = shared_broker()
+            .rabbitmqctl()
             .args([
                 "-q",
                 "list_queues",
@@ -679,10 +744,7 @@ pub fn close_worker_connection(node: Option<&node::BrokerNode>, pid: u32) -> boo
         match node {
             Some(n) => Some(n.ctl_output(args)),
             None => {
-                let out = std::process::Command::new("rabbitmqctl")
-                    .args(args)
-                    .output()
-                    .ok()?;
+                let out = shared_broker().rabbitmqctl().args(args).output().ok()?;
                 out.status
                     .success()
                     .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
