@@ -176,7 +176,7 @@ struct Outcome {
     /// Tickets the broker held as dead letters until the lost node was
     /// back (see [`held_dead_letters`]): how many, when the node was
     /// restarted (after the loss), and when every request had finished
-    /// (after the restart).
+    /// (after the restart began).
     held_until_node_back: Option<(u64, Duration, Duration)>,
 }
 
@@ -286,8 +286,9 @@ async fn run(
                     "{label}: no progress for 30 s with {count} finished and {held} tickets held as dead letters; restarting {}",
                     killed.name
                 );
+                let restarted = Instant::now();
                 tokio::task::block_in_place(|| killed.restart());
-                held_until_node_back = Some((held, at, Instant::now()));
+                held_until_node_back = Some((held, at, restarted));
             }
         }
     }
