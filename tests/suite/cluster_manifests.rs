@@ -566,6 +566,16 @@ fn the_cluster_has_three_nodes_and_the_brokers_settings() {
     {
         assert!(configured.contains(line), "additionalConfig lacks {line}");
     }
+    // Held dead letters move soon after a lost node is back, as in the
+    // cluster test.
+    let advanced = cluster.doc["spec"]["rabbitmq"]["advancedConfig"]
+        .as_str()
+        .expect("advancedConfig");
+    let wanted = format!(
+        "{{dead_letter_worker_publisher_confirm_timeout, {}}}",
+        crate::common::node::DEAD_LETTER_CONFIRM_TIMEOUT_MS
+    );
+    assert!(advanced.contains(&wanted), "advancedConfig lacks {wanted}");
 
     // Every resource lives in this cluster, found by name in its own
     // namespace (the Messaging Topology Operator talks to it with the

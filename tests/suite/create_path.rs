@@ -119,7 +119,7 @@ async fn a_broker_restart_while_creates_are_rate_limited_creates_nothing_twice()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_connection_closes_while_creates_are_rate_limited_create_nothing_twice() {
     let env = TestEnv::with("rlclose", sim(Duration::from_secs(2)), |s| {
-        s.upstream.create_quota = quota("40/s");
+        s.upstream.create_quota = quota("20/s");
     })
     .await;
     let tap = env.tap().await;
@@ -133,7 +133,18 @@ async fn forced_connection_closes_while_creates_are_rate_limited_create_nothing_
     let mut at_cuts = Vec::new();
     for cut in 0..2 {
         if cut > 0 {
-            tokio::time::sleep(Duration::from_secs(4)).await;
+            // The next cut is for the next session: wait until the worker
+            // has one (on a loaded machine reconnecting can take seconds).
+            eventually(Duration::from_secs(60), "the worker reconnects", || async {
+                let reconnects = worker
+                    .logs()
+                    .iter()
+                    .filter(|l| l.contains("reconnected to the broker"))
+                    .count();
+                (reconnects >= cut).then_some(())
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         at_cuts.push(env.sim.stats().tasks_created);
         let pid = worker.pid();
