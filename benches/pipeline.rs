@@ -27,6 +27,15 @@
 //!    and the makespan against the quota's own limit.
 //! 8. `latency`: 200 one-second tasks on one worker with default settings,
 //!    publish to `succeeded`.
+//! 9. `cluster`: a private three-node RabbitMQ cluster started by the bench
+//!    (`rabbitmq-server` on free ports, joined with `rabbitmqctl
+//!    join_cluster`, stopped and removed at the end). 3,000 instant tasks
+//!    through 1 and 2 workers given the node list in `amqp.url`, quorum
+//!    queues on 3 replicas, against 1 worker on a private single node; then
+//!    2 workers on different nodes under a steady stream of 2 s tasks, and
+//!    the node of one of them (not the one holding the queue leaders) killed
+//!    with SIGKILL: time to the first terminal event after the loss, time
+//!    until the moved worker is ready on another node, and extra creates.
 //!
 //! Knobs (environment): `BENCH_ONLY=ceiling,throughput` (or the scenario
 //! names as arguments after `--`), `BENCH_SCALE=0.1` (counts and the memory
@@ -42,6 +51,7 @@ use std::{
     env,
     error::Error,
     fmt::Write as _,
+    path::{Path, PathBuf},
     process::{ExitCode, Stdio},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -76,7 +86,7 @@ use vidu_worker::{
 type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
 
 /// Scenario names, in the order they run.
-const SCENARIOS: [&str; 8] = [
+const SCENARIOS: [&str; 9] = [
     "ceiling",
     "throughput",
     "scaleout",
@@ -85,6 +95,7 @@ const SCENARIOS: [&str; 8] = [
     "memory",
     "quota",
     "latency",
+    "cluster",
 ];
 const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const API_KEY: &str = "sk-bench-0123456789";
@@ -362,6 +373,9 @@ async fn run(cfg: BenchConfig) -> BenchResult<String> {
     if cfg.wants("latency") {
         rows.extend(scenario_latency(&cfg).await);
     }
+    if cfg.wants("cluster") {
+        rows.extend(scenario_cluster(&cfg).await);
+    }
     let mut out = String::new();
     let _ = writeln!(out, "\n## vidu-worker pipeline benchmark\n");
     let _ = writeln!(out, "{machine}; scale {}.\n", cfg.scale);
@@ -500,7 +514,8 @@ async fn wait_quiet(cfg: &BenchConfig) {
 /// CPU seconds used by the broker, this bench process (simulator, producer,
 /// event consumer) and the measured processes over one run.
 struct CpuMeter {
-    broker: Option<u32>,
+    /// The broker's VMs (every node of a cluster), summed.
+    brokers: Vec<u32>,
     others: Vec<u32>,
     start: Vec<Option<f64>>,
     machine_start: Option<f64>,
@@ -532,9 +547,13 @@ fn machine_busy_secs() -> Option<f64> {
 
 impl CpuMeter {
     fn start(others: Vec<u32>) -> Self {
-        let broker = broker_pid();
+        Self::start_with(broker_pid().into_iter().collect(), others)
+    }
+
+    /// With the broker's own processes (a private node or cluster).
+    fn start_with(brokers: Vec<u32>, others: Vec<u32>) -> Self {
         let mut meter = Self {
-            broker,
+            brokers,
             others,
             start: Vec::new(),
             machine_start: machine_busy_secs(),
@@ -544,17 +563,15 @@ impl CpuMeter {
         meter
     }
 
-    fn pids(&self) -> Vec<Option<u32>> {
-        let mut pids = vec![self.broker, Some(std::process::id())];
-        pids.extend(self.others.iter().map(|p| Some(*p)));
+    fn pids(&self) -> Vec<u32> {
+        let mut pids = self.brokers.clone();
+        pids.push(std::process::id());
+        pids.extend(&self.others);
         pids
     }
 
     fn read(&self) -> Vec<Option<f64>> {
-        self.pids()
-            .into_iter()
-            .map(|p| p.and_then(proc_cpu_secs))
-            .collect()
+        self.pids().into_iter().map(proc_cpu_secs).collect()
     }
 
     fn stop(&self) -> CpuSplit {
@@ -564,15 +581,19 @@ impl CpuMeter {
             .zip(&self.start)
             .map(|(e, s)| Some((*e)? - (*s)?))
             .collect();
-        let measured = delta[2..].iter().try_fold(0.0, |acc, d| d.map(|d| acc + d));
+        let sum = |d: &[Option<f64>]| d.iter().try_fold(0.0, |acc, d| d.map(|d| acc + d));
+        let nb = self.brokers.len();
+        let broker = if nb == 0 { None } else { sum(&delta[..nb]) };
+        let measured = sum(&delta[nb + 1..]);
         let machine = machine_busy_secs()
             .zip(self.machine_start)
             .map(|(e, s)| e - s);
-        let ours = delta.iter().try_fold(0.0, |acc, d| d.map(|d| acc + d));
+        // Without the broker's figure, nothing is known about the rest.
+        let ours = if nb == 0 { None } else { sum(&delta) };
         CpuSplit {
             wall: self.wall.elapsed().as_secs_f64(),
-            broker: delta[0],
-            bench: delta[1],
+            broker,
+            bench: delta[nb],
             measured,
             other: machine.zip(ours).map(|(m, o)| (m - o).max(0.0)),
         }
@@ -621,6 +642,39 @@ impl CpuSplit {
 // Broker side: a private deployment per run, the producer, the event sink
 // ---------------------------------------------------------------------------
 
+/// The broker a run uses: the node the bench declares, publishes and
+/// consumes through, and the `amqp.url` the workers get (the same node, or
+/// a cluster's node list).
+#[derive(Clone)]
+struct Target {
+    bench_url: String,
+    worker_url: String,
+    /// `amqp.quorum_initial_group_size` of the topology and the workers
+    /// (`None`: whatever `VIDU_WORKER__*` says).
+    group_size: Option<u16>,
+    /// The broker's VMs for the CPU split (`None`: the local `beam.smp`).
+    broker_pids: Option<Vec<u32>>,
+}
+
+impl Target {
+    /// `BENCH_AMQP_URL` (the local broker by default).
+    fn local(cfg: &BenchConfig) -> Self {
+        Self {
+            bench_url: cfg.amqp_url.clone(),
+            worker_url: cfg.amqp_url.clone(),
+            group_size: None,
+            broker_pids: None,
+        }
+    }
+
+    fn cpu_meter(&self, others: Vec<u32>) -> CpuMeter {
+        match &self.broker_pids {
+            Some(pids) => CpuMeter::start_with(pids.clone(), others),
+            None => CpuMeter::start(others),
+        }
+    }
+}
+
 /// Unique queue and exchange names for one run, declared like the worker
 /// declares them, plus a durable quorum "sink" queue bound to the terminal
 /// event types. Everything is deleted on drop.
@@ -628,7 +682,10 @@ struct Deployment {
     topology: Topology,
     settings: Settings,
     sink_queue: String,
+    /// The node the bench uses (and cleans up through).
     amqp_url: String,
+    /// What the workers get as `amqp.url`.
+    worker_url: String,
     /// The producer's and the sink's connections (closed on drop).
     conns: Vec<Connection>,
     producer: Channel,
@@ -636,13 +693,20 @@ struct Deployment {
 
 impl Deployment {
     async fn new(cfg: &BenchConfig, label: &str) -> BenchResult<Self> {
+        Self::on(&Target::local(cfg), label).await
+    }
+
+    async fn on(target: &Target, label: &str) -> BenchResult<Self> {
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("bench.{label}.{}", &unique[..8]);
         let mut settings = Settings::load(None).map_err(|e| format!("worker settings: {e}"))?;
         settings.amqp.request_queue = format!("{name}.requests");
         settings.amqp.events_exchange = format!("{name}.events");
+        if target.group_size.is_some() {
+            settings.amqp.quorum_initial_group_size = target.group_size;
+        }
         let topology = Topology::new(&settings);
-        let producer_conn = connect(&cfg.amqp_url, "bench producer").await?;
+        let producer_conn = connect(&target.bench_url, "bench producer").await?;
         topology.declare(&producer_conn).await?;
         let producer = producer_conn.create_channel().await?;
         producer
@@ -675,12 +739,13 @@ impl Deployment {
                 )
                 .await?;
         }
-        let sink_conn = connect(&cfg.amqp_url, "bench sink").await?;
+        let sink_conn = connect(&target.bench_url, "bench sink").await?;
         Ok(Self {
             topology,
             settings,
             sink_queue,
-            amqp_url: cfg.amqp_url.clone(),
+            amqp_url: target.bench_url.clone(),
+            worker_url: target.worker_url.clone(),
             conns: vec![producer_conn, sink_conn],
             producer,
         })
@@ -752,8 +817,8 @@ impl Deployment {
     }
 
     fn worker_env(&self, sim: &RunningSimulator) -> Vec<(String, String)> {
-        vec![
-            ("VIDU_WORKER__AMQP__URL".into(), self.amqp_url.clone()),
+        let mut env = vec![
+            ("VIDU_WORKER__AMQP__URL".into(), self.worker_url.clone()),
             (
                 "VIDU_WORKER__AMQP__REQUEST_QUEUE".into(),
                 self.settings.amqp.request_queue.clone(),
@@ -764,7 +829,14 @@ impl Deployment {
             ),
             ("VIDU_WORKER__UPSTREAM__BASE_URL".into(), sim.base_url()),
             ("NOVITA_API_KEY".into(), API_KEY.into()),
-        ]
+        ];
+        if let Some(size) = self.settings.amqp.quorum_initial_group_size {
+            env.push((
+                "VIDU_WORKER__AMQP__QUORUM_INITIAL_GROUP_SIZE".into(),
+                size.to_string(),
+            ));
+        }
+        env
     }
 }
 
@@ -1015,6 +1087,42 @@ impl Worker {
             if Instant::now() >= deadline {
                 return Err(format!(
                     "the worker was not ready within {timeout:?}; last lines: {:?}",
+                    self.tail.lock().expect("tail")
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The port of the broker node the worker is ready on: `/readyz`
+    /// answers `ready (broker node HOST:PORT)`. `None` while not ready.
+    async fn broker_node(&self) -> Option<u16> {
+        let resp = reqwest::get(format!("http://{}/readyz", self.ops))
+            .await
+            .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let body = resp.text().await.ok()?;
+        body.trim()
+            .strip_suffix(')')?
+            .rsplit(':')
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// Waits until the worker names a broker node other than `not`.
+    async fn wait_broker_node(&self, not: Option<u16>, timeout: Duration) -> BenchResult<u16> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(port) = self.broker_node().await.filter(|p| Some(*p) != not) {
+                return Ok(port);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the worker named no broker node within {timeout:?}; last lines: {:?}",
                     self.tail.lock().expect("tail")
                 )
                 .into());
@@ -1392,6 +1500,8 @@ struct InstantRun {
     hops_per_task: Option<f64>,
     log_lines_per_task: f64,
     peak_rss: Option<f64>,
+    /// The broker node (port) each worker named in `/readyz` at the start.
+    nodes: Vec<Option<u16>>,
 }
 
 async fn instant_run(
@@ -1400,17 +1510,31 @@ async fn instant_run(
     n: usize,
     perf: Option<&str>,
 ) -> BenchResult<InstantRun> {
+    instant_run_on(cfg, &Target::local(cfg), workers, n, perf).await
+}
+
+async fn instant_run_on(
+    cfg: &BenchConfig,
+    target: &Target,
+    workers: usize,
+    n: usize,
+    perf: Option<&str>,
+) -> BenchResult<InstantRun> {
     let sim = simulator(Duration::ZERO, EtaMode::Honest).await?;
     wait_quiet(cfg).await;
-    let dep = Deployment::new(cfg, &format!("instant{workers}")).await?;
+    let dep = Deployment::on(target, &format!("instant{workers}")).await?;
     let sink = Sink::start(&dep, false).await?;
     let procs = start_workers(&dep, &sim, workers, &[]).await?;
+    let mut nodes = Vec::with_capacity(procs.len());
+    for w in &procs {
+        nodes.push(w.broker_node().await);
+    }
     let mut perf_child = match perf {
         Some(path) => Some(start_perf(cfg, path, procs[0].pid)?),
         None => None,
     };
     let before = sim.stats();
-    let cpu = CpuMeter::start(procs.iter().map(|w| w.pid).collect());
+    let cpu = target.cpu_meter(procs.iter().map(|w| w.pid).collect());
     let t0 = Instant::now();
     let publish = dep
         .publish_requests(n, "instant", "a cat turns its head")
@@ -1476,6 +1600,7 @@ async fn instant_run(
         hops_per_task: per_task(hops),
         log_lines_per_task: log_lines as f64 / n as f64,
         peak_rss,
+        nodes,
     })
 }
 
@@ -2358,4 +2483,722 @@ async fn latency_run(cfg: &BenchConfig, n: usize) -> BenchResult<(Percentiles, f
         .collect();
     let latency = Percentiles::of(latencies).ok_or("no terminal event")?;
     Ok((latency, stats.poll_calls as f64 / n as f64))
+}
+
+// ---------------------------------------------------------------------------
+// 9. A three-node cluster
+// ---------------------------------------------------------------------------
+
+/// Requests of each instant run in the cluster scenario.
+const CLUSTER_TASKS: usize = 3_000;
+/// Nodes of the cluster, and replicas of each quorum queue on it.
+const CLUSTER_NODES: usize = 3;
+/// Worker counts of the cluster's instant runs.
+const CLUSTER_WORKERS: [usize; 2] = [1, 2];
+/// The node-loss run: a steady stream of requests at this rate, for tasks of
+/// this generation time, with the node killed once this share of the stream
+/// is published.
+const LOSS_TASKS: usize = 750;
+const LOSS_RATE: f64 = 25.0;
+const LOSS_GENERATION: Duration = Duration::from_secs(2);
+const LOSS_KILL_AT: f64 = 1.0 / 3.0;
+/// How often the stream publishes its next batch.
+const LOSS_TICK: Duration = Duration::from_millis(200);
+
+/// A private RabbitMQ node: the machine's `rabbitmq-server` on free ports,
+/// with a directory of its own. Stopped (killed if it does not answer) and
+/// its directory removed on drop, also when a later step fails.
+struct BrokerNode {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+}
+
+fn free_port() -> BenchResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port())
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+}
+
+impl BrokerNode {
+    /// Launches a node without waiting for it.
+    async fn launch() -> BenchResult<Self> {
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let mut port = None;
+        for _ in 0..100 {
+            let p = free_port()?;
+            // RabbitMQ puts Erlang distribution on the AMQP port + 20000:
+            // keep that a valid, free port too.
+            if p < 45_000 && port_is_free(p + 20_000) {
+                port = Some(p);
+                break;
+            }
+        }
+        let port = port.ok_or("no free port pair for a broker node")?;
+        let dir = env::temp_dir().join(format!("vidu-bench-broker-{}", &unique[..8]));
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // From here on, drop cleans up.
+        let node = Self {
+            name: format!("vidubench{}@localhost", &unique[..8]),
+            port,
+            dir,
+        };
+        // The broker runs as its own user.
+        set_mode(&node.dir, 0o777);
+        let conf = node.dir.join("rabbitmq.conf");
+        std::fs::write(
+            &conf,
+            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )
+        .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        set_mode(&conf, 0o644);
+        let status = node
+            .command("rabbitmq-server")
+            .arg("-detached")
+            .status()
+            .await
+            .map_err(|e| format!("cannot run rabbitmq-server: {e}"))?;
+        if !status.success() {
+            return Err(format!("rabbitmq-server -detached failed for {}", node.name).into());
+        }
+        Ok(node)
+    }
+
+    /// Starts `n` nodes and joins them into one cluster (nodes 2..n join
+    /// the first).
+    async fn start_cluster(n: usize) -> BenchResult<Vec<Self>> {
+        let mut nodes = Vec::with_capacity(n);
+        // Launch all, then wait for all: the Erlang nodes boot in parallel.
+        for _ in 0..n {
+            nodes.push(Self::launch().await?);
+        }
+        for node in &nodes {
+            node.await_startup().await?;
+        }
+        let first = nodes[0].name.clone();
+        for node in &nodes[1..] {
+            node.ctl(&["stop_app"]).await?;
+            node.ctl(&["join_cluster", &first]).await?;
+            node.ctl(&["start_app"]).await?;
+            node.await_startup().await?;
+        }
+        let status = nodes[0]
+            .ctl(&["cluster_status", "--formatter", "json"])
+            .await?;
+        let running = serde_json::from_str::<Value>(&status)
+            .ok()
+            .and_then(|v| v["running_nodes"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if running != n {
+            return Err(format!("{running} of {n} cluster nodes running: {status}").into());
+        }
+        Ok(nodes)
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let d = |s: &str| self.dir.join(s).to_string_lossy().into_owned();
+        vec![
+            ("RABBITMQ_NODENAME", self.name.clone()),
+            ("RABBITMQ_NODE_PORT", self.port.to_string()),
+            ("RABBITMQ_CONFIG_FILE", d("rabbitmq")),
+            ("RABBITMQ_MNESIA_BASE", d("mnesia")),
+            ("RABBITMQ_LOG_BASE", d("log")),
+            ("RABBITMQ_PID_FILE", d("pid")),
+            ("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins")),
+        ]
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.envs(self.env())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `rabbitmqctl -n NODE ARGS` and returns its output.
+    async fn ctl(&self, args: &[&str]) -> BenchResult<String> {
+        let what = args.first().copied().unwrap_or_default();
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            self.command("rabbitmqctl")
+                .arg("-n")
+                .arg(&self.name)
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .output(),
+        )
+        .await
+        .map_err(|_| format!("rabbitmqctl {what} on {} timed out", self.name))?
+        .map_err(|e| format!("cannot run rabbitmqctl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "rabbitmqctl {what} on {} failed: {}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+            .into());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Waits (up to about two minutes) until the node runs its
+    /// applications.
+    async fn await_startup(&self) -> BenchResult<()> {
+        for _ in 0..60 {
+            if self.ctl(&["await_startup", "--timeout", "5"]).await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(format!("broker node {} did not start", self.name).into())
+    }
+
+    /// The node's Erlang VM, from its pid file, if it is running and is
+    /// this node's (a stale pid file may name another process by now).
+    fn pid(&self) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.dir.join("pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        let ours = format!("RABBITMQ_NODENAME={}", self.name).into_bytes();
+        (comm.trim() == "beam.smp" && environ.split(|b| *b == 0).any(|v| v == ours.as_slice()))
+            .then_some(pid)
+    }
+
+    /// Stops the node hard, as a crashed machine would (SIGKILL to the
+    /// Erlang VM): no clean shutdown, no goodbye to its cluster. Returns
+    /// once its port is closed.
+    async fn kill(&self) -> BenchResult<()> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| format!("no running VM for {}", self.name))?;
+        signal(pid, "KILL");
+        for _ in 0..100 {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("{} still answers after SIGKILL", self.name).into())
+    }
+
+    /// Starts a killed node again (it rejoins its cluster) and waits for
+    /// it.
+    async fn restart(&self) -> BenchResult<()> {
+        let status = self
+            .command("rabbitmq-server")
+            .arg("-detached")
+            .status()
+            .await
+            .map_err(|e| format!("cannot run rabbitmq-server: {e}"))?;
+        if !status.success() {
+            return Err(format!("rabbitmq-server -detached failed for {}", self.name).into());
+        }
+        self.await_startup().await
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for BrokerNode {
+    fn drop(&mut self) {
+        let stopped = std::process::Command::new("rabbitmqctl")
+            .envs(self.env())
+            .arg("-n")
+            .arg(&self.name)
+            .arg("stop")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            // Not answering: make sure no VM of this node is left running.
+            if let Some(pid) = self.pid() {
+                signal(pid, "KILL");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A target on private nodes: the bench through the first, the workers
+/// given every node's URL.
+fn private_target(nodes: &[BrokerNode], group_size: Option<u16>) -> Target {
+    Target {
+        bench_url: nodes.first().map(BrokerNode::url).unwrap_or_default(),
+        worker_url: nodes
+            .iter()
+            .map(BrokerNode::url)
+            .collect::<Vec<_>>()
+            .join(","),
+        group_size,
+        broker_pids: Some(nodes.iter().filter_map(BrokerNode::pid).collect()),
+    }
+}
+
+/// `node 1` for a worker's broker port, by its index in `nodes`.
+fn node_names(nodes: &[BrokerNode], ports: &[Option<u16>]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            p.and_then(|p| nodes.iter().position(|n| n.port == p))
+                .map_or_else(|| "?".into(), |i| i.to_string())
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The leader node (`vidubench…@localhost`) of each listed quorum queue
+/// that the node knows.
+async fn leaders(node: &BrokerNode, queues: &[String]) -> BenchResult<Vec<String>> {
+    let out = node
+        .ctl(&["list_queues", "name", "leader", "--formatter", "json"])
+        .await?;
+    let rows: Vec<Value> =
+        serde_json::from_str(&out).map_err(|e| format!("list_queues output: {e}"))?;
+    Ok(rows
+        .iter()
+        .filter(|r| {
+            r["name"]
+                .as_str()
+                .is_some_and(|n| queues.iter().any(|q| q == n))
+        })
+        .filter_map(|r| r["leader"].as_str().map(str::to_owned))
+        .collect())
+}
+
+struct LossRun {
+    n: usize,
+    /// Nodes (indices) of the two workers, and the one killed.
+    worker_nodes: [usize; 2],
+    killed: usize,
+    /// Distinct terminal events when the node was killed.
+    finished_at_kill: usize,
+    first_event_after: Option<Duration>,
+    moved_ready_after: Duration,
+    moved_to: usize,
+    /// Requests with a terminal event, and when the last arrived (from the
+    /// first publish).
+    finished: usize,
+    last_event: Option<Duration>,
+    stream: Duration,
+    creates: u64,
+    failed: usize,
+    duplicates: usize,
+    prefetch: u16,
+    /// How long the killed node took to start again and rejoin.
+    restart: Result<Duration, String>,
+}
+
+/// Two workers on different nodes, a steady stream of [`LOSS_GENERATION`]
+/// tasks, and the node of one worker (not the leaders' node) killed.
+async fn loss_run(
+    cfg: &BenchConfig,
+    nodes: &[BrokerNode],
+    target: &Target,
+    n: usize,
+) -> BenchResult<LossRun> {
+    let sim = simulator(LOSS_GENERATION, EtaMode::Honest).await?;
+    wait_quiet(cfg).await;
+    let dep = Deployment::on(target, "clusterloss").await?;
+    let sink = Sink::start(&dep, true).await?;
+    let index_of = |port: u16| {
+        nodes
+            .iter()
+            .position(|node| node.port == port)
+            .ok_or_else(|| format!("a worker names port {port}, no node of the cluster"))
+    };
+    let a = Worker::spawn(&dep, &sim, &[]).await?;
+    let port_a = a.wait_broker_node(None, Duration::from_secs(30)).await?;
+    // Workers shuffle the node list: start the second until it lands on
+    // another node than the first.
+    let mut b = Worker::spawn(&dep, &sim, &[]).await?;
+    let mut port_b = b.wait_broker_node(None, Duration::from_secs(30)).await?;
+    for _ in 0..20 {
+        if port_b != port_a {
+            break;
+        }
+        drop(b);
+        b = Worker::spawn(&dep, &sim, &[]).await?;
+        port_b = b.wait_broker_node(None, Duration::from_secs(30)).await?;
+    }
+    if port_a == port_b {
+        return Err("the second worker kept landing on the first one's node".into());
+    }
+    let worker_nodes = [index_of(port_a)?, index_of(port_b)?];
+    // The bench declared everything through node 0, which puts the leaders
+    // there; kill a worker's node that leads none of the run's queues.
+    let mut queues = dep.topology.queue_names();
+    queues.push(dep.sink_queue.clone());
+    let lead = leaders(&nodes[0], &queues).await?;
+    let killed = worker_nodes
+        .into_iter()
+        .find(|i| *i != 0 && !lead.contains(&nodes[*i].name))
+        .ok_or_else(|| format!("both workers' nodes lead a queue ({lead:?})"))?;
+    let moved = if nodes[killed].port == port_a { &a } else { &b };
+    progress!(
+        cfg,
+        "  workers on nodes {} and {}; queue leaders on node(s) {:?}; node {killed} goes",
+        worker_nodes[0],
+        worker_nodes[1],
+        nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, node)| lead.contains(&node.name))
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+    );
+
+    let per_batch = ((LOSS_RATE * LOSS_TICK.as_secs_f64()).round() as usize).max(1);
+    let batches = n.div_ceil(per_batch);
+    let kill_batch = ((batches as f64 * LOSS_KILL_AT).round() as usize).clamp(1, batches);
+    let (tx, mut rx) = watch::channel(0usize);
+    let t0 = Instant::now();
+    let publisher = async {
+        // Owned here: the observer learns it if the stream stops early.
+        let tx = tx;
+        let mut tick = tokio::time::interval(LOSS_TICK);
+        let mut sent = 0;
+        for batch in 0..batches {
+            tick.tick().await;
+            let k = per_batch.min(n - sent);
+            dep.publish_requests(k, &format!("loss{batch}"), "a cat turns its head")
+                .await?;
+            sent += k;
+            tx.send_replace(batch + 1);
+        }
+        Ok::<Duration, Box<dyn Error + Send + Sync>>(t0.elapsed())
+    };
+    let observer = async {
+        rx.wait_for(|b| *b >= kill_batch)
+            .await
+            .map_err(|_| "the stream stopped before the node loss")?;
+        let finished_at_kill = sink.seen();
+        let killed_wall = SystemTime::now();
+        let killed_at = Instant::now();
+        nodes[killed].kill().await?;
+        let moved_to = moved
+            .wait_broker_node(Some(nodes[killed].port), Duration::from_secs(120))
+            .await?;
+        let moved_ready_after = killed_at.elapsed();
+        progress!(
+            cfg,
+            "  killed node {killed} with {finished_at_kill} of {n} finished; the moved worker is ready on port {moved_to} after {:.1} s",
+            moved_ready_after.as_secs_f64()
+        );
+        Ok::<_, Box<dyn Error + Send + Sync>>((
+            finished_at_kill,
+            killed_wall,
+            moved_ready_after,
+            index_of(moved_to)?,
+        ))
+    };
+    let (stream, observed) = tokio::join!(publisher, observer);
+    let stream = stream?;
+    let (finished_at_kill, killed_wall, moved_ready_after, moved_to) = observed?;
+    let complete = sink.wait_for(n, Duration::from_secs(300)).await;
+    if complete.is_ok() {
+        // Let late duplicates (if any) arrive before counting.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let creates = sim.stats().tasks_created;
+    stop_workers(vec![a, b]).await;
+    // Back to three nodes before the run's queues are deleted: deleting a
+    // quorum queue with a member down waits for that member.
+    let restarted_at = Instant::now();
+    let restart = nodes[killed]
+        .restart()
+        .await
+        .map(|()| restarted_at.elapsed())
+        .map_err(|e| e.to_string());
+    let s = sink.lock();
+    let first_event_after = s
+        .kept
+        .iter()
+        .filter_map(|a| a.at.duration_since(killed_wall).ok())
+        .min();
+    let last_event = s
+        .last
+        .map(|at| at.saturating_duration_since(t0))
+        .filter(|_| complete.is_ok());
+    let finished = s
+        .kept
+        .iter()
+        .filter_map(|a| {
+            let event: Value = serde_json::from_slice(&a.body).ok()?;
+            event["data"]["request_id"].as_str().map(str::to_owned)
+        })
+        .collect::<HashSet<_>>()
+        .len();
+    Ok(LossRun {
+        n,
+        worker_nodes,
+        killed,
+        finished_at_kill,
+        first_event_after,
+        moved_ready_after,
+        moved_to,
+        finished,
+        last_event,
+        stream,
+        creates,
+        failed: s.failed,
+        duplicates: s.duplicates,
+        prefetch: dep.settings.amqp.prefetch,
+        restart,
+    })
+}
+
+/// `1 worker`, `2 workers`.
+fn workers_label(n: usize) -> String {
+    if n == 1 {
+        "1 worker".into()
+    } else {
+        format!("{n} workers")
+    }
+}
+
+/// One instant run per worker count on `target`, each the median of
+/// `BENCH_REPEAT` runs.
+async fn cluster_instant(
+    cfg: &BenchConfig,
+    target: &Target,
+    workers: usize,
+    n: usize,
+    label: &str,
+) -> BenchResult<(InstantRun, Vec<f64>)> {
+    median_of(cfg, |_| async move {
+        let run = instant_run_on(cfg, target, workers, n, None).await?;
+        progress!(
+            cfg,
+            "cluster: {label}, {}: {:.0} tasks/s ({})",
+            workers_label(workers),
+            run.rate,
+            run.cpu.describe("workers")
+        );
+        Ok(run)
+    })
+    .await
+}
+
+async fn scenario_cluster(cfg: &BenchConfig) -> Vec<Row> {
+    let n = cfg.count(CLUSTER_TASKS, 200);
+    let mut rows = Vec::new();
+
+    // The reference: one private node, started like the cluster's.
+    progress!(
+        cfg,
+        "cluster: reference, 1 worker on a private single node, {n} instant tasks"
+    );
+    let single = async {
+        let node = [BrokerNode::launch().await?];
+        node[0].await_startup().await?;
+        let target = private_target(&node, None);
+        cluster_instant(cfg, &target, 1, n, "single node").await
+    }
+    .await;
+    let single = match single {
+        Ok((run, rates)) => {
+            rows.push(Row::info(
+                "9",
+                format!("Single private node, quorum queues, 1 worker, generation 0 ({n} requests): the reference"),
+                format!(
+                    "**{:.0} tasks/s**{} · {}",
+                    run.rate,
+                    spread(&rates),
+                    run.cpu.describe("worker")
+                ),
+            ));
+            Some(run)
+        }
+        Err(e) => {
+            rows.push(Row::failed("9", "Single private node, 1 worker", &e));
+            None
+        }
+    };
+
+    progress!(cfg, "cluster: starting {CLUSTER_NODES} nodes");
+    let nodes = match BrokerNode::start_cluster(CLUSTER_NODES).await {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            rows.push(Row::failed(
+                "9",
+                format!("A {CLUSTER_NODES}-node cluster"),
+                &e,
+            ));
+            return rows;
+        }
+    };
+    let group = u16::try_from(CLUSTER_NODES).ok();
+    let target = private_target(&nodes, group);
+    let mut by_workers: Vec<(usize, InstantRun)> = Vec::new();
+    for workers in CLUSTER_WORKERS {
+        progress!(
+            cfg,
+            "cluster: {} on {CLUSTER_NODES} nodes, {n} instant tasks",
+            workers_label(workers)
+        );
+        match cluster_instant(cfg, &target, workers, n, "cluster").await {
+            Ok((run, rates)) => {
+                rows.push(Row::info(
+                    "9",
+                    format!(
+                        "{CLUSTER_NODES}-node cluster, quorum queues on {CLUSTER_NODES} replicas, {}, generation 0 ({n} requests)",
+                        workers_label(workers)
+                    ),
+                    format!(
+                        "**{:.0} tasks/s**{} · {} on node {} (queue leaders on node 0) · {}",
+                        run.rate,
+                        spread(&rates),
+                        if workers == 1 { "worker" } else { "workers" },
+                        node_names(&nodes, &run.nodes),
+                        run.cpu.describe("workers")
+                    ),
+                ));
+                by_workers.push((workers, run));
+            }
+            Err(e) => rows.push(Row::failed(
+                "9",
+                format!("{CLUSTER_NODES}-node cluster, {}", workers_label(workers)),
+                &e,
+            )),
+        }
+    }
+    let rate_of = |w: usize| {
+        by_workers
+            .iter()
+            .find(|(k, _)| *k == w)
+            .map(|(_, r)| r.rate)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "n/a".into(),
+    };
+    rows.push(Row::info(
+        "9",
+        "  cluster with 1 worker ÷ single node",
+        ratio(rate_of(1), single.as_ref().map(|r| r.rate)),
+    ));
+    rows.push(Row::info(
+        "9",
+        "  cluster with 2 workers ÷ cluster with 1 worker",
+        ratio(rate_of(2), rate_of(1)),
+    ));
+    let per_task: Vec<String> = single
+        .iter()
+        .map(|r| format!("single: {}", r.cpu.per_task(n, "worker")))
+        .chain(by_workers.iter().map(|(w, r)| {
+            format!(
+                "cluster, {}: {}",
+                workers_label(*w),
+                r.cpu.per_task(n, "workers")
+            )
+        }))
+        .collect();
+    rows.push(Row::info(
+        "9",
+        "  CPU ms per task (broker: every node)",
+        per_task.join("; "),
+    ));
+
+    let loss_n = cfg.count(LOSS_TASKS, 100);
+    progress!(
+        cfg,
+        "cluster: node loss, 2 workers, {loss_n} requests of {LOSS_GENERATION:?} at {LOSS_RATE}/s"
+    );
+    let title = format!(
+        "Node loss: 2 workers on different nodes, {loss_n} requests of {} s at {LOSS_RATE:.0}/s, a worker's node (not the leaders') killed with SIGKILL",
+        LOSS_GENERATION.as_secs()
+    );
+    match loss_run(cfg, &nodes, &target, loss_n).await {
+        Ok(run) => {
+            let extra = run.creates.saturating_sub(run.n as u64);
+            progress!(
+                cfg,
+                "cluster: node loss: first event {} s after, worker moved in {:.1} s, {extra} extra creates",
+                fmt_opt(run.first_event_after.map(|d| d.as_secs_f64()), 2),
+                run.moved_ready_after.as_secs_f64()
+            );
+            rows.push(Row::info(
+                "9",
+                format!("{title}: first terminal event after the kill"),
+                format!(
+                    "**{} s** (workers on nodes {} and {}, node {} killed with {} of {} finished)",
+                    fmt_opt(run.first_event_after.map(|d| d.as_secs_f64()), 2),
+                    run.worker_nodes[0],
+                    run.worker_nodes[1],
+                    run.killed,
+                    run.finished_at_kill,
+                    run.n
+                ),
+            ));
+            rows.push(Row::info(
+                "9",
+                "  the moved worker's `/readyz` names another node",
+                format!(
+                    "**{:.1} s** after the kill (node {})",
+                    run.moved_ready_after.as_secs_f64(),
+                    run.moved_to
+                ),
+            ));
+            let window = u64::from(run.prefetch);
+            rows.push(Row::target(
+                "9",
+                "  extra creates (simulator's tasks created − requests)",
+                format!("**{extra}** ({} created)", run.creates),
+                format!("≤ amqp.prefetch ({window}): one lost session"),
+                extra <= window,
+            ));
+            rows.push(Row::target(
+                "9",
+                "  requests finished · failed · events delivered again (same id) · last event",
+                format!(
+                    "{} of {} · {} · {} · {} s from the first publish (stream {:.1} s)",
+                    run.finished,
+                    run.n,
+                    run.failed,
+                    run.duplicates,
+                    fmt_opt(run.last_event.map(|d| d.as_secs_f64()), 1),
+                    run.stream.as_secs_f64()
+                ),
+                "all, 0 failed",
+                run.finished == run.n && run.failed == 0,
+            ));
+            rows.push(Row::info(
+                "9",
+                "  the killed node started again and back in the cluster after",
+                match &run.restart {
+                    Ok(d) => format!("{:.1} s", d.as_secs_f64()),
+                    Err(e) => format!("did not complete: {e}"),
+                },
+            ));
+        }
+        Err(e) => rows.push(Row::failed("9", title, &e)),
+    }
+    progress!(cfg, "cluster: stopping the nodes");
+    drop(nodes);
+    rows
 }
