@@ -80,6 +80,7 @@ use tokio::{
 use vidu_worker::{
     broker::Topology,
     config::Settings,
+    local_broker,
     simulator::{EtaMode, RunningSimulator, SimStats, Simulator, SimulatorConfig},
 };
 
@@ -1076,17 +1077,34 @@ impl Worker {
     }
 
     async fn wait_ready(&self, timeout: Duration) -> BenchResult<()> {
-        let deadline = Instant::now() + timeout;
         let url = format!("http://{}/readyz", self.ops);
+        self.wait_for(timeout, "was not ready", || async {
+            let resp = reqwest::get(&url).await.ok()?;
+            resp.status().is_success().then_some(())
+        })
+        .await
+    }
+
+    /// Asks `probe` every 100 ms until it answers; after `timeout`, fails
+    /// saying the worker `what`, with its last log lines.
+    async fn wait_for<T, F, Fut>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut probe: F,
+    ) -> BenchResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(resp) = reqwest::get(&url).await {
-                if resp.status().is_success() {
-                    return Ok(());
-                }
+            if let Some(answer) = probe().await {
+                return Ok(answer);
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "the worker was not ready within {timeout:?}; last lines: {:?}",
+                    "the worker {what} within {timeout:?}; last lines: {:?}",
                     self.tail.lock().expect("tail")
                 )
                 .into());
@@ -1115,20 +1133,10 @@ impl Worker {
 
     /// Waits until the worker names a broker node other than `not`.
     async fn wait_broker_node(&self, not: Option<u16>, timeout: Duration) -> BenchResult<u16> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(port) = self.broker_node().await.filter(|p| Some(*p) != not) {
-                return Ok(port);
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the worker named no broker node within {timeout:?}; last lines: {:?}",
-                    self.tail.lock().expect("tail")
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_for(timeout, "named no broker node", || async {
+            self.broker_node().await.filter(|p| Some(*p) != not)
+        })
+        .await
     }
 
     /// Sum of every sample of a metric family (`vidu_worker_..._total`).
@@ -2514,17 +2522,6 @@ struct BrokerNode {
     dir: PathBuf,
 }
 
-fn free_port() -> BenchResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port())
-}
-
-fn port_is_free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
-
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
@@ -2534,17 +2531,7 @@ impl BrokerNode {
     /// Launches a node without waiting for it.
     async fn launch() -> BenchResult<Self> {
         let unique = uuid::Uuid::new_v4().simple().to_string();
-        let mut port = None;
-        for _ in 0..100 {
-            let p = free_port()?;
-            // RabbitMQ puts Erlang distribution on the AMQP port + 20000:
-            // keep that a valid, free port too.
-            if p < 45_000 && port_is_free(p + 20_000) {
-                port = Some(p);
-                break;
-            }
-        }
-        let port = port.ok_or("no free port pair for a broker node")?;
+        let port = local_broker::free_port()?;
         let dir = env::temp_dir().join(format!("vidu-bench-broker-{}", &unique[..8]));
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -2557,11 +2544,8 @@ impl BrokerNode {
         // The broker runs as its own user.
         set_mode(&node.dir, 0o777);
         let conf = node.dir.join("rabbitmq.conf");
-        std::fs::write(
-            &conf,
-            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
-        )
-        .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        std::fs::write(&conf, local_broker::node_config(port))
+            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         set_mode(&conf, 0o644);
         let status = node
             .command("rabbitmq-server")
@@ -2606,17 +2590,8 @@ impl BrokerNode {
         Ok(nodes)
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
-        let d = |s: &str| self.dir.join(s).to_string_lossy().into_owned();
-        vec![
-            ("RABBITMQ_NODENAME", self.name.clone()),
-            ("RABBITMQ_NODE_PORT", self.port.to_string()),
-            ("RABBITMQ_CONFIG_FILE", d("rabbitmq")),
-            ("RABBITMQ_MNESIA_BASE", d("mnesia")),
-            ("RABBITMQ_LOG_BASE", d("log")),
-            ("RABBITMQ_PID_FILE", d("pid")),
-            ("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins")),
-        ]
+    fn env(&self) -> [(&'static str, PathBuf); 8] {
+        local_broker::node_env(&self.name, self.port, &self.dir)
     }
 
     fn command(&self, program: &str) -> Command {

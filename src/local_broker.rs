@@ -190,11 +190,8 @@ impl LocalNode {
         // when the Debian package runs the node as user `rabbitmq`.
         set_mode(&node.dir, 0o777)?;
         let conf = node.dir.join("rabbitmq.conf");
-        std::fs::write(
-            &conf,
-            format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n"),
-        )
-        .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
+        std::fs::write(&conf, node_config(port))
+            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
         set_mode(&conf, 0o644)?;
         node.started_epmd = tools.epmd_running() == Some(false);
         let status = quiet(node.command(&tools.server).arg("-detached"))
@@ -374,14 +371,7 @@ exit 0
     /// A command with the node's environment.
     fn command(&self, program: &Path) -> Command {
         let mut cmd = Command::new(program);
-        let d = |s: &str| self.dir.join(s);
-        cmd.env("RABBITMQ_NODENAME", &self.name)
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env("RABBITMQ_CONFIG_FILE", d("rabbitmq"))
-            .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
-            .env("RABBITMQ_LOG_BASE", d("log"))
-            .env("RABBITMQ_PID_FILE", d("pid"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"));
+        cmd.envs(node_env(&self.name, self.port, &self.dir));
         cmd
     }
 
@@ -435,9 +425,34 @@ impl Drop for LocalNode {
     }
 }
 
+/// The environment that makes `rabbitmq-server` and `rabbitmqctl` address
+/// a private node: its name, AMQP port, and its files in `dir`
+/// (`rabbitmq.conf`, the optional `advanced.config`, data, logs, pid file,
+/// plugins list). Every private node of the project, the demo's and the
+/// tests' and the benchmark's, is run with it.
+pub fn node_env(name: &str, port: u16, dir: &Path) -> [(&'static str, PathBuf); 8] {
+    let d = |s: &str| dir.join(s);
+    [
+        ("RABBITMQ_NODENAME", PathBuf::from(name)),
+        ("RABBITMQ_NODE_PORT", PathBuf::from(port.to_string())),
+        ("RABBITMQ_CONFIG_FILE", d("rabbitmq")),
+        ("RABBITMQ_ADVANCED_CONFIG_FILE", d("advanced.config")),
+        ("RABBITMQ_MNESIA_BASE", d("mnesia")),
+        ("RABBITMQ_LOG_BASE", d("log")),
+        ("RABBITMQ_PID_FILE", d("pid")),
+        ("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins")),
+    ]
+}
+
+/// The `rabbitmq.conf` of a private node: AMQP on 127.0.0.1:`port` only,
+/// and `guest` allowed (it is local).
+pub fn node_config(port: u16) -> String {
+    format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n")
+}
+
 /// A free port on 127.0.0.1 whose port + 20000 (the node's Erlang
 /// distribution port) is free too.
-fn free_port() -> Result<u16, String> {
+pub fn free_port() -> Result<u16, String> {
     let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
     for _ in 0..500 {
         let port: u16 = rand::random_range(20_000..45_000);
@@ -600,6 +615,21 @@ mod tests {
         std::fs::write(plain.join("rabbitmq-server"), "").expect("write");
         assert!(Installation::find_in(&path(&[&plain]), true).is_none());
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_node_keeps_every_file_in_its_directory_and_listens_on_loopback_only() {
+        let dir = Path::new("/node-dir");
+        let env = node_env("n1@localhost", 35672, dir);
+        assert_eq!(env[0], ("RABBITMQ_NODENAME", PathBuf::from("n1@localhost")));
+        assert_eq!(env[1], ("RABBITMQ_NODE_PORT", PathBuf::from("35672")));
+        for (key, value) in &env[2..] {
+            assert!(value.starts_with(dir), "{key} = {}", value.display());
+        }
+        assert_eq!(
+            node_config(35672),
+            "listeners.tcp.local = 127.0.0.1:35672\nloopback_users = none\n"
+        );
     }
 
     #[test]

@@ -73,10 +73,17 @@ async fn replicated_tap(env: &TestEnv) -> EventTap {
     env.collect(&queue).await
 }
 
+/// `rabbitmqctl list_queues COLUMNS` on `node`, one JSON object per queue.
+fn queue_rows(node: &BrokerNode, columns: &[&str]) -> Vec<serde_json::Value> {
+    let mut args = vec!["list_queues"];
+    args.extend_from_slice(columns);
+    args.extend_from_slice(&["--formatter", "json"]);
+    serde_json::from_str(&node.ctl_output(&args)).unwrap_or_default()
+}
+
 /// The leader node (`rabbit@...` name) of each named queue.
 fn leaders(node: &BrokerNode, queues: &[&str]) -> Vec<String> {
-    let out = node.ctl_output(&["list_queues", "name", "leader", "--formatter", "json"]);
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    let rows = queue_rows(node, &["name", "leader"]);
     queues
         .iter()
         .map(|q| {
@@ -142,16 +149,15 @@ async fn diagnose(nodes: &[BrokerNode], killed_port: u16, workers: &[&WorkerProc
 /// at-least-once dead-lettering keeps them in the source queue until the
 /// target confirms them).
 fn held_dead_letters(node: &BrokerNode, env: &TestEnv) -> u64 {
-    let out = node.ctl_output(&[
-        "list_queues",
-        "name",
-        "messages",
-        "messages_ready",
-        "messages_unacknowledged",
-        "--formatter",
-        "json",
-    ]);
-    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    let rows = queue_rows(
+        node,
+        &[
+            "name",
+            "messages",
+            "messages_ready",
+            "messages_unacknowledged",
+        ],
+    );
     let waits: Vec<&str> = env
         .topology
         .wait_queues

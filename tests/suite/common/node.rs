@@ -3,14 +3,17 @@
 //! disturbed), a TLS listener with certificates the test generates, users
 //! with restricted permissions, vhosts, and definitions imported the way an
 //! operator would. Started with the machine's `rabbitmq-server` on free
-//! ports, with its own data directory; stopped and removed on drop.
+//! ports, with its own data directory (the environment, ports and base
+//! configuration of [`local_broker`], as the demo's node); stopped and
+//! removed on drop.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
+
+use vidu_worker::local_broker;
 
 pub struct BrokerNode {
     pub name: String,
@@ -46,17 +49,6 @@ pub struct NodeOptions {
 /// minutes). Cluster nodes use a short one, as the README advises, so that
 /// dead letters held after a node loss move soon after the node is back.
 pub const DEAD_LETTER_CONFIRM_TIMEOUT_MS: u32 = 5_000;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
-fn port_is_free(port: u16) -> bool {
-    TcpListener::bind(("127.0.0.1", port)).is_ok()
-}
 
 impl BrokerNode {
     /// Starts a plain node and waits until it accepts connections.
@@ -139,20 +131,15 @@ impl BrokerNode {
     fn launch(options: NodeOptions) -> Self {
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("vidutest{}@localhost", &unique[..8]);
-        let mut ports = Vec::new();
-        while ports.len() < 2 {
-            let p = free_port();
-            // RabbitMQ puts Erlang distribution on the AMQP port + 20000:
-            // keep that a valid, free port too.
-            if p < 45_000 && !ports.contains(&p) && port_is_free(p + 20_000) {
-                ports.push(p);
-            }
-        }
-        let (port, tls_port) = (ports[0], ports[1]);
+        let free = || local_broker::free_port().expect("a free port pair");
+        let port = free();
+        let tls_port = std::iter::repeat_with(free)
+            .find(|p| *p != port)
+            .expect("a second free port");
         let dir = std::env::temp_dir().join(format!("vidu-broker-{}", &unique[..8]));
         std::fs::create_dir_all(&dir).expect("node dir");
         set_mode(&dir, 0o777);
-        let mut conf = format!("listeners.tcp.local = 127.0.0.1:{port}\nloopback_users = none\n");
+        let mut conf = local_broker::node_config(port);
         if let Some(tls) = &options.tls {
             let file = |name: &str, pem: &str| {
                 let path = dir.join(name);
@@ -198,15 +185,7 @@ impl BrokerNode {
 
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
-        let d = |s: &str| self.dir.join(s).to_string_lossy().into_owned();
-        cmd.env("RABBITMQ_NODENAME", &self.name)
-            .env("RABBITMQ_NODE_PORT", self.port.to_string())
-            .env("RABBITMQ_CONFIG_FILE", d("rabbitmq"))
-            .env("RABBITMQ_MNESIA_BASE", d("mnesia"))
-            .env("RABBITMQ_LOG_BASE", d("log"))
-            .env("RABBITMQ_PID_FILE", d("pid"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins"))
-            .env("RABBITMQ_ADVANCED_CONFIG_FILE", d("advanced.config"))
+        cmd.envs(local_broker::node_env(&self.name, self.port, &self.dir))
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         cmd
