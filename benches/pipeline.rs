@@ -51,7 +51,7 @@ use std::{
     env,
     error::Error,
     fmt::Write as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{ExitCode, Stdio},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -2522,31 +2522,26 @@ struct BrokerNode {
     dir: PathBuf,
 }
 
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
-}
-
 impl BrokerNode {
     /// Launches a node without waiting for it.
     async fn launch() -> BenchResult<Self> {
         let unique = uuid::Uuid::new_v4().simple().to_string();
         let port = local_broker::free_port()?;
         let dir = env::temp_dir().join(format!("vidu-bench-broker-{}", &unique[..8]));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        local_broker::create_node_dir(&dir)?;
         // From here on, drop cleans up.
         let node = Self {
             name: format!("vidubench{}@localhost", &unique[..8]),
             port,
             dir,
         };
-        // The broker runs as its own user.
-        set_mode(&node.dir, 0o777);
-        let conf = node.dir.join("rabbitmq.conf");
-        std::fs::write(&conf, local_broker::node_config(port))
-            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
-        set_mode(&conf, 0o644);
+        // The broker runs as its own user, in a directory of its own.
+        local_broker::write_node_file(
+            &node.dir.join("rabbitmq.conf"),
+            &local_broker::node_config(port),
+        )?;
+        let tools = local_broker::Installation::find().ok_or("rabbitmq-server is not installed")?;
+        local_broker::hand_over_node_dir(&node.dir, local_broker::NodeUser::of(&tools)?)?;
         let status = node
             .command("rabbitmq-server")
             .arg("-detached")
@@ -2590,7 +2585,7 @@ impl BrokerNode {
         Ok(nodes)
     }
 
-    fn env(&self) -> [(&'static str, PathBuf); 8] {
+    fn env(&self) -> Vec<(&'static str, std::ffi::OsString)> {
         local_broker::node_env(&self.name, self.port, &self.dir)
     }
 

@@ -75,10 +75,24 @@ pub struct Topology {
     pub queue_arguments: Vec<(String, AMQPValue)>,
     /// The vhost, for messages.
     pub vhost: String,
-    /// The create-quota ledger (`upstream.create_quota`): its name and the
-    /// quota it keeps.
-    pub quota_ledger: Option<(String, CreateQuota)>,
+    /// The deployment's journal, a stream every worker reads
+    /// ([`crate::journal`]).
+    pub journal_queue: String,
+    /// How long the journal keeps records (`x-max-age`): a day beyond
+    /// `polling.max_off_peak_task_age`.
+    pub journal_max_age: Duration,
+    /// The configured create quota (`upstream.create_quota`), kept in a
+    /// ledger whose name [`ledger_name`] derives from the deployment's
+    /// secret.
+    pub create_quota: Option<CreateQuota>,
 }
+
+/// Most bytes the journal keeps (`x-max-length-bytes`); older segments go
+/// first.
+pub const JOURNAL_MAX_BYTES: i64 = 2 * 1024 * 1024 * 1024;
+/// Size of one journal segment (`x-stream-max-segment-size-bytes`):
+/// retention removes whole segments, so small ones make it prompt.
+pub const JOURNAL_SEGMENT_BYTES: i64 = 8 * 1000 * 1000;
 
 impl Topology {
     /// Names derived from the settings.
@@ -104,11 +118,42 @@ impl Topology {
                 .map(|(name, value)| (name.clone(), argument_value(value)))
                 .collect(),
             vhost: settings.amqp.vhost(),
-            quota_ledger: settings
-                .upstream
-                .create_quota
-                .map(|q| (ledger_name(rq, q), q)),
+            journal_queue: format!("{rq}.journal"),
+            journal_max_age: settings.polling.max_off_peak_task_age
+                + Duration::from_secs(24 * 3600),
+            create_quota: settings.upstream.create_quota,
         }
+    }
+
+    /// The journal's declaration: a stream (every reader sees every record)
+    /// keeping records for [`Topology::journal_max_age`], at most
+    /// [`JOURNAL_MAX_BYTES`], in small segments; on a cluster replicated
+    /// like the quorum queues.
+    pub fn journal_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("stream".into()),
+        );
+        args.insert(
+            "x-max-age".into(),
+            AMQPValue::LongString(format!("{}s", self.journal_max_age.as_secs().max(1)).into()),
+        );
+        args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(JOURNAL_MAX_BYTES),
+        );
+        args.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongLongInt(JOURNAL_SEGMENT_BYTES),
+        );
+        if let Some(size) = self.quorum_initial_group_size {
+            args.insert(
+                "x-initial-cluster-size".into(),
+                AMQPValue::LongInt(i32::from(size)),
+            );
+        }
+        args
     }
 
     /// The quota ledger's declaration: a classic queue (a quorum queue
@@ -117,8 +162,7 @@ impl Topology {
     /// nothing worth keeping, and a non-durable queue of a lost node is
     /// simply declared again elsewhere), holding at most `creates` messages
     /// that expire after `window`, refusing publishes beyond that.
-    pub fn ledger_declaration(&self) -> Option<(String, FieldTable)> {
-        let (name, quota) = self.quota_ledger.as_ref()?;
+    pub fn ledger_arguments(quota: CreateQuota) -> FieldTable {
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
@@ -136,24 +180,27 @@ impl Topology {
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(i64::try_from(quota.window.as_millis()).unwrap_or(i64::MAX)),
         );
-        Some((name.clone(), args))
+        args
     }
 
     /// Declares the quota ledger (at start and whenever it has gone
     /// missing, e.g. with the broker node that held it). Needs configure
     /// permission on its name; with `amqp.declare_topology = false` it is
     /// only checked.
-    pub async fn declare_ledger(&self, conn: &Connection) -> Result<(), BrokerError> {
-        let Some((name, args)) = self.ledger_declaration() else {
-            return Ok(());
-        };
+    pub async fn declare_ledger(
+        &self,
+        conn: &Connection,
+        name: &str,
+        quota: CreateQuota,
+    ) -> Result<(), BrokerError> {
+        let args = Self::ledger_arguments(quota);
         let channel = conn
             .create_channel()
             .await
             .map_err(BrokerError::Connection)?;
         let result = channel
             .queue_declare(
-                name.as_str().into(),
+                name.into(),
                 QueueDeclareOptions {
                     durable: false,
                     passive: !self.declares,
@@ -174,11 +221,13 @@ impl Topology {
                 vhost: self.vhost.clone(),
                 missing: vec![format!("queue {name}")],
             },
-            _ => declare_error("queue", &name, &e),
+            _ => declare_error("queue", name, &e),
         })
     }
 
-    /// Every queue name, for operators and test clean-up.
+    /// Every queue name, for operators and test clean-up (the quota
+    /// ledger's name derives from the deployment's secret: see
+    /// [`ledger_name`]).
     pub fn queue_names(&self) -> Vec<String> {
         let mut names = vec![
             self.request_queue.clone(),
@@ -186,7 +235,7 @@ impl Topology {
             self.tracking_queue.clone(),
         ];
         names.extend(self.wait_queues.iter().map(|(_, n)| n.clone()));
-        names.extend(self.quota_ledger.iter().map(|(n, _)| n.clone()));
+        names.push(self.journal_queue.clone());
         names
     }
 
@@ -263,6 +312,7 @@ impl Topology {
             self.dead_letter_to(&mut wait, &self.tracking_queue, true);
             out.push((name.clone(), wait));
         }
+        out.push((self.journal_queue.clone(), self.journal_arguments()));
         out
     }
 
@@ -320,7 +370,7 @@ impl Topology {
                 .map_err(|e| declare_error("queue", &name, &e))?;
         }
         let _ = channel.close(200, "topology declared".into()).await;
-        self.declare_ledger(conn).await
+        Ok(())
     }
 
     /// What of the topology does not exist, as `exchange NAME` / `queue
@@ -377,12 +427,6 @@ impl Topology {
         if channel.status().connected() {
             let _ = channel.close(200, "topology verified".into()).await;
         }
-        if let Err(BrokerError::Missing {
-            missing: ledger, ..
-        }) = self.declare_ledger(conn).await
-        {
-            missing.extend(ledger);
-        }
         Ok(missing)
     }
 
@@ -414,15 +458,21 @@ pub async fn ready_messages(channel: &Channel, queue: &str) -> Result<u32, lapin
         .map(|q| q.message_count())
 }
 
-/// The ledger's name: the request queue's, then the quota, so that a
-/// changed quota gets a ledger of its own (queue arguments cannot change).
-pub fn ledger_name(request_queue: &str, quota: CreateQuota) -> String {
+/// The ledger's name: the request queue's, a tag only the deployment can
+/// compute ([`crate::signing::Signer::tag`]: producers, who may publish
+/// into any queue they can name, cannot find it to fill it), then the
+/// quota, so that a changed quota gets a ledger of its own (queue
+/// arguments cannot change).
+pub fn ledger_name(request_queue: &str, tag: &str, quota: CreateQuota) -> String {
     format!(
-        "{request_queue}.quota.{}-per-{}s",
+        "{request_queue}.quota.{tag}.{}-per-{}s",
         quota.creates,
         quota.window.as_secs()
     )
 }
+
+/// The label the ledger's tag is derived from.
+pub const LEDGER_TAG_LABEL: &str = "quota ledger";
 
 fn argument_value(value: &QueueArgument) -> AMQPValue {
     match value {
@@ -717,6 +767,16 @@ pub fn dead_letter_properties(
             AMQPValue::LongString(LongString::from(tp)),
         );
     }
+    // A ticket's signatures stay with its copy, so that it can be sent
+    // again once a worker holds the right key (64 hex digits or nothing:
+    // whatever else a producer put there is not copied).
+    for name in crate::signing::SIGNATURE_HEADERS {
+        if let Some(sig) = header_str(original, name)
+            .filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            headers.insert(name.into(), AMQPValue::LongString(LongString::from(sig)));
+        }
+    }
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_headers(headers);
@@ -826,6 +886,8 @@ pub struct Connected {
     pub index: usize,
     /// The node's `host:port`, for logs and `/readyz`.
     pub node: String,
+    /// The broker user the connection authenticated as.
+    pub user: String,
 }
 
 /// Connects to the first node of `amqp.url` that answers, in the listed
@@ -855,6 +917,7 @@ pub async fn connect_to_any(
         let Some(node) = nodes.get_mut(index).and_then(Option::take) else {
             continue;
         };
+        let user = node.uri.authority.userinfo.username.clone();
         let attempt = Connection::connect_uri_with_config(
             node.uri,
             connection_properties(role, &amqp.request_queue),
@@ -867,6 +930,7 @@ pub async fn connect_to_any(
                     conn,
                     index,
                     node: node.name,
+                    user,
                 })
             }
             Ok(Err(e)) => explain_connect_error(&e, amqp),
@@ -1146,8 +1210,10 @@ mod tests {
     fn quorum_queues_get_the_group_size_classic_queues_never() {
         let mut settings = Settings::default();
         settings.amqp.quorum_initial_group_size = Some(3);
-        let declarations = Topology::new(&settings).queue_declarations();
-        assert_eq!(declarations.len(), 3 + WAIT_TIERS_SECS.len());
+        let mut declarations = Topology::new(&settings).queue_declarations();
+        assert_eq!(declarations.len(), 3 + WAIT_TIERS_SECS.len() + 1);
+        // The last is the journal, a stream (x-initial-cluster-size).
+        declarations.pop();
         for (name, args) in &declarations {
             assert_eq!(
                 args.inner().get("x-quorum-initial-group-size"),
@@ -1169,6 +1235,45 @@ mod tests {
     }
 
     #[test]
+    fn the_journal_is_a_stream_that_keeps_records_a_day_past_the_longest_task() {
+        let mut settings = Settings::default();
+        settings.amqp.queue_arguments.insert(
+            "x-queue-mode".into(),
+            crate::config::QueueArgument::Text("lazy".into()),
+        );
+        let topology = Topology::new(&settings);
+        let declarations = topology.queue_declarations();
+        let (name, args) = declarations.last().expect("declarations");
+        assert_eq!(name, "vidu.requests.journal");
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(
+            get("x-queue-type"),
+            Some(AMQPValue::LongString("stream".into()))
+        );
+        // 72 h + 24 h, written as RabbitMQ wants it (a whole number and a unit).
+        assert_eq!(
+            get("x-max-age"),
+            Some(AMQPValue::LongString("345600s".into()))
+        );
+        assert_eq!(
+            get("x-stream-max-segment-size-bytes"),
+            Some(AMQPValue::LongLongInt(JOURNAL_SEGMENT_BYTES))
+        );
+        assert_eq!(
+            get("x-queue-mode"),
+            None,
+            "queue_arguments are not a stream's"
+        );
+        assert_eq!(get("x-initial-cluster-size"), None);
+        settings.amqp.quorum_initial_group_size = Some(3);
+        let replicated = Topology::new(&settings).journal_arguments();
+        assert_eq!(
+            replicated.inner().get("x-initial-cluster-size").cloned(),
+            Some(AMQPValue::LongInt(3))
+        );
+    }
+
+    #[test]
     fn managed_queue_arguments_are_the_ones_the_topology_sets() {
         let mut set = std::collections::BTreeSet::new();
         for queue_type in [
@@ -1178,8 +1283,13 @@ mod tests {
             let mut settings = Settings::default();
             settings.amqp.queue_type = queue_type;
             settings.amqp.quorum_initial_group_size = Some(3);
-            for (_, args) in Topology::new(&settings).queue_declarations() {
-                set.extend(args.inner().keys().map(|k| k.to_string()));
+            let topology = Topology::new(&settings);
+            // The journal is a stream with arguments of its own, which
+            // amqp.queue_arguments never touches.
+            for (name, args) in topology.queue_declarations() {
+                if name != topology.journal_queue {
+                    set.extend(args.inner().keys().map(|k| k.to_string()));
+                }
             }
         }
         let managed: std::collections::BTreeSet<String> = crate::config::MANAGED_QUEUE_ARGUMENTS

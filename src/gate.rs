@@ -34,6 +34,10 @@ pub enum Refusal {
     Billing,
     /// Transient errors outlasted the retry budget: the upstream is down.
     Unavailable,
+    /// Creates in a row were answered with something that is not a task id
+    /// (a changed schema, a mangling proxy): each may be a billed task, so
+    /// no more are sent until one is confirmed.
+    Unconfirmed,
 }
 
 impl Refusal {
@@ -42,7 +46,17 @@ impl Refusal {
             Self::Key => "the upstream refuses our API key",
             Self::Billing => "the upstream refuses requests for billing (balance)",
             Self::Unavailable => "the upstream keeps failing after every retry",
+            Self::Unconfirmed => {
+                "unconfirmed creates: the upstream answers creates without a readable task id (each may be a billed task)"
+            }
         }
+    }
+
+    /// Whether only a real create can tell that the refusal is over (a
+    /// balance, unreadable create answers): then one waiting request at a
+    /// time probes with its create; otherwise a free `GET` probes.
+    pub fn probed_by_a_create(self) -> bool {
+        matches!(self, Self::Billing | Self::Unconfirmed)
     }
 
     /// Whether an operator must act (key or balance).
@@ -65,6 +79,15 @@ pub enum GateState {
         /// When the next probe may run.
         retry_at: Instant,
     },
+}
+
+/// Unconfirmed creates in a row that close the gate.
+pub const UNCONFIRMED_LIMIT: u32 = 3;
+
+/// Whether `in_a_row` creates answered without a readable task id close
+/// the gate.
+pub fn closes_after_unconfirmed(in_a_row: u32) -> bool {
+    in_a_row >= UNCONFIRMED_LIMIT
 }
 
 /// What a caller waiting at the gate may do.
@@ -116,6 +139,9 @@ pub struct Gate {
     /// Requests waiting in [`Gate::wait_for_turn`].
     waiting: Arc<AtomicU32>,
     strikes: Arc<AtomicU32>,
+    /// Creates answered without a readable task id since the last
+    /// accepted one.
+    unconfirmed: Arc<AtomicU32>,
     policy: RetryPolicy,
     metrics: Metrics,
 }
@@ -128,6 +154,7 @@ impl Gate {
             probing: Arc::new(AtomicBool::new(false)),
             waiting: Arc::new(AtomicU32::new(0)),
             strikes: Arc::new(AtomicU32::new(0)),
+            unconfirmed: Arc::new(AtomicU32::new(0)),
             policy,
             metrics,
         }
@@ -146,13 +173,10 @@ impl Gate {
     /// would count one more delivery towards `amqp.max_deliveries` for every
     /// probe.
     pub fn accepting(&self) -> bool {
-        !matches!(
-            &*self.state.borrow(),
-            GateState::Closed {
-                refusal: Refusal::Key | Refusal::Unavailable,
-                ..
-            }
-        )
+        match &*self.state.borrow() {
+            GateState::Open => true,
+            GateState::Closed { refusal, .. } => refusal.probed_by_a_create(),
+        }
     }
 
     /// Whether the intake loop may take a request now. While the gate is
@@ -163,10 +187,9 @@ impl Gate {
         match &*self.state.borrow() {
             GateState::Open => IntakeTurn::Take,
             GateState::Closed {
-                refusal: Refusal::Billing,
-                retry_at,
-                ..
-            } if self.waiting.load(Ordering::Acquire) == 0
+                refusal, retry_at, ..
+            } if refusal.probed_by_a_create()
+                && self.waiting.load(Ordering::Acquire) == 0
                 && !self.probing.load(Ordering::Acquire) =>
             {
                 if Instant::now() >= *retry_at {
@@ -250,8 +273,25 @@ impl Gate {
         drop(claim);
     }
 
+    /// Records a create answered without a readable task id. The request
+    /// fails (it may have been created), and after [`UNCONFIRMED_LIMIT`] in
+    /// a row the gate closes: the next creates could be billed tasks too,
+    /// so until one is confirmed only one waiting request at a time probes
+    /// with its create. A failed probe keeps it closed, longer.
+    pub fn create_unconfirmed(&self, claim: Option<ProbeClaim>, reason: &str) {
+        let in_a_row = self.unconfirmed.fetch_add(1, Ordering::AcqRel) + 1;
+        match claim {
+            Some(claim) => self.probe_failed(claim, Refusal::Unconfirmed, reason),
+            None if closes_after_unconfirmed(in_a_row) => {
+                self.close(Refusal::Unconfirmed, reason);
+            }
+            None => {}
+        }
+    }
+
     /// Records an accepted call. Logs only when the gate was closed.
     pub fn open(&self) {
+        self.unconfirmed.store(0, Ordering::Release);
         let was = match &*self.state.borrow() {
             GateState::Open => return,
             GateState::Closed { refusal, .. } => *refusal,
@@ -311,7 +351,7 @@ impl Gate {
             // A refused key or an outage is probed with a free GET by the
             // worker's prober; only a billing refusal needs a real create to
             // find out, so only then does a waiting request probe.
-            if refusal == Refusal::Billing {
+            if refusal.probed_by_a_create() {
                 if let Some(claim) = self.try_claim_probe() {
                     return Turn::Probe(claim);
                 }
@@ -409,6 +449,44 @@ mod tests {
         drop(first);
         g.open();
         assert_eq!(g.wait_for_turn(Instant::now(), &cancel).await, Turn::Go);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unconfirmed_creates_in_a_row_close_the_gate_until_a_create_is_confirmed() {
+        for (in_a_row, closes) in [(0, false), (1, false), (2, false), (3, true), (9, true)] {
+            assert_eq!(closes_after_unconfirmed(in_a_row), closes, "{in_a_row}");
+        }
+        let g = gate();
+        g.create_unconfirmed(None, "garbage");
+        g.create_unconfirmed(None, "garbage");
+        // An accepted create in between starts the count again.
+        g.open();
+        g.create_unconfirmed(None, "garbage");
+        g.create_unconfirmed(None, "garbage");
+        assert_eq!(g.state(), GateState::Open);
+        g.create_unconfirmed(None, "garbage");
+        assert!(matches!(
+            g.state(),
+            GateState::Closed {
+                refusal: Refusal::Unconfirmed,
+                ..
+            }
+        ));
+        let reason = g.refusal().expect("closed");
+        assert!(reason.contains("without a readable task id"), "{reason}");
+        // Like a refused balance, it is probed by one create at a time.
+        assert!(g.accepting());
+        let cancel = CancellationToken::new();
+        let Turn::Probe(claim) = g
+            .wait_for_turn(Instant::now() + Duration::from_secs(5), &cancel)
+            .await
+        else {
+            panic!("the first waiting request probes");
+        };
+        g.create_unconfirmed(Some(claim), "still garbage");
+        assert!(matches!(g.state(), GateState::Closed { .. }));
+        g.open();
+        assert_eq!(g.state(), GateState::Open);
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod events;
 pub mod gate;
+pub mod journal;
 pub mod local_broker;
 pub mod metrics;
 pub mod model;

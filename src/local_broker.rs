@@ -14,11 +14,14 @@
 //! the module prints nothing and knows nothing of the commands that use it.
 
 use std::{
-    ffi::OsStr,
+    ffi::{OsStr, OsString},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        PoisonError,
+    },
     time::{Duration, Instant},
 };
 
@@ -151,7 +154,152 @@ pub struct LocalNode {
     started_epmd: bool,
     /// Whether `rabbitmq-server -detached` succeeded (a VM may run).
     launched: bool,
+    /// The node's VM, as the node itself reported it once it ran (never
+    /// read from a file: see [`verified_vm_pid`]).
+    vm_pid: std::sync::Mutex<Option<u32>>,
+    /// The user the node runs as (its files' owner).
+    owner: NodeUser,
     stopped: AtomicBool,
+}
+
+/// The user a private node runs as: this process's, or, when root starts
+/// the Debian package's wrapper, the package's `rabbitmq` user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeUser {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+impl NodeUser {
+    /// The user `tools.server` runs the node as.
+    pub fn of(tools: &Installation) -> Result<Self, String> {
+        let wrapped = std::fs::canonicalize(&tools.server)
+            .ok()
+            .is_some_and(|real| real.file_name() == Some(OsStr::new("rabbitmq-script-wrapper")));
+        if is_root() && wrapped {
+            return user_named("rabbitmq").ok_or_else(|| {
+                "the rabbitmq-server wrapper runs the node as user rabbitmq, which does not exist"
+                    .to_owned()
+            });
+        }
+        Ok(current_user())
+    }
+}
+
+/// The current process's user and group (from `/proc/self`).
+#[cfg(unix)]
+fn current_user() -> NodeUser {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(NodeUser { uid: 0, gid: 0 }, |m| NodeUser {
+        uid: m.uid(),
+        gid: m.gid(),
+    })
+}
+
+#[cfg(not(unix))]
+fn current_user() -> NodeUser {
+    NodeUser { uid: 0, gid: 0 }
+}
+
+/// A user's ids from `/etc/passwd`.
+fn user_named(name: &str) -> Option<NodeUser> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let mut fields = line.split(':');
+        (fields.next()? == name).then_some(())?;
+        let _password = fields.next()?;
+        Some(NodeUser {
+            uid: fields.next()?.parse().ok()?,
+            gid: fields.next()?.parse().ok()?,
+        })
+    })
+}
+
+/// Creates a private node's directory: new (never one that exists, which
+/// someone else could have prepared), mode 0700, this process's until
+/// [`hand_over_node_dir`] gives it to the node's user, so that no other
+/// local user can read or replace anything in it.
+pub fn create_node_dir(dir: &Path) -> Result<(), String> {
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(|e| {
+        format!(
+            "cannot create the private RabbitMQ node's directory {}: {e}",
+            dir.display()
+        )
+    })
+}
+
+/// Gives a node's directory (once its configuration is written) to the
+/// user the node runs as, which must write its data, logs and pid there.
+pub fn hand_over_node_dir(dir: &Path, owner: NodeUser) -> Result<(), String> {
+    #[cfg(unix)]
+    if owner != current_user() {
+        std::os::unix::fs::chown(dir, Some(owner.uid), Some(owner.gid))
+            .map_err(|e| format!("cannot give {} to the node's user: {e}", dir.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = (dir, owner);
+    Ok(())
+}
+
+/// Writes a new file into a node's directory (failing if it exists), with
+/// mode 0644, owned by this process: the node reads it, nobody else writes
+/// it.
+pub fn write_node_file(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o644);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// `pid` if it is the VM of node `name` run by `owner`, checked before any
+/// signal is sent to it: a number above 1, a process of that user, an
+/// Erlang VM (`beam` on its command line) whose environment names the node.
+/// A pid file is a claim anyone able to write it could make; this is how
+/// the claim is checked.
+pub fn verified_vm_pid(pid: i64, name: &str, owner: NodeUser) -> Result<u32, String> {
+    let pid = u32::try_from(pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| format!("{pid} is not the pid of a node's VM"))?;
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let status = std::fs::read_to_string(proc_dir.join("status"))
+        .map_err(|_| format!("no process {pid}"))?;
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|u| u.parse::<u32>().ok());
+    if uid != Some(owner.uid) {
+        return Err(format!("process {pid} is not run by the node's user"));
+    }
+    let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
+    let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    if !String::from_utf8_lossy(program).contains("beam") {
+        return Err(format!("process {pid} is not an Erlang VM"));
+    }
+    let environ = std::fs::read(proc_dir.join("environ")).unwrap_or_default();
+    let wanted = format!("RABBITMQ_NODENAME={name}");
+    if !environ.split(|b| *b == 0).any(|v| v == wanted.as_bytes()) {
+        return Err(format!("process {pid} is not node {name}'s VM"));
+    }
+    Ok(pid)
 }
 
 impl LocalNode {
@@ -171,12 +319,10 @@ impl LocalNode {
         let short = format!("{prefix}-{}", &unique[..8]);
         let port = free_port()?;
         let dir = std::env::temp_dir().join(&short);
-        std::fs::create_dir(&dir).map_err(|e| {
-            format!(
-                "cannot create the private RabbitMQ node's directory {}: {e}",
-                dir.display()
-            )
-        })?;
+        let owner = NodeUser::of(tools)?;
+        // The configuration first, while the directory is still ours alone;
+        // then the directory goes to the node's user.
+        create_node_dir(&dir)?;
         let mut node = Self {
             name: format!("{short}@localhost"),
             port,
@@ -184,15 +330,12 @@ impl LocalNode {
             tools: tools.clone(),
             started_epmd: false,
             launched: false,
+            vm_pid: std::sync::Mutex::new(None),
+            owner,
             stopped: AtomicBool::new(false),
         };
-        // Readable and writable by the broker's user, which is not ours
-        // when the Debian package runs the node as user `rabbitmq`.
-        set_mode(&node.dir, 0o777)?;
-        let conf = node.dir.join("rabbitmq.conf");
-        std::fs::write(&conf, node_config(port))
-            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
-        set_mode(&conf, 0o644)?;
+        write_node_file(&node.dir.join("rabbitmq.conf"), &node_config(port))?;
+        hand_over_node_dir(&node.dir, owner)?;
         node.started_epmd = tools.epmd_running() == Some(false);
         let status = quiet(node.command(&tools.server).arg("-detached"))
             .status()
@@ -219,6 +362,8 @@ impl LocalNode {
                 .status()
                 .is_ok_and(|s| s.success());
             if ready {
+                let pid = self.pid_from_node()?;
+                *self.vm_pid.lock().unwrap_or_else(PoisonError::into_inner) = Some(pid);
                 return Ok(());
             }
             if self.pid().is_some_and(|pid| !alive(pid)) {
@@ -238,6 +383,24 @@ impl LocalNode {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// Asks the running node for its VM's pid, and checks it.
+    fn pid_from_node(&self) -> Result<u32, String> {
+        let mut cmd = self.ctl_command();
+        cmd.args(["eval", "os:getpid()."])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null());
+        let out = cmd
+            .output()
+            .map_err(|e| format!("cannot ask {} for its pid: {e}", self.name))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let pid: i64 = text
+            .trim()
+            .trim_matches('"')
+            .parse()
+            .map_err(|_| format!("{} did not say its pid", self.name))?;
+        verified_vm_pid(pid, &self.name, self.owner)
     }
 
     /// The node's name, `PREFIX-XXXXXXXX@localhost`.
@@ -296,22 +459,21 @@ impl LocalNode {
         }
     }
 
-    /// Stops the node's VM and waits until it is gone.
+    /// Stops the node's VM and waits until it is gone: `rabbitmqctl stop`,
+    /// or a SIGKILL to its VM when that fails. The VM's pid is the one the
+    /// node reported, or else the pid file's once [`verified_vm_pid`]
+    /// accepts it; no other process is ever signalled.
     fn stop_vm(&self) {
-        let pid_file = self.dir.join("pid");
-        let stopped = self
-            .ctl(&["stop"])
-            .arg(&pid_file)
-            .status()
-            .is_ok_and(|s| s.success());
-        let mut pid = self.pid();
+        let stopped = self.ctl(&["stop"]).status().is_ok_and(|s| s.success());
+        let known = *self.vm_pid.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pid = known.or_else(|| self.checked_pid_file());
         if !stopped {
             // Not answering (still booting, or stuck): end its VM by its
-            // pid, once it has written it.
+            // pid, once it is known.
             let deadline = Instant::now() + Duration::from_secs(30);
             while pid.is_none() && Instant::now() < deadline && self.dir.exists() {
                 std::thread::sleep(Duration::from_millis(250));
-                pid = self.pid();
+                pid = self.checked_pid_file();
             }
             if let Some(pid) = pid {
                 let _ = quiet(Command::new("kill").args(["-9", &pid.to_string()])).status();
@@ -325,6 +487,12 @@ impl LocalNode {
         }
     }
 
+    /// The pid file's pid, if it is this node's VM.
+    fn checked_pid_file(&self) -> Option<u32> {
+        let pid = i64::from(self.pid()?);
+        verified_vm_pid(pid, &self.name, self.owner).ok()
+    }
+
     /// Starts a watcher process that, once the process `pid` is gone
     /// (however it ended), stops this node, removes its directory and stops
     /// the epmd it started, unless [`LocalNode::stop`] removed the
@@ -335,9 +503,17 @@ impl LocalNode {
         const WATCHER: &str = r#"
 while kill -0 "$VIDU_WATCH_PID" 2>/dev/null; do sleep 1; done
 [ -d "$VIDU_NODE_DIR" ] || exit 0
-"$VIDU_NODE_CTL" -n "$VIDU_NODE_NAME" stop "$VIDU_NODE_DIR/pid" >/dev/null 2>&1 || {
-  pid=$(cat "$VIDU_NODE_DIR/pid" 2>/dev/null)
-  [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
+"$VIDU_NODE_CTL" -n "$VIDU_NODE_NAME" stop >/dev/null 2>&1 || {
+  # Only the VM the node reported at start, and only while it still is
+  # that node's VM: an Erlang VM of the node's user naming the node.
+  pid="$VIDU_NODE_PID"
+  case "$pid" in ''|*[!0-9]*) pid=0 ;; esac
+  if [ "$pid" -gt 1 ] \
+     && [ "$(stat -c %u "/proc/$pid" 2>/dev/null)" = "$VIDU_NODE_UID" ] \
+     && tr '\0' '\n' < "/proc/$pid/cmdline" 2>/dev/null | head -n 1 | grep -q beam \
+     && tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "RABBITMQ_NODENAME=$VIDU_NODE_NAME"; then
+    kill -9 "$pid" 2>/dev/null
+  fi
 }
 rm -rf "$VIDU_NODE_DIR"
 if [ -n "$VIDU_NODE_EPMD" ]; then
@@ -361,6 +537,14 @@ exit 0
             .env("VIDU_NODE_DIR", &self.dir)
             .env("VIDU_NODE_CTL", &self.tools.ctl)
             .env("VIDU_NODE_NAME", &self.name)
+            .env(
+                "VIDU_NODE_PID",
+                self.vm_pid
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .map_or_else(String::new, |p| p.to_string()),
+            )
+            .env("VIDU_NODE_UID", self.owner.uid.to_string())
             .env("VIDU_NODE_EPMD", epmd);
         quiet(&mut watcher)
             .spawn()
@@ -428,19 +612,25 @@ impl Drop for LocalNode {
 /// The environment that makes `rabbitmq-server` and `rabbitmqctl` address
 /// a private node: its name, AMQP port, and its files in `dir`
 /// (`rabbitmq.conf`, the optional `advanced.config`, data, logs, pid file,
-/// plugins list). Every private node of the project, the demo's and the
-/// tests' and the benchmark's, is run with it.
-pub fn node_env(name: &str, port: u16, dir: &Path) -> [(&'static str, PathBuf); 8] {
-    let d = |s: &str| dir.join(s);
-    [
-        ("RABBITMQ_NODENAME", PathBuf::from(name)),
-        ("RABBITMQ_NODE_PORT", PathBuf::from(port.to_string())),
+/// plugins list), with the Erlang distribution (the node's port + 20000,
+/// and the CLI's own) and an epmd the node starts bound to 127.0.0.1 only.
+/// Every private node of the project, the demo's and the tests' and the
+/// benchmark's, is run with it.
+pub fn node_env(name: &str, port: u16, dir: &Path) -> Vec<(&'static str, OsString)> {
+    let d = |s: &str| dir.join(s).into_os_string();
+    const LOOPBACK_DIST: &str = "-kernel inet_dist_use_interface {127,0,0,1}";
+    vec![
+        ("RABBITMQ_NODENAME", name.into()),
+        ("RABBITMQ_NODE_PORT", port.to_string().into()),
         ("RABBITMQ_CONFIG_FILE", d("rabbitmq")),
         ("RABBITMQ_ADVANCED_CONFIG_FILE", d("advanced.config")),
         ("RABBITMQ_MNESIA_BASE", d("mnesia")),
         ("RABBITMQ_LOG_BASE", d("log")),
         ("RABBITMQ_PID_FILE", d("pid")),
         ("RABBITMQ_ENABLED_PLUGINS_FILE", d("enabled_plugins")),
+        ("ERL_EPMD_ADDRESS", "127.0.0.1".into()),
+        ("RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS", LOOPBACK_DIST.into()),
+        ("RABBITMQ_CTL_ERL_ARGS", LOOPBACK_DIST.into()),
     ]
 }
 
@@ -493,14 +683,14 @@ fn quiet(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, test))]
 fn set_mode(path: &Path, mode: u32) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))
 }
 
-#[cfg(not(unix))]
+#[cfg(all(not(unix), test))]
 fn set_mode(_: &Path, _: u32) -> Result<(), String> {
     Ok(())
 }
@@ -621,15 +811,84 @@ mod tests {
     fn a_node_keeps_every_file_in_its_directory_and_listens_on_loopback_only() {
         let dir = Path::new("/node-dir");
         let env = node_env("n1@localhost", 35672, dir);
-        assert_eq!(env[0], ("RABBITMQ_NODENAME", PathBuf::from("n1@localhost")));
-        assert_eq!(env[1], ("RABBITMQ_NODE_PORT", PathBuf::from("35672")));
-        for (key, value) in &env[2..] {
-            assert!(value.starts_with(dir), "{key} = {}", value.display());
+        assert_eq!(
+            env[0],
+            ("RABBITMQ_NODENAME", OsString::from("n1@localhost"))
+        );
+        assert_eq!(env[1], ("RABBITMQ_NODE_PORT", OsString::from("35672")));
+        for (key, value) in &env[2..8] {
+            assert!(
+                Path::new(value).starts_with(dir),
+                "{key} = {}",
+                Path::new(value).display()
+            );
+        }
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(get("ERL_EPMD_ADDRESS"), Some("127.0.0.1".into()));
+        for key in [
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+            "RABBITMQ_CTL_ERL_ARGS",
+        ] {
+            assert_eq!(
+                get(key),
+                Some("-kernel inet_dist_use_interface {127,0,0,1}".into()),
+                "{key}"
+            );
         }
         assert_eq!(
             node_config(35672),
             "listeners.tcp.local = 127.0.0.1:35672\nloopback_users = none\n"
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_pid_is_a_nodes_vm_only_when_the_process_says_so() {
+        let me = current_user();
+        let mut sleeper = Command::new("sleep").arg("30").spawn().expect("sleep");
+        let pid = i64::from(sleeper.id());
+        // (pid, node, expected error fragment)
+        let cases = [
+            (-1, "n@localhost", "not the pid"),
+            (0, "n@localhost", "not the pid"),
+            (1, "n@localhost", "not the pid"),
+            (i64::from(u32::MAX) + 1, "n@localhost", "not the pid"),
+            (pid, "n@localhost", "not an Erlang VM"),
+        ];
+        for (pid, node, fragment) in cases {
+            let err = verified_vm_pid(pid, node, me).expect_err("refused");
+            assert!(err.contains(fragment), "{pid}: {err}");
+        }
+        let other = NodeUser {
+            uid: me.uid.wrapping_add(1),
+            gid: me.gid,
+        };
+        let err = verified_vm_pid(pid, "n@localhost", other).expect_err("other user");
+        assert!(err.contains("not run by the node's user"), "{err}");
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn node_files_are_new_and_the_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = temp_dir("nodedir");
+        let dir = root.join("node");
+        create_node_dir(&dir).expect("created");
+        let mode = std::fs::metadata(&dir).expect("dir").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(create_node_dir(&dir).is_err(), "never reused");
+        hand_over_node_dir(&dir, current_user()).expect("ours already");
+        let conf = dir.join("rabbitmq.conf");
+        write_node_file(&conf, "x = 1\n").expect("written");
+        assert!(write_node_file(&conf, "y = 2\n").is_err(), "never replaced");
+        assert_eq!(std::fs::read_to_string(&conf).expect("read"), "x = 1\n");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -99,6 +99,7 @@ struct Inner {
     request_hold: Histogram,
     quota_slots_unused: Counter,
     tickets_rejected: Family<TicketLabels, Counter>,
+    tickets_unverified: Counter,
     reply_failures: Counter,
 }
 
@@ -225,6 +226,12 @@ impl Metrics {
             "Messages on the tracking queues that were not this deployment's tickets (dead-lettered, never acted on), by reason",
             tickets_rejected.clone(),
         );
+        let tickets_unverified = Counter::default();
+        registry.register(
+            "tickets_unverified",
+            "Tickets read whose signatures no key of this worker verifies (a secret not configured here, or a forgery); kept for a worker that holds the key, never acted on",
+            tickets_unverified.clone(),
+        );
         let reply_failures = Counter::default();
         registry.register(
             "reply_failures",
@@ -234,7 +241,7 @@ impl Metrics {
         let quota_slots_unused = Counter::default();
         registry.register(
             "quota_slots_unused",
-            "Quota slots claimed for a request that another worker took first",
+            "Create slots (pacing and, with a quota, a claim in the deployment's window) taken for a request that was not there or needed no create, and not used by another request in time",
             quota_slots_unused.clone(),
         );
         Self {
@@ -259,6 +266,7 @@ impl Metrics {
                 request_hold,
                 quota_slots_unused,
                 tickets_rejected,
+                tickets_unverified,
                 reply_failures,
             }),
         }
@@ -382,6 +390,11 @@ impl Metrics {
             .tickets_rejected
             .get_or_create(&TicketLabels { reason })
             .inc();
+    }
+
+    /// Counts a ticket kept because no key of this worker verifies it.
+    pub fn ticket_unverified(&self) {
+        self.inner.tickets_unverified.inc();
     }
 
     /// Counts a terminal event `reply_to` did not take.

@@ -7,7 +7,10 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError,
+    },
     time::Duration,
 };
 
@@ -155,13 +158,51 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, BindError
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest a connection is kept, however busy (a scraper reconnects).
 pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
-/// Most connections served at once; more are closed at once.
+/// Most connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+
+/// One open connection, as the accept loop sees it.
+struct Connection {
+    id: u64,
+    /// Whether a request is being answered on it right now.
+    busy: Arc<AtomicBool>,
+    /// Closes it.
+    close: CancellationToken,
+}
+
+/// Which open connection to close for a new one when all [`MAX_CONNECTIONS`]
+/// are taken: the oldest that is not answering a request (one that never
+/// sent its headers, or idles between requests). `None` when every one is
+/// busy: then the new connection is closed instead. `busy` lists the open
+/// connections oldest first.
+pub fn to_evict(busy: &[bool]) -> Option<usize> {
+    busy.iter().position(|b| !b)
+}
+
+/// Marks its connection busy while a request is answered, also when the
+/// answer is dropped half-way.
+struct Busy(Arc<AtomicBool>);
+
+impl Busy {
+    fn new(flag: &Arc<AtomicBool>) -> Self {
+        flag.store(true, Ordering::Release);
+        Self(flag.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 /// Serves until `shutdown` fires. Each connection has a header-read and
 /// idle timeout and a maximum age, and at most [`MAX_CONNECTIONS`] are
-/// open at once, so that half-open or idle clients cannot pile up (the
-/// endpoint listens on all interfaces by default).
+/// open at once. When they are all taken, a new connection replaces the
+/// oldest one that is not answering a request, so that a client holding
+/// connections open without sending anything (half-open or idle) cannot
+/// starve the probes: the liveness probe must answer while the worker
+/// lives.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     health: Health,
@@ -169,8 +210,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let app = router(health, metrics);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let open: Arc<Mutex<Vec<Connection>>> = Arc::new(Mutex::new(Vec::new()));
     let connections = TaskTracker::new();
+    let mut next_id: u64 = 0;
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -184,30 +226,83 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Over the cap: closed at once.
-            drop(stream);
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let stop = shutdown.clone();
+        let id = next_id;
+        next_id += 1;
+        let busy = Arc::new(AtomicBool::new(false));
+        let close = shutdown.child_token();
+        {
+            let mut open = open.lock().unwrap_or_else(PoisonError::into_inner);
+            if open.len() >= MAX_CONNECTIONS {
+                let flags: Vec<bool> = open
+                    .iter()
+                    .map(|c| c.busy.load(Ordering::Acquire))
+                    .collect();
+                match to_evict(&flags) {
+                    Some(i) => open.remove(i).close.cancel(),
+                    None => {
+                        drop(stream);
+                        continue;
+                    }
+                }
+            }
+            open.push(Connection {
+                id,
+                busy: busy.clone(),
+                close: close.clone(),
+            });
+        }
+        let app = app.clone();
+        let open = open.clone();
         connections.spawn(async move {
-            let _slot = slot;
+            let service = hyper::service::service_fn(move |req| {
+                let guard = Busy::new(&busy);
+                let mut app = app.clone();
+                async move {
+                    let response = tower_service::Service::call(&mut app, req).await;
+                    drop(guard);
+                    response
+                }
+            });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
             let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                () = tokio::time::sleep(MAX_CONNECTION_AGE) => {}
-                () = stop.cancelled() => {}
+            let graceful = tokio::select! {
+                _ = conn.as_mut() => false,
+                () = tokio::time::sleep(MAX_CONNECTION_AGE) => true,
+                () = close.cancelled() => true,
+            };
+            if graceful {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
             }
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+            open.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|c| c.id != id);
         });
     }
     connections.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), connections.wait()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_connection_replaces_the_oldest_one_not_answering() {
+        // (busy flags, oldest first; which is closed)
+        let cases: &[(&[bool], Option<usize>)] = &[
+            (&[false, false, true], Some(0)),
+            (&[true, false, false], Some(1)),
+            (&[true, true, false], Some(2)),
+            (&[true, true, true], None),
+            (&[], None),
+        ];
+        for (busy, want) in cases {
+            assert_eq!(to_evict(busy), *want, "{busy:?}");
+        }
+    }
 }

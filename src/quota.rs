@@ -325,6 +325,114 @@ impl Pacer {
     }
 }
 
+/// A create slot, taken before a request is: the pacer's place and, with a
+/// quota, a claim in the deployment's ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// When it was taken.
+    pub taken_at: Instant,
+}
+
+/// How long an unused slot may serve another request: a quarter of the
+/// quota's window (the ledger keeps counting the claim for the whole
+/// window, so the create it serves stays inside the window the claim
+/// opened), at most [`MAX_SPARE_LIFETIME`].
+pub fn spare_lifetime(quota: Option<CreateQuota>) -> Duration {
+    quota.map_or(MAX_SPARE_LIFETIME, |q| {
+        (q.window / 4).min(MAX_SPARE_LIFETIME)
+    })
+}
+
+/// The longest an unused slot is kept for the next request.
+pub const MAX_SPARE_LIFETIME: Duration = Duration::from_secs(5);
+
+/// Whether a spare slot taken at `taken_at` may still serve a request at
+/// `now`.
+pub fn spare_usable(taken_at: Instant, now: Instant, lifetime: Duration) -> bool {
+    now.saturating_duration_since(taken_at) < lifetime
+}
+
+/// Slots taken for requests that turned out to need no create (invalid,
+/// poison, already created) or for a queue found empty: the next request
+/// uses them instead of claiming new ones, so that invalid requests do not
+/// spend the quota.
+pub struct SlotBank {
+    spare: Mutex<VecDeque<Slot>>,
+    lifetime: Duration,
+    metrics: Metrics,
+}
+
+impl SlotBank {
+    /// An empty bank for a deployment with `quota` (none: the learned pace).
+    pub fn new(quota: Option<CreateQuota>, metrics: Metrics) -> Self {
+        Self {
+            spare: Mutex::new(VecDeque::new()),
+            lifetime: spare_lifetime(quota),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Slot>> {
+        self.spare.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Keeps an unused slot for the next request.
+    pub fn deposit(&self, slot: Slot) {
+        let mut spare = self.lock();
+        spare.push_back(slot);
+        // More spares than a window's worth are never needed at once.
+        while spare.len() > 1024 {
+            spare.pop_front();
+            self.metrics.quota_slot_unused();
+        }
+    }
+
+    /// The oldest spare slot still usable, if any (expired ones are
+    /// dropped).
+    pub fn withdraw(&self) -> Option<Slot> {
+        let now = Instant::now();
+        let mut spare = self.lock();
+        while let Some(slot) = spare.pop_front() {
+            if spare_usable(slot.taken_at, now, self.lifetime) {
+                return Some(slot);
+            }
+            self.metrics.quota_slot_unused();
+        }
+        None
+    }
+}
+
+/// The slot a request was taken with, until its create is sent
+/// ([`Prepaid::spend`]). Dropped unspent, on whatever path, it goes back
+/// to the bank for the next request.
+pub struct Prepaid {
+    bank: std::sync::Arc<SlotBank>,
+    slot: Option<Slot>,
+}
+
+impl Prepaid {
+    /// `slot`, owed back to `bank` unless spent.
+    pub fn new(bank: std::sync::Arc<SlotBank>, slot: Slot) -> Self {
+        Self {
+            bank,
+            slot: Some(slot),
+        }
+    }
+
+    /// The create is going out with this slot.
+    pub fn spend(mut self) {
+        self.slot = None;
+    }
+}
+
+impl Drop for Prepaid {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            self.bank.deposit(slot);
+        }
+    }
+}
+
 /// Why a slot could not be claimed.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
@@ -341,10 +449,13 @@ pub enum SlotError {
 /// after `window`. A slot is claimed by publishing one; the broker confirms
 /// it (a slot was free) or refuses it (`reject-publish`: the window is
 /// full). The ledger holds no data worth keeping: losing it (a broker
-/// restart) only forgets the current window.
+/// restart) only forgets the current window. Its name carries a tag derived
+/// from the deployment's secret, known once the session has read the
+/// journal ([`QuotaLedger::name_with`]), so that producers cannot find it.
 pub struct QuotaLedger {
-    queue: String,
+    request_queue: String,
     quota: CreateQuota,
+    queue: std::sync::OnceLock<String>,
 }
 
 /// Longest wait between two claims while the window is full.
@@ -353,14 +464,24 @@ const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(2);
 const MIN_CLAIM_BACKOFF: Duration = Duration::from_millis(100);
 
 impl QuotaLedger {
-    /// The ledger of `quota` in queue `queue`.
-    pub fn new(queue: String, quota: CreateQuota) -> Self {
-        Self { queue, quota }
+    /// The ledger of `quota` for the deployment of `request_queue`.
+    pub fn new(request_queue: &str, quota: CreateQuota) -> Self {
+        Self {
+            request_queue: request_queue.to_owned(),
+            quota,
+            queue: std::sync::OnceLock::new(),
+        }
     }
 
-    /// The ledger queue's name.
-    pub fn queue(&self) -> &str {
-        &self.queue
+    /// Names the ledger with the deployment's `tag` (the first call wins).
+    pub fn name_with(&self, tag: &str) -> &str {
+        self.queue
+            .get_or_init(|| crate::broker::ledger_name(&self.request_queue, tag, self.quota))
+    }
+
+    /// The ledger queue's name, once known.
+    pub fn queue(&self) -> Option<&str> {
+        self.queue.get().map(String::as_str)
     }
 
     /// The quota it keeps.
@@ -381,8 +502,11 @@ impl QuotaLedger {
         let spacing = Duration::from_secs_f64(1.0 / self.quota.per_second());
         let ceiling = MAX_CLAIM_BACKOFF.min(spacing).max(MIN_CLAIM_BACKOFF);
         let mut delay = MIN_CLAIM_BACKOFF;
+        let Some(queue) = self.queue() else {
+            return Err(SlotError::Broker(PublishError::NotConnected));
+        };
         loop {
-            match publisher.claim_slot(&self.queue).await {
+            match publisher.claim_slot(queue).await {
                 Ok(()) => return Ok(()),
                 Err(PublishError::Nacked) => {
                     metrics.create_wait("quota");
@@ -539,6 +663,50 @@ mod tests {
         assert_eq!(Instant::now(), at, "the freed place is taken at once");
         cancel.cancel();
         assert!(!pacer.ready(&cancel).await);
+    }
+
+    #[test]
+    fn a_spare_slot_serves_another_request_only_early_in_its_window() {
+        let q = |t: &str| Some(CreateQuota::parse(t).expect("quota"));
+        // Table: quota, how long ago the slot was taken, usable.
+        let cases: &[(Option<CreateQuota>, f64, bool)] = &[
+            (q("5/10s"), 0.0, true),
+            (q("5/10s"), 2.4, true),
+            (q("5/10s"), 2.5, false),
+            (q("20/min"), 4.9, true),
+            (q("20/min"), 5.0, false),
+            (q("2/s"), 0.2, true),
+            (q("2/s"), 0.3, false),
+            (None, 4.9, true),
+            (None, 5.0, false),
+        ];
+        for &(quota, ago, usable) in cases {
+            let now = Instant::now() + secs(100.0);
+            assert_eq!(
+                spare_usable(now - secs(ago), now, spare_lifetime(quota)),
+                usable,
+                "{quota:?} taken {ago} s ago"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unspent_slot_goes_back_to_the_bank_and_expires_there() {
+        let bank = std::sync::Arc::new(SlotBank::new(
+            Some(CreateQuota::parse("5/10s").expect("quota")),
+            Metrics::new(),
+        ));
+        let slot = Slot {
+            taken_at: Instant::now(),
+        };
+        Prepaid::new(bank.clone(), slot).spend();
+        assert_eq!(bank.withdraw(), None, "a spent slot is gone");
+        drop(Prepaid::new(bank.clone(), slot));
+        assert_eq!(bank.withdraw(), Some(slot), "an unspent one comes back");
+        assert_eq!(bank.withdraw(), None);
+        drop(Prepaid::new(bank.clone(), slot));
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert_eq!(bank.withdraw(), None, "too late in its window");
     }
 
     #[test]

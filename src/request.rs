@@ -93,6 +93,8 @@ pub struct MessageProps<'a> {
     /// The deployment's request queue: `reply_to` may not name it or
     /// anything that starts with it (its internal queues).
     pub request_queue: &'a str,
+    /// `amqp.reply_to_allowed`: the patterns `reply_to` must match.
+    pub reply_to_allowed: &'a [String],
 }
 
 /// Checks `correlation_id`: at most 255 bytes, no control characters
@@ -140,6 +142,42 @@ pub fn check_reply_to(value: &str, request_queue: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks `reply_to` against `amqp.reply_to_allowed` (on top of
+/// [`check_reply_to`]): the terminal event goes only to queues the
+/// operator allowed, never to any queue of the vhost a producer names.
+pub fn check_reply_to_allowed(value: &str, allowed: &[String]) -> Result<(), String> {
+    if allowed.iter().any(|p| matches_pattern(p, value)) {
+        return Ok(());
+    }
+    Err(format!(
+        "{:?} is not allowed by amqp.reply_to_allowed ({})",
+        excerpt(value),
+        allowed.join(", ")
+    ))
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of
+/// characters (none included) and everything else itself.
+pub fn matches_pattern(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let [first, middle @ .., last] = parts.as_slice() else {
+        return pattern == name;
+    };
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// Whether a name has the shape of a deployment's internal queue.
@@ -324,6 +362,8 @@ impl Ctx<'_> {
         }
         if let Some(r) = self.props.reply_to {
             check_reply_to(r, self.props.request_queue).map_err(|m| problem("reply_to", m))?;
+            check_reply_to_allowed(r, self.props.reply_to_allowed)
+                .map_err(|m| problem("reply_to", m))?;
         }
 
         if let Some(raw) = fields.get("metadata").filter(|r| r.get() != "null") {
@@ -867,6 +907,10 @@ mod tests {
     #[test]
     fn properties_are_checked() {
         let body = br#"{"input": {"images": ["https://e.com/a.jpg"]}}"#;
+        let allowed: Vec<String> = crate::config::DEFAULT_REPLY_TO_ALLOWED
+            .iter()
+            .map(|p| (*p).to_owned())
+            .collect();
         let with = |correlation_id: Option<&'static str>, reply_to: Option<&'static str>| {
             parse(
                 body,
@@ -874,13 +918,20 @@ mod tests {
                     correlation_id,
                     reply_to,
                     request_queue: "vidu.requests",
+                    reply_to_allowed: &allowed,
                     ..MessageProps::default()
                 },
             )
         };
         assert!(with(Some("corr-1"), Some("my.replies")).is_ok());
         assert!(with(None, Some("amq.rabbitmq.reply-to.g1hkABCD")).is_ok());
-        assert!(with(None, Some("team.waiting.room")).is_ok());
+        // Not on the allow-list: any other queue of the vhost.
+        let err = with(None, Some("team.waiting.room")).expect_err("not allowed");
+        assert_eq!(err.field, "reply_to");
+        assert!(err.message.contains("amqp.reply_to_allowed"), "{err}");
+        // On it, but the deployment's own: still refused.
+        let err = with(None, Some("vidu.requests.replies")).expect_err("own queue");
+        assert!(err.message.contains("own queue"), "{err}");
         for (c, r, field) in [
             (Some("a\nb"), None, "correlation_id"),
             (None, Some("vidu.requests"), "reply_to"),
@@ -899,6 +950,30 @@ mod tests {
         ] {
             let err = with(c, r).expect_err(field);
             assert_eq!(err.field, field, "{c:?} {r:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn reply_to_patterns_match_whole_names_with_star_for_any_run() {
+        // (pattern, name, matches)
+        let cases = [
+            ("*.replies", "billing.replies", true),
+            ("*.replies", ".replies", true),
+            ("*.replies", "billing.replies.x", false),
+            ("*.replies", "replies", false),
+            ("amq.rabbitmq.reply-to*", "amq.rabbitmq.reply-to.g1h", true),
+            ("amq.rabbitmq.reply-to*", "amq.rabbitmq.reply", false),
+            ("team-a.*.out", "team-a.x.y.out", true),
+            ("team-a.*.out", "team-a.out", false),
+            ("exact.name", "exact.name", true),
+            ("exact.name", "exact.names", false),
+            ("*", "anything", true),
+            ("a*b*c", "abc", true),
+            ("a*b*c", "acb", false),
+            ("ab*ba", "aba", false),
+        ];
+        for (pattern, name, want) in cases {
+            assert_eq!(matches_pattern(pattern, name), want, "{pattern} ~ {name}");
         }
     }
 

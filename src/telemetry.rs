@@ -20,6 +20,38 @@ use tracing_subscriber::{
 
 use crate::config::LogFormat;
 
+/// Lets a log line that can repeat (once per message of a flood, say)
+/// through at most once per period; callers log the rest at debug.
+#[derive(Debug)]
+pub struct Every {
+    period: std::time::Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Every {
+    /// At most once per `period`.
+    pub const fn new(period: std::time::Duration) -> Self {
+        Self {
+            period,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the line may go out now (and, if so, the period starts).
+    pub fn due(&self) -> bool {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_some_and(|at| now.duration_since(at) < self.period) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
 /// Default filter when `RUST_LOG` is unset: our own info, libraries' warnings.
 const DEFAULT_FILTER: &str = "info,lapin=warn,amq_protocol=warn,hyper=warn,reqwest=warn";
 

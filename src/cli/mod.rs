@@ -192,6 +192,15 @@ async fn simulate(args: SimulateArgs) -> ExitCode {
 async fn check(settings: Settings) -> ExitCode {
     let mut ok = true;
     println!("ok   configuration");
+    if let Ok(url) = url::Url::parse(&settings.upstream.base_url) {
+        if url.scheme() == "http" && !crate::config::is_loopback(&url) {
+            println!(
+                "warn upstream {}: plain http to another host, allowed by upstream.allow_plain_http: the API key crosses the network in clear text",
+                settings.upstream.base_url
+            );
+        }
+    }
+    println!("{}", tickets_line(&settings));
     ok &= check_broker(&settings).await;
     match &settings.upstream.api_key {
         None => println!("skip upstream: no API key set (NOVITA_API_KEY)"),
@@ -225,6 +234,20 @@ async fn check(settings: Settings) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// How tickets are signed, in `check`'s words.
+fn tickets_line(settings: &Settings) -> String {
+    let journal = format!("{}.journal", settings.amqp.request_queue);
+    match &settings.tickets.secret {
+        Some(_) => format!(
+            "ok   tickets: signed with tickets.secret (and the deployment key kept in {journal}); {} previous secret(s) accepted",
+            settings.tickets.previous_secrets.len()
+        ),
+        None => format!(
+            "ok   tickets: signed with the deployment key kept in {journal} (readable by the workers' broker user only), so workers holding different API keys read each other's tickets; a second signature derived from the API key lets versions before it read them. Set tickets.secret to sign with a secret of your own"
+        ),
     }
 }
 

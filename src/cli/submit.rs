@@ -1,9 +1,12 @@
 //! `vidu-worker submit`: publish one request, optionally wait for its end.
 //!
 //! Builds the request from flags and/or a JSON file, validates it with the
-//! same parser the worker uses, declares the topology (so a request can be
-//! queued before any worker runs), publishes it persistent and confirmed,
-//! and prints its `request_id`. With `--wait` it follows the request's
+//! same parser the worker uses, checks (passively, which needs no
+//! permission) that the request queue exists, publishes it persistent and
+//! confirmed, and prints its `request_id`. It needs a producer's
+//! permissions only (write on the default exchange; with `--wait` also its
+//! own server-named queue); `--declare-topology` declares the deployment's
+//! topology first, with the worker's permissions, for a first run. With `--wait` it follows the request's
 //! events: live progress on a terminal, plain lines otherwise, then the
 //! terminal event as JSON on stdout. It never talks to the upstream.
 
@@ -72,6 +75,11 @@ pub struct SubmitArgs {
     /// How long --wait waits (exit 3 when it runs out).
     #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
     timeout: Duration,
+    /// Declare the deployment's queues and exchange first (needs the
+    /// worker's permissions); by default only the request queue's
+    /// existence is checked.
+    #[arg(long)]
+    declare_topology: bool,
 }
 
 fn build_body(args: &SubmitArgs) -> Result<Map<String, Value>, String> {
@@ -175,7 +183,11 @@ async fn publish_and_wait(
             .await
             .map_err(|e| e.to_string())?,
     );
-    topology.declare(&conn).await.map_err(|e| e.to_string())?;
+    if args.declare_topology {
+        topology.declare(&conn).await.map_err(|e| e.to_string())?;
+    } else {
+        request_queue_exists(&conn, &topology).await?;
+    }
 
     // Listen before publishing, so no event can slip past.
     let mut events_stream = None;
@@ -274,6 +286,24 @@ async fn publish_and_wait(
     };
     let _ = conn.close(200, "done".into()).await;
     Ok(outcome)
+}
+
+/// Checks passively (no permission needed, nothing changed) that the
+/// request queue exists: a request published to a missing queue would be
+/// dropped by the broker.
+async fn request_queue_exists(conn: &lapin::Connection, topology: &Topology) -> Result<(), String> {
+    let channel = conn.create_channel().await.map_err(|e| e.to_string())?;
+    match broker::ready_messages(&channel, &topology.request_queue).await {
+        Ok(_) => {
+            let _ = channel.close(200, "checked".into()).await;
+            Ok(())
+        }
+        Err(e) if broker::reply_code(&e) == Some(404) => Err(format!(
+            "the request queue {} does not exist in vhost {:?}: start a worker of this deployment (it declares the topology) or run submit --declare-topology with the worker's permissions",
+            topology.request_queue, topology.vhost
+        )),
+        Err(e) => Err(format!("cannot look at the request queue: {e}")),
+    }
 }
 
 /// Follows the events matching `binding` through a private, server-named

@@ -34,9 +34,10 @@ mod uri;
 
 pub use env::env_vars;
 pub use schema::{
-    AmqpSettings, AmqpTlsSettings, CreateQuota, DurationLimit, EventSettings, HttpSettings,
-    LogFormat, LogSettings, PollingSettings, QueueArgument, QueueType, ShutdownSettings,
-    TicketSettings, UpstreamSettings, DURATION_LIMITS, MANAGED_QUEUE_ARGUMENTS,
+    AcceptUnsigned, AmqpSettings, AmqpTlsSettings, CreateQuota, DurationLimit, EventSettings,
+    HttpSettings, LogFormat, LogSettings, PollingSettings, QueueArgument, QueueType,
+    ShutdownSettings, TicketSettings, UpstreamSettings, DEFAULT_REPLY_TO_ALLOWED, DURATION_LIMITS,
+    MANAGED_QUEUE_ARGUMENTS,
 };
 pub use uri::{redact_url, split_urls, NodeUri, MAX_NODES};
 
@@ -138,6 +139,7 @@ impl Settings {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("tickets.previous_secrets")
+                .with_list_parse_key("amqp.reply_to_allowed")
                 .with_list_parse_key("upstream.models")
                 .source(Some(prefixed.into_iter().collect())),
         );
@@ -165,6 +167,10 @@ impl Settings {
                     ));
                 }
             }
+        }
+        if let Ok(text) = config.get_string("tickets.accept_unsigned") {
+            AcceptUnsigned::parse(&text)
+                .map_err(|problem| ConfigError::new("tickets.accept_unsigned", problem))?;
         }
         if let Ok(text) = config.get_string("upstream.create_quota") {
             if !text.trim().is_empty() {
@@ -273,12 +279,33 @@ impl Settings {
             return Err(ConfigError::new("polling.prefetch", "must be at least 1"));
         }
         match url::Url::parse(&self.upstream.base_url) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+                if u.scheme() == "http" && !is_loopback(&u) && !self.upstream.allow_plain_http {
+                    return Err(ConfigError::new(
+                        "upstream.base_url",
+                        format!(
+                            "http:// to {} would send the API key across the network in clear text; use https://, or set upstream.allow_plain_http = true for a proxy on a network you trust",
+                            u.host_str().unwrap_or("?")
+                        ),
+                    ));
+                }
+            }
             _ => {
                 return Err(ConfigError::new(
                     "upstream.base_url",
                     format!("{:?} is not an http(s) URL", self.upstream.base_url),
                 ))
+            }
+        }
+        for pattern in &self.amqp.reply_to_allowed {
+            if pattern.is_empty()
+                || pattern.len() > 255
+                || pattern.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(ConfigError::new(
+                    "amqp.reply_to_allowed",
+                    format!("{pattern:?} is not a queue name pattern (1 to 255 characters, no spaces; * matches any run of characters)"),
+                ));
             }
         }
         if let Some(key) = &self.upstream.api_key {
@@ -487,6 +514,17 @@ fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
         return Err(ConfigError::new(key, "must not contain spaces"));
     }
     Ok(())
+}
+
+/// Whether a URL's host is this machine (a name that always resolves
+/// here, or a loopback address): traffic to it never crosses a network.
+pub fn is_loopback(url: &url::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 fn from_config_error(err: config::ConfigError) -> ConfigError {
@@ -827,6 +865,7 @@ mod tests {
         amqp.queue_type = QueueType::Classic;
         amqp.max_deliveries = 4;
         amqp.max_hold = Duration::from_secs(90);
+        amqp.reply_to_allowed = vec!["team.*.replies".into(), "audit.inbox".into()];
         let up = &mut s.upstream;
         up.base_url = "http://127.0.0.1:8080/".into();
         up.api_key = Some("sk-round-trip".into());
@@ -840,6 +879,7 @@ mod tests {
         up.create_retry_budget = Duration::from_secs(300);
         up.models = vec![crate::model::Model::TurboT2v, crate::model::Model::ProF2v];
         up.ca_file = Some(cert);
+        up.allow_plain_http = true;
         s.polling = PollingSettings {
             min_interval: Duration::from_millis(300),
             max_interval: Duration::from_secs(10),
@@ -854,7 +894,11 @@ mod tests {
         s.tickets = TicketSettings {
             secret: Some("a-ticket-secret-of-32-characters".into()),
             previous_secrets: vec!["old-secret-one".into(), "old-secret-two".into()],
-            accept_unsigned: true,
+            accept_unsigned: AcceptUnsigned::Until(
+                chrono::DateTime::parse_from_rfc3339("2026-12-31T00:00:00Z")
+                    .expect("instant")
+                    .with_timezone(&chrono::Utc),
+            ),
         };
         (s, dir)
     }

@@ -29,10 +29,70 @@ pub struct TicketSettings {
     /// Keep them for `polling.max_off_peak_task_age` (72 h) after it.
     #[serde(serialize_with = "env::secrets")]
     pub previous_secrets: Vec<SecretString>,
-    /// Accept tickets without a signature: only while upgrading from a
-    /// version that did not sign them (they can be in flight for 72 h).
-    /// Anyone who can write to the vhost can forge an unsigned ticket.
-    pub accept_unsigned: bool,
+    /// Accept tickets without a signature until this instant (RFC 3339),
+    /// and only those that say they were submitted before it: while
+    /// upgrading from a version that did not sign them (they can be in
+    /// flight for `polling.max_off_peak_task_age`). Anyone who can write to
+    /// the vhost can forge an unsigned ticket meanwhile. `false`: never.
+    pub accept_unsigned: AcceptUnsigned,
+}
+
+/// `tickets.accept_unsigned`: `false`, or the RFC 3339 instant until which
+/// unsigned tickets are read. `true` is refused: an open-ended acceptance
+/// of forgeable tickets is what the bound is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AcceptUnsigned {
+    /// Unsigned tickets are refused (the default).
+    #[default]
+    Never,
+    /// Unsigned tickets submitted before this instant are read until it.
+    Until(chrono::DateTime<chrono::Utc>),
+}
+
+impl AcceptUnsigned {
+    /// The end of the migration, if one is configured.
+    pub fn until(self) -> Option<chrono::DateTime<chrono::Utc>> {
+        match self {
+            Self::Never => None,
+            Self::Until(at) => Some(at),
+        }
+    }
+
+    /// Reads `false`, `"false"` or an RFC 3339 instant.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "" | "false" => Ok(Self::Never),
+            "true" => Err("takes an RFC 3339 instant (e.g. \"2026-12-10T00:00:00Z\") after which unsigned tickets are refused again, not true: accepting forgeable tickets must end".into()),
+            other => chrono::DateTime::parse_from_rfc3339(other)
+                .map(|t| Self::Until(t.with_timezone(&chrono::Utc)))
+                .map_err(|_| format!("{other:?} is not false or an RFC 3339 instant like 2026-12-10T00:00:00Z")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AcceptUnsigned {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Flag(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Flag(false) => Ok(Self::Never),
+            Raw::Flag(true) => Self::parse("true").map_err(serde::de::Error::custom),
+            Raw::Text(t) => Self::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for AcceptUnsigned {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Never => s.serialize_bool(false),
+            Self::Until(at) => s.serialize_str(&at.to_rfc3339()),
+        }
+    }
 }
 
 impl fmt::Debug for TicketSettings {
@@ -154,6 +214,12 @@ pub struct AmqpSettings {
     /// the balance) before it is handed back to the queue.
     #[serde(with = "humantime_serde")]
     pub max_hold: Duration,
+    /// The queues a request's `reply_to` may name, as patterns where `*`
+    /// matches any run of characters: direct reply-to and queues named
+    /// `*.replies` by default. Names of the deployment's own queues and
+    /// shaped like another deployment's internal ones are refused whatever
+    /// this says.
+    pub reply_to_allowed: Vec<String>,
     /// Whether a layer (a configuration file or the environment) set
     /// `url`, even to the built-in default; false when it is the built-in
     /// default. Set by [`Settings::load_with_env`], not a key.
@@ -178,6 +244,7 @@ impl fmt::Debug for AmqpSettings {
             .field("quorum_initial_group_size", &self.quorum_initial_group_size)
             .field("max_deliveries", &self.max_deliveries)
             .field("max_hold", &self.max_hold)
+            .field("reply_to_allowed", &self.reply_to_allowed)
             .finish()
     }
 }
@@ -199,10 +266,18 @@ impl Default for AmqpSettings {
             quorum_initial_group_size: None,
             max_deliveries: 10,
             max_hold: Duration::from_secs(600),
+            reply_to_allowed: DEFAULT_REPLY_TO_ALLOWED
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect(),
             url_configured: false,
         }
     }
 }
+
+/// The default of `amqp.reply_to_allowed`: RabbitMQ's direct reply-to, and
+/// queues named `*.replies`.
+pub const DEFAULT_REPLY_TO_ALLOWED: &[&str] = &["amq.rabbitmq.reply-to*", "*.replies"];
 
 /// Reads `amqp.url`: one URL, a comma-separated list of the nodes of one
 /// cluster, or (in TOML) a list of URLs, kept as the comma-separated text.
@@ -400,6 +475,10 @@ pub struct UpstreamSettings {
     /// Extra CA certificates (PEM) to trust besides the system roots, e.g.
     /// a corporate proxy's.
     pub ca_file: Option<PathBuf>,
+    /// Allows an `http://` `base_url` to a host other than this machine
+    /// (the API key then crosses the network in clear text): only for a
+    /// proxy on a network the operator trusts.
+    pub allow_plain_http: bool,
     /// The models this deployment may spend on (default: all six); a
     /// request for another is refused as `invalid_request` naming `model`.
     pub models: Vec<Model>,
@@ -419,6 +498,7 @@ impl Default for UpstreamSettings {
             retry_max: Duration::from_secs(30),
             create_retry_budget: Duration::from_secs(120),
             ca_file: None,
+            allow_plain_http: false,
             models: Model::ALL.to_vec(),
         }
     }

@@ -28,9 +28,10 @@ use crate::{
     config::Settings,
     events::Event,
     gate::Gate,
+    journal::Journal,
     metrics::Metrics,
     ops::Health,
-    quota::{Pacer, QuotaLedger},
+    quota::{Pacer, QuotaLedger, SlotBank},
     request,
     retry::RetryPolicy,
     signing::Signer,
@@ -53,11 +54,17 @@ pub(crate) struct Context {
     pub(crate) pacer: Pacer,
     /// The deployment's create quota on the broker, when one is set.
     pub(crate) ledger: Option<QuotaLedger>,
+    /// Slots taken for requests that needed no create, for the next ones.
+    pub(crate) slots: Arc<SlotBank>,
+    /// The deployment's journal (deployment keys, sync marks).
+    pub(crate) journal: Arc<Journal>,
+    /// Throttles the warning about tickets signed with an unknown key.
+    pub(crate) unverified_log: crate::telemetry::Every,
     /// Creates this worker made recently, by request id, so that a
     /// redelivered copy of a request it already created is not created again.
     pub(crate) recent: RecentCreates,
     /// Signs the tickets this deployment writes and verifies those it reads.
-    pub(crate) signer: Signer,
+    pub(crate) signer: Arc<Signer>,
     /// One permit per request held (`amqp.prefetch`), across sessions: a
     /// handler that outlives its session still counts.
     pub(crate) held: Arc<Semaphore>,
@@ -185,8 +192,8 @@ impl Context {
         let queue = wait_tier(&self.topology.wait_queues, remaining)
             .map_or(self.topology.tracking_queue.as_str(), |(_, q)| q.as_str());
         let body = serde_json::to_vec(ticket).unwrap_or_default();
-        let signature = self.signer.sign(&body);
-        self.publish("", queue, &body, Ticket::properties(signature), true)
+        let signatures = self.signer.sign(&body);
+        self.publish("", queue, &body, Ticket::properties(&signatures), true)
             .await?;
         self.metrics.ticket_hop();
         Ok(())

@@ -318,14 +318,8 @@ pub enum GateStep {
 pub fn at_gate(state: &GateState) -> GateStep {
     match state {
         GateState::Open => GateStep::Go,
-        GateState::Closed {
-            refusal: Refusal::Key | Refusal::Unavailable,
-            ..
-        } => GateStep::HandBack,
-        GateState::Closed {
-            refusal: Refusal::Billing,
-            ..
-        } => GateStep::Wait,
+        GateState::Closed { refusal, .. } if refusal.probed_by_a_create() => GateStep::Wait,
+        GateState::Closed { .. } => GateStep::HandBack,
     }
 }
 
@@ -383,6 +377,40 @@ pub enum CreateStep {
         /// `vidu_worker_requests_received_total{outcome}`.
         outcome: &'static str,
     },
+}
+
+/// What to do with a message on the tracking queues that is signed, but by
+/// no key this worker holds: another worker of the deployment may hold its
+/// key (a rotation not finished everywhere), so it is kept, not thrown
+/// away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnverifiedStep {
+    /// Park an unchanged copy (same body, same signatures) for this long,
+    /// for whichever worker reads it next.
+    Keep(Duration),
+    /// Kept past the longest task age: dead-letter it, signatures kept, so
+    /// that it can be sent again once the configuration is right.
+    GiveUp,
+}
+
+/// Decides about a ticket no key of this worker verifies, first seen
+/// (kept) at `since` and kept `hops` times before: kept with a delay that
+/// doubles from 2 s to 1024 s per hop, until `max_age`
+/// (`polling.max_off_peak_task_age`, the longest a ticket can live) after
+/// it was first seen. `since` comes from a header anyone could write, so
+/// the caller takes it no later than `now`.
+pub fn after_unverified(
+    since: DateTime<Utc>,
+    hops: u32,
+    now: DateTime<Utc>,
+    max_age: Duration,
+) -> UnverifiedStep {
+    let kept = (now - since).to_std().unwrap_or(Duration::ZERO);
+    if kept >= max_age {
+        return UnverifiedStep::GiveUp;
+    }
+    let delay = Duration::from_secs(2u64 << hops.min(9));
+    UnverifiedStep::Keep(delay)
 }
 
 /// Decides what a failed create does to its request.
@@ -857,6 +885,7 @@ mod tests {
         assert_eq!(at_gate(&closed(Refusal::Key)), GateStep::HandBack);
         assert_eq!(at_gate(&closed(Refusal::Unavailable)), GateStep::HandBack);
         assert_eq!(at_gate(&closed(Refusal::Billing)), GateStep::Wait);
+        assert_eq!(at_gate(&closed(Refusal::Unconfirmed)), GateStep::Wait);
     }
 
     #[test]
@@ -1005,5 +1034,36 @@ mod tests {
                 PollStep::Again { .. } => prop_assert!(false, "a running task backs off"),
             }
         }
+    }
+
+    #[test]
+    fn a_ticket_no_key_verifies_is_kept_with_growing_delays_then_given_up() {
+        let now = at(1_000_000);
+        let max_age = Duration::from_secs(72 * 3600);
+        let s = Duration::from_secs;
+        // (kept for, hops so far, step)
+        let cases = [
+            (0, 0, UnverifiedStep::Keep(s(2))),
+            (0, 1, UnverifiedStep::Keep(s(4))),
+            (60, 5, UnverifiedStep::Keep(s(64))),
+            (3600, 9, UnverifiedStep::Keep(s(1024))),
+            (3600, 40, UnverifiedStep::Keep(s(1024))),
+            (72 * 3600 - 1, 200, UnverifiedStep::Keep(s(1024))),
+            (72 * 3600, 0, UnverifiedStep::GiveUp),
+            (100 * 3600, 3, UnverifiedStep::GiveUp),
+        ];
+        for (kept, hops, want) in cases {
+            let since = now - chrono::Duration::seconds(kept);
+            assert_eq!(
+                after_unverified(since, hops, now, max_age),
+                want,
+                "kept {kept} s, {hops} hops"
+            );
+        }
+        // A `since` in the future (written by someone) counts as now.
+        assert_eq!(
+            after_unverified(now + chrono::Duration::days(9), 0, now, max_age),
+            UnverifiedStep::Keep(s(2))
+        );
     }
 }

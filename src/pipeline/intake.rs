@@ -32,7 +32,7 @@ use crate::{
     events::{self, EventKind, FailureCode, RequestContext},
     gate::{ProbeClaim, Refusal, Turn},
     model::Model,
-    quota::SlotError,
+    quota::{Prepaid, SlotError},
     request::{self, GenerationRequest, MessageProps, RequestId},
     retry,
     upstream::UpstreamError,
@@ -44,7 +44,12 @@ const TICKET_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Handles one delivery from the request queue.
 #[tracing::instrument(name = "request", skip_all, fields(request_id, model, task_id))]
-pub(crate) async fn handle(ctx: &Context, delivery: &Delivery, lease: &Lease) -> Disposition {
+pub(crate) async fn handle(
+    ctx: &Context,
+    delivery: &Delivery,
+    lease: &Lease,
+    prepaid: Prepaid,
+) -> Disposition {
     let props = &delivery.properties;
     let message_props = MessageProps {
         message_id: props.message_id().as_ref().map(|s| s.as_str()),
@@ -53,6 +58,7 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery, lease: &Lease) ->
         correlation_id: props.correlation_id().as_ref().map(|s| s.as_str()),
         reply_to: props.reply_to().as_ref().map(|s| s.as_str()),
         request_queue: &ctx.topology.request_queue,
+        reply_to_allowed: &ctx.settings.amqp.reply_to_allowed,
     };
     let traceparent = broker::header_str(props, TRACEPARENT_HEADER).and_then(continue_trace);
 
@@ -67,7 +73,7 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery, lease: &Lease) ->
             let span = tracing::Span::current();
             span.record("request_id", req.request_id.as_str());
             span.record("model", req.model.as_str());
-            submit(ctx, delivery, lease, req, traceparent).await
+            submit(ctx, delivery, lease, req, traceparent, prepaid).await
         }
         Err(invalid) => {
             tracing::Span::current().record("request_id", invalid.request_id.as_str());
@@ -178,6 +184,7 @@ async fn submit(
     lease: &Lease,
     req: GenerationRequest,
     traceparent: Option<String>,
+    prepaid: Prepaid,
 ) -> Disposition {
     let received_at = Utc::now();
     let mut remembered = match req.stable_id() {
@@ -194,8 +201,9 @@ async fn submit(
         None => None,
     };
     let hold_until = Instant::now() + ctx.settings.amqp.max_hold;
-    // The intake loop took this request's first pacing and quota slot.
-    let mut prepaid = true;
+    // The intake loop took this request's first pacing and quota slot;
+    // unspent (no create sent), it goes to the next request.
+    let mut prepaid = Some(prepaid);
     let task_id = loop {
         let claim = match pass_gate(ctx, lease, hold_until).await {
             Ok(claim) => claim,
@@ -205,10 +213,7 @@ async fn submit(
             ctx.retry_policy(),
             ctx.settings.upstream.create_retry_budget,
             &ctx.shutdown,
-            || {
-                let first = std::mem::replace(&mut prepaid, false);
-                create_once(ctx, lease, &req, traceparent.as_deref(), first)
-            },
+            || create_once(ctx, lease, &req, traceparent.as_deref(), prepaid.take()),
         )
         .await;
         let failure = match created {
@@ -231,7 +236,6 @@ async fn submit(
             CreateStep::WaitForBalance { detail } => {
                 // Wait at the gate (at most amqp.max_hold), probing.
                 report_refusal(ctx, claim, Refusal::Billing, &detail);
-                prepaid = false;
             }
             CreateStep::Refuse {
                 code,
@@ -239,10 +243,14 @@ async fn submit(
                 outcome,
             } => {
                 if code == FailureCode::UpstreamUnconfirmed {
-                    // A task may exist and be billed: never again.
+                    // A task may exist and be billed: never again, and
+                    // counted as a task without a ticket. Several in a row
+                    // close the gate.
                     if let Some(guard) = remembered.as_mut() {
                         guard.recorded();
                     }
+                    ctx.metrics.untracked_task();
+                    ctx.gate.create_unconfirmed(claim, &message);
                 }
                 return refuse_created(
                     ctx,
@@ -324,7 +332,10 @@ async fn refuse_created(
     outcome: &'static str,
     traceparent: Option<&str>,
 ) -> Disposition {
-    ctx.gate.open();
+    if code != FailureCode::UpstreamUnconfirmed {
+        // The upstream served the call: it is up and takes the key.
+        ctx.gate.open();
+    }
     ctx.metrics.request(outcome);
     if code == FailureCode::UpstreamUnconfirmed {
         tracing::error!(error = %message, "the upstream's answer to a create has no readable task id; failing the request instead of creating it again");
@@ -353,9 +364,9 @@ async fn create_once(
     lease: &Lease,
     req: &GenerationRequest,
     traceparent: Option<&str>,
-    prepaid: bool,
+    prepaid: Option<Prepaid>,
 ) -> Result<String, CreateError> {
-    if !prepaid {
+    if prepaid.is_none() {
         take_slot(ctx, lease).await?;
     }
     let sent_at = Instant::now();
@@ -363,6 +374,11 @@ async fn create_once(
         .upstream
         .create(&req.input, traceparent, &|| lease.alive())
         .await;
+    if let Some(prepaid) = prepaid {
+        if !matches!(result, Err(UpstreamError::NotSent)) {
+            prepaid.spend();
+        }
+    }
     let outcome = match &result {
         Ok(_) => {
             ctx.pacer.on_accepted();
@@ -493,7 +509,10 @@ fn reply_to<'a>(ctx: &Context, delivery: &'a Delivery) -> Option<&'a str> {
         .reply_to()
         .as_ref()
         .map(|s| s.as_str())
-        .filter(|r| request::check_reply_to(r, &ctx.topology.request_queue).is_ok())
+        .filter(|r| {
+            request::check_reply_to(r, &ctx.topology.request_queue).is_ok()
+                && request::check_reply_to_allowed(r, &ctx.settings.amqp.reply_to_allowed).is_ok()
+        })
 }
 
 /// Tells the gate why this create could not be served.

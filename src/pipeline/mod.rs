@@ -27,8 +27,13 @@ use self::{context::Context, disposition::guarded, lease::Lease};
 
 /// Handles a request delivery to the end: runs intake (a panic hands the
 /// request back) and settles the delivery.
-pub(crate) async fn handle_request(ctx: &Context, delivery: &Delivery, lease: &Lease) {
-    let disposition = guarded(intake::handle(ctx, delivery, lease)).await;
+pub(crate) async fn handle_request(
+    ctx: &Context,
+    delivery: &Delivery,
+    lease: &Lease,
+    prepaid: crate::quota::Prepaid,
+) {
+    let disposition = guarded(intake::handle(ctx, delivery, lease, prepaid)).await;
     disposition::apply(delivery, disposition).await;
 }
 

@@ -23,7 +23,10 @@ use crate::{
     events::{self, RequestContext},
     request::{self, GenerationRequest, RequestId},
     retry::RetryPolicy,
-    signing::{SignatureError, Signer, SIGNATURE_HEADER},
+    signing::{
+        Presented, SignatureError, Signatures, Signer, DEPLOYMENT_SIGNATURE_HEADER,
+        SIGNATURE_HEADER,
+    },
     upstream::{clean_text, valid_task_id},
 };
 
@@ -48,23 +51,53 @@ pub struct Origin {
 
 /// What reading a ticket needs: the signing keys and the rules.
 pub struct TicketKeys<'a> {
-    /// Verifies the signature.
+    /// Verifies the signatures.
     pub signer: &'a Signer,
-    /// `tickets.accept_unsigned`: unsigned (not wrongly signed) tickets are
-    /// read, during a migration from an unsigned version.
-    pub accept_unsigned: bool,
+    /// `tickets.accept_unsigned`: until this instant, unsigned (not wrongly
+    /// signed) tickets submitted before it are read, during a migration
+    /// from a version that did not sign them.
+    pub accept_unsigned_until: Option<DateTime<Utc>>,
+    /// The time of reading.
+    pub now: DateTime<Utc>,
     /// The deployment's request queue (for the `reply_to` rule).
     pub request_queue: &'a str,
 }
 
+impl TicketKeys<'_> {
+    fn accepts_unsigned(&self) -> bool {
+        self.accept_unsigned_until
+            .is_some_and(|until| self.now < until)
+    }
+}
+
+/// Header of a kept ticket: when a worker first found no key of its own
+/// verifies it (RFC 3339).
+pub const UNVERIFIED_SINCE_HEADER: &str = "x-vidu-unverified-since";
+/// Header of a kept ticket: how many times it has been kept.
+pub const UNVERIFIED_HOPS_HEADER: &str = "x-vidu-unverified-hops";
+
+/// The reason a message that is signed, well-formed, but by no key this
+/// worker holds is not read: [`Unreadable::reason`] for it.
+pub const UNVERIFIED: &str = "unverified";
+
 /// Why a message on a tracking queue is not one of this deployment's tickets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unreadable {
-    /// The metric label: `oversized`, `unsigned`, `forged` or `invalid`.
+    /// The metric label: `oversized`, `unsigned`, `forged`, `invalid`, or
+    /// [`UNVERIFIED`] (kept, not dead-lettered: another worker of the
+    /// deployment may hold its key).
     pub reason: &'static str,
     /// What is wrong, for the dead-letter header and the log (never the
     /// message itself).
     pub detail: String,
+}
+
+impl Unreadable {
+    /// Whether the message carries well-formed signatures by a key this
+    /// worker does not hold.
+    pub fn is_unverified(&self) -> bool {
+        self.reason == UNVERIFIED
+    }
 }
 
 /// The task age after which a request is given up as `timed_out`.
@@ -196,7 +229,7 @@ impl Ticket {
     /// why it is not one (nothing in it is acted on then).
     pub fn read(
         body: &[u8],
-        signature: Option<&str>,
+        presented: Presented<'_>,
         keys: &TicketKeys<'_>,
     ) -> Result<Self, Unreadable> {
         if body.len() > MAX_TICKET_BYTES {
@@ -208,18 +241,21 @@ impl Ticket {
                 ),
             });
         }
-        if let Err(e) = keys.signer.verify(body, signature) {
-            if !(keys.accept_unsigned && signature.is_none()) {
+        let signed = match keys.signer.verify(body, presented) {
+            Ok(()) => true,
+            Err(SignatureError::Missing) if keys.accepts_unsigned() => false,
+            Err(e) => {
                 let reason = match e {
                     SignatureError::Missing => "unsigned",
-                    SignatureError::Malformed | SignatureError::Invalid => "forged",
+                    SignatureError::Malformed => "forged",
+                    SignatureError::Unverified => UNVERIFIED,
                 };
                 return Err(Unreadable {
                     reason,
                     detail: e.to_string(),
                 });
             }
-        }
+        };
         let ticket: Self = serde_json::from_slice(body).map_err(|e| Unreadable {
             // serde's words may quote the message: shortened, control
             // characters dropped.
@@ -232,6 +268,16 @@ impl Ticket {
                 reason: "invalid",
                 detail,
             })?;
+        if !signed
+            && keys
+                .accept_unsigned_until
+                .is_none_or(|until| ticket.submitted_at >= until)
+        {
+            return Err(Unreadable {
+                reason: "unsigned",
+                detail: "the ticket is not signed and says it was submitted after tickets.accept_unsigned ended".into(),
+            });
+        }
         Ok(ticket)
     }
 
@@ -246,13 +292,20 @@ impl Ticket {
         }
     }
 
-    /// AMQP properties of a ticket message whose body signs as `signature`.
-    pub fn properties(signature: String) -> BasicProperties {
+    /// AMQP properties of a ticket message whose body signs as
+    /// `signatures`.
+    pub fn properties(signatures: &Signatures) -> BasicProperties {
         let mut headers = FieldTable::default();
         headers.insert(
             SIGNATURE_HEADER.into(),
-            AMQPValue::LongString(LongString::from(signature)),
+            AMQPValue::LongString(LongString::from(signatures.legacy.as_str())),
         );
+        if let Some(deployment) = &signatures.deployment {
+            headers.insert(
+                DEPLOYMENT_SIGNATURE_HEADER.into(),
+                AMQPValue::LongString(LongString::from(deployment.as_str())),
+            );
+        }
         BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
@@ -430,6 +483,7 @@ mod tests {
             correlation_id: None,
             reply_to: None,
             request_queue: "q",
+            reply_to_allowed: &[],
         };
         request::parse(body.as_bytes(), props).unwrap_or_else(|e| panic!("{e}"))
     }
@@ -481,14 +535,24 @@ mod tests {
         }
     }
 
+    fn legacy(sig: &str) -> Presented<'_> {
+        Presented {
+            legacy: Some(sig),
+            deployment: None,
+        }
+    }
+
     #[test]
     fn only_this_deployments_valid_tickets_are_read() {
         let secret = secrecy::SecretString::from("s3cret");
-        let signer = Signer::new(&secret, &[], "q");
-        let other = Signer::new(&secret, &[], "other-deployment");
-        let keys = |accept_unsigned| TicketKeys {
+        let signer = Signer::new(&secret, &[], "q", true);
+        let other = Signer::new(&secret, &[], "other-deployment", true);
+        // Unsigned tickets: accepted while the migration runs (an hour
+        // from the time of reading), refused once it has ended.
+        let keys = |accept_unsigned: bool| TicketKeys {
             signer: &signer,
-            accept_unsigned,
+            accept_unsigned_until: Some(at(if accept_unsigned { 3600 } else { -1 })),
+            now: at(0),
             request_queue: "q",
         };
         let p = PollingSettings::default();
@@ -508,7 +572,7 @@ mod tests {
         v99["v"] = 99.into();
         let v99 = serde_json::to_vec(&v99).unwrap_or_default();
         let big = vec![b' '; MAX_TICKET_BYTES + 1];
-        let sig = |b: &[u8]| signer.sign(b);
+        let sig = |b: &[u8]| signer.sign(b).legacy;
         // (body, signature, accept_unsigned, expected reason or None for read)
         type Case<'a> = (&'a [u8], Option<String>, bool, Option<&'static str>);
         let table: Vec<Case<'_>> = vec![
@@ -516,16 +580,79 @@ mod tests {
             (&body, None, false, Some("unsigned")),
             (&body, None, true, None),
             (&body, Some("nothex".into()), true, Some("forged")),
-            (&body, Some(other.sign(&body)), false, Some("forged")),
-            (&body, Some(sig(b"something else")), true, Some("forged")),
+            (
+                &body,
+                Some(other.sign(&body).legacy),
+                false,
+                Some(UNVERIFIED),
+            ),
+            (&body, Some(sig(b"something else")), true, Some(UNVERIFIED)),
             (&big, Some(sig(&big)), true, Some("oversized")),
             (b"not json", Some(sig(b"not json")), false, Some("invalid")),
             (&v99, Some(sig(&v99)), false, Some("invalid")),
         ];
         for (body, signature, accept, expected) in table {
-            let got = Ticket::read(body, signature.as_deref(), &keys(accept));
+            let presented = Presented {
+                legacy: signature.as_deref(),
+                deployment: None,
+            };
+            let got = Ticket::read(body, presented, &keys(accept));
             assert_eq!(got.as_ref().err().map(|u| u.reason), expected, "{got:?}");
         }
+        // An unsigned ticket that says it was submitted after the
+        // migration's end is refused even while it runs.
+        let mut late = good.clone();
+        late.submitted_at = at(7200);
+        late.deadline = at(7200 + 3600);
+        late.next_poll_at = at(7200);
+        let late = serde_json::to_vec(&late).unwrap_or_default();
+        let got = Ticket::read(&late, Presented::default(), &keys(true));
+        assert_eq!(got.err().map(|u| u.reason), Some("unsigned"));
+    }
+
+    #[test]
+    fn a_ticket_any_worker_of_the_deployment_wrote_is_read_whatever_api_key_it_holds() {
+        let keyed = |api_key: &str| {
+            let s = Signer::new(
+                &secrecy::SecretString::from(api_key.to_owned()),
+                &[],
+                "q",
+                false,
+            );
+            s.add_deployment_key("deployment-key");
+            s
+        };
+        let (one, two) = (keyed("sk-one"), keyed("sk-two"));
+        let ticket = valid_ticket();
+        let body = serde_json::to_vec(&ticket).unwrap_or_default();
+        let written = one.sign(&body);
+        let props = Ticket::properties(&written);
+        let presented = Presented {
+            legacy: crate::broker::header_str(&props, SIGNATURE_HEADER),
+            deployment: crate::broker::header_str(&props, DEPLOYMENT_SIGNATURE_HEADER),
+        };
+        let keys = TicketKeys {
+            signer: &two,
+            accept_unsigned_until: None,
+            now: at(0),
+            request_queue: "q",
+        };
+        assert_eq!(
+            Ticket::read(&body, presented, &keys).map(|t| t.task_id),
+            Ok("t-1".to_owned())
+        );
+        // Without the deployment key, the other worker's API key is not
+        // accepted: kept as unverified, not refused as forged.
+        let lone = Signer::new(&secrecy::SecretString::from("sk-two"), &[], "q", false);
+        let keys = TicketKeys {
+            signer: &lone,
+            ..keys
+        };
+        let got = Ticket::read(&body, presented, &keys);
+        assert!(
+            got.as_ref().is_err_and(Unreadable::is_unverified),
+            "{got:?}"
+        );
     }
 
     fn valid_ticket() -> Ticket {
@@ -721,17 +848,21 @@ mod tests {
     #[test]
     fn a_ticket_of_exactly_the_largest_size_is_read_and_its_properties_are_a_tickets() {
         let secret = secrecy::SecretString::from("s3cret");
-        let signer = Signer::new(&secret, &[], "q");
+        let signer = Signer::new(&secret, &[], "q", true);
         let keys = TicketKeys {
             signer: &signer,
-            accept_unsigned: false,
+            accept_unsigned_until: None,
+            now: at(0),
             request_queue: "q",
         };
         // Exactly the limit: not "oversized" (it is not a ticket either).
         let body = vec![b' '; MAX_TICKET_BYTES];
-        let got = Ticket::read(&body, Some(&signer.sign(&body)), &keys);
+        let got = Ticket::read(&body, legacy(&signer.sign(&body).legacy), &keys);
         assert_eq!(got.err().map(|u| u.reason), Some("invalid"));
-        let props = Ticket::properties("sig".into());
+        let props = Ticket::properties(&Signatures {
+            legacy: "sig".into(),
+            deployment: None,
+        });
         assert_eq!(props.kind().as_ref().map(|k| k.as_str()), Some(TICKET_TYPE));
         assert_eq!(*props.delivery_mode(), Some(2));
         assert_eq!(

@@ -16,18 +16,27 @@ use std::time::Duration;
 use chrono::Utc;
 use lapin::message::Delivery;
 
+use chrono::DateTime;
+use lapin::{
+    types::{AMQPValue, FieldTable, LongString},
+    BasicProperties,
+};
+
 use super::{
     context::Context,
-    decisions::{self, GateEffect, NextPoll, PollStep, Progress, Terminal},
+    decisions::{self, GateEffect, NextPoll, PollStep, Progress, Terminal, UnverifiedStep},
     disposition::Disposition,
     poison,
-    ticket::{error_delay, to_chrono, wait_tier, Ticket, TicketKeys, Unreadable},
+    ticket::{
+        error_delay, to_chrono, wait_tier, Ticket, TicketKeys, Unreadable, TICKET_TYPE,
+        UNVERIFIED_HOPS_HEADER, UNVERIFIED_SINCE_HEADER,
+    },
 };
 use crate::{
     broker,
     events::{self, EventKind, FailureCode},
     gate::{GateState, Refusal},
-    signing::SIGNATURE_HEADER,
+    signing::{Presented, DEPLOYMENT_SIGNATURE_HEADER, SIGNATURE_HEADER},
     upstream::TaskStatus,
 };
 
@@ -40,12 +49,19 @@ const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
 pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
     let keys = TicketKeys {
         signer: &ctx.signer,
-        accept_unsigned: ctx.settings.tickets.accept_unsigned,
+        accept_unsigned_until: ctx.settings.tickets.accept_unsigned.until(),
+        now: Utc::now(),
         request_queue: &ctx.topology.request_queue,
     };
-    let signature = broker::header_str(&delivery.properties, SIGNATURE_HEADER);
-    let mut ticket = match Ticket::read(&delivery.data, signature, &keys) {
+    let presented = Presented {
+        legacy: broker::header_str(&delivery.properties, SIGNATURE_HEADER),
+        deployment: broker::header_str(&delivery.properties, DEPLOYMENT_SIGNATURE_HEADER),
+    };
+    let mut ticket = match Ticket::read(&delivery.data, presented, &keys) {
         Ok(t) => t,
+        Err(unreadable) if unreadable.is_unverified() => {
+            return keep_unverified(ctx, delivery, presented).await
+        }
         Err(unreadable) => return reject(ctx, delivery, &unreadable).await,
     };
     let span = tracing::Span::current();
@@ -117,6 +133,89 @@ async fn reject(ctx: &Context, delivery: &Delivery, unreadable: &Unreadable) -> 
         Ok(()) => Disposition::Ack,
         Err(_) => Disposition::Requeue,
     }
+}
+
+/// Keeps a message signed by a key this worker does not hold: an unchanged
+/// copy (same body, same signatures) goes back through the wait queues for
+/// whichever worker reads it next, with a doubling delay, until
+/// `polling.max_off_peak_task_age` after it was first kept; then it is
+/// dead-lettered with its signatures, so that it can be sent again once
+/// the configuration is right. Never polled, never an event.
+async fn keep_unverified(
+    ctx: &Context,
+    delivery: &Delivery,
+    presented: Presented<'_>,
+) -> Disposition {
+    ctx.metrics.ticket_unverified();
+    if ctx.unverified_log.due() {
+        tracing::warn!("a ticket on the tracking queues is signed with a key this worker does not hold; keeping it for a worker that holds it (a rotation of tickets.secret not finished on every worker, or a forgery: compare tickets.secret and tickets.previous_secrets across the workers)");
+    } else {
+        tracing::debug!("kept another ticket signed with a key this worker does not hold");
+    }
+    let now = Utc::now();
+    let since = broker::header_str(&delivery.properties, UNVERIFIED_SINCE_HEADER)
+        .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        .map_or(now, |t| t.with_timezone(&Utc).min(now));
+    let hops = broker::header_int(&delivery.properties, UNVERIFIED_HOPS_HEADER)
+        .and_then(|h| u32::try_from(h).ok())
+        .unwrap_or(0);
+    let max_age = ctx.settings.polling.max_off_peak_task_age;
+    match decisions::after_unverified(since, hops, now, max_age) {
+        UnverifiedStep::GiveUp => {
+            let why = format!(
+                "unverified: kept {} hours for a worker holding the key of its signature and none read it; dead-lettered with its signatures (x-vidu-signature, x-vidu-deployment-signature), which a worker with the right tickets.secret accepts when it is published to the tracking queue again",
+                max_age.as_secs() / 3600
+            );
+            match ctx.dead_letter(delivery, &why, None).await {
+                Ok(()) => Disposition::Ack,
+                Err(_) => Disposition::Requeue,
+            }
+        }
+        UnverifiedStep::Keep(delay) => {
+            let queue = wait_tier(&ctx.topology.wait_queues, delay)
+                .map_or(ctx.topology.tracking_queue.as_str(), |(_, q)| q.as_str());
+            let properties = unverified_copy(presented, since, hops.saturating_add(1));
+            match ctx
+                .patiently(PUBLISH_PATIENCE, || {
+                    ctx.publish("", queue, &delivery.data, properties.clone(), true)
+                })
+                .await
+            {
+                Ok(()) => Disposition::Ack,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not keep a ticket this worker cannot verify; handing it back");
+                    Disposition::Requeue
+                }
+            }
+        }
+    }
+}
+
+/// Properties of a kept copy: a ticket's, with the signatures it came with
+/// and how long and how often it has been kept.
+fn unverified_copy(presented: Presented<'_>, since: DateTime<Utc>, hops: u32) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (name, value) in [
+        (SIGNATURE_HEADER, presented.legacy),
+        (DEPLOYMENT_SIGNATURE_HEADER, presented.deployment),
+    ] {
+        if let Some(v) = value {
+            headers.insert(name.into(), AMQPValue::LongString(LongString::from(v)));
+        }
+    }
+    headers.insert(
+        UNVERIFIED_SINCE_HEADER.into(),
+        AMQPValue::LongString(LongString::from(since.to_rfc3339())),
+    );
+    headers.insert(
+        UNVERIFIED_HOPS_HEADER.into(),
+        AMQPValue::LongLongInt(i64::from(hops)),
+    );
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_type(TICKET_TYPE.into())
+        .with_headers(headers)
 }
 
 /// Waits until the ticket is due for its poll: another hop through a wait

@@ -364,10 +364,13 @@ impl Simulator {
 
     fn key_ok(&self, headers: &HeaderMap) -> bool {
         let key = bearer_key(headers);
-        match (key, &self.inner.config.api_key) {
+        let config = &self.inner.config;
+        match (key, &config.api_key) {
             (None, _) => false,
             (Some(""), _) => false,
-            (Some(key), Some(expected)) => key == expected,
+            (Some(key), Some(expected)) => {
+                key == expected || config.other_keys.iter().any(|k| k == key)
+            }
             (Some(_), None) => true,
         }
     }
@@ -481,7 +484,12 @@ impl Simulator {
     /// seconds until the oldest one leaves the window.
     fn check_quota(&self, headers: &HeaderMap) -> Option<Response> {
         let quota = (*lock(&self.inner.quota))?;
-        let key = bearer_key(headers).unwrap_or_default().to_owned();
+        // With configured keys, they are all one account's: one window.
+        // Accepting any key, each key is an account of its own.
+        let key = match &self.inner.config.api_key {
+            Some(_) => String::new(),
+            None => bearer_key(headers).unwrap_or_default().to_owned(),
+        };
         let now = Instant::now();
         let wait = lock(&self.inner.state)
             .quota_log

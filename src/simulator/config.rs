@@ -16,6 +16,10 @@ use super::quota::AccountQuota;
 pub struct SimulatorConfig {
     /// Bearer key the simulator accepts; `None` accepts any non-empty key.
     pub api_key: Option<String>,
+    /// More keys of the same account, accepted besides `api_key` (Novita
+    /// keeps several keys of one account valid at once during a rotation;
+    /// tasks and the create quota belong to the account, not the key).
+    pub other_keys: Vec<String>,
     /// How long a task takes from create to SUCCEED (default 3s). The task is
     /// QUEUED for the first 10% of it and PROCESSING after, with
     /// `progress_percent` rising linearly. `[sim:gen=..]` overrides it per task.
@@ -34,6 +38,7 @@ impl Default for SimulatorConfig {
     fn default() -> Self {
         Self {
             api_key: None,
+            other_keys: Vec::new(),
             generation_time: Duration::from_secs(3),
             eta: EtaMode::Honest,
             video_url_ttl: 3600,
@@ -46,6 +51,7 @@ impl fmt::Debug for SimulatorConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SimulatorConfig")
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("other_keys", &self.other_keys.len())
             .field("generation_time", &self.generation_time)
             .field("eta", &self.eta)
             .field("video_url_ttl", &self.video_url_ttl)

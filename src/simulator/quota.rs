@@ -1,5 +1,5 @@
 //! The account's create quota: the public [`AccountQuota`] (so many creates
-//! per sliding window, per key) and the per-key log of accepted creates that
+//! per sliding window, per account) and the per-account log of accepted creates that
 //! decides whether the next create is admitted or how long it must wait.
 
 use std::collections::VecDeque;
@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-/// An account's create quota, as Novita counts it per key: at most
+/// An account's create quota, as Novita counts it per account (all the
+/// simulator's configured keys are one account; accepting any key, each
+/// key is an account of its own): at most
 /// `creates` accepted creates in any sliding `window`; a create beyond it is
 /// answered 429 `RATE_LIMIT_EXCEEDED` with a `Retry-After` of the whole
 /// seconds until the oldest create leaves the window (Novita does not

@@ -22,12 +22,14 @@ use crate::{
     broker::{BrokerError, Topology},
     config::{ConfigError, Settings},
     gate::Gate,
+    journal::Journal,
     metrics::Metrics,
     ops::{self, Health},
     pipeline::{context::Context, recent::RecentCreates},
-    quota::{Pacer, QuotaLedger},
+    quota::{Pacer, QuotaLedger, SlotBank},
     retry::RetryPolicy,
     signing::Signer,
+    telemetry::Every,
     upstream::UpstreamClient,
 };
 
@@ -97,18 +99,36 @@ pub async fn run_with_listener(
     if let Some(warning) = cluster_warning(&settings) {
         tracing::warn!("{warning}");
     }
+    if let Some(until) = settings.tickets.accept_unsigned.until() {
+        if until > chrono::Utc::now() {
+            tracing::warn!(
+                until = %until.to_rfc3339(),
+                "accepting unsigned tickets until {} (tickets.accept_unsigned): until then anyone who can write to the vhost can forge a ticket that is acted on; set it to false once the upgrade is done",
+                until.to_rfc3339()
+            );
+        }
+    }
+    let signer = Arc::new(Signer::new(
+        settings.tickets.secret.as_ref().unwrap_or(&key),
+        &settings.tickets.previous_secrets,
+        &settings.amqp.request_queue,
+        settings.tickets.secret.is_some(),
+    ));
+    let rq = settings.amqp.request_queue.clone();
     let ctx = Arc::new(Context {
         pacer: Pacer::new(settings.upstream.create_quota, metrics.clone()),
-        ledger: topology
-            .quota_ledger
-            .clone()
-            .map(|(name, quota)| QuotaLedger::new(name, quota)),
+        ledger: settings
+            .upstream
+            .create_quota
+            .map(|quota| QuotaLedger::new(&rq, quota)),
+        slots: Arc::new(SlotBank::new(
+            settings.upstream.create_quota,
+            metrics.clone(),
+        )),
+        journal: Arc::new(Journal::new(topology.journal_queue.clone(), signer.clone())),
+        unverified_log: Every::new(Duration::from_secs(30)),
         recent: RecentCreates::default(),
-        signer: Signer::new(
-            settings.tickets.secret.as_ref().unwrap_or(&key),
-            &settings.tickets.previous_secrets,
-            &settings.amqp.request_queue,
-        ),
+        signer,
         held: Arc::new(Semaphore::new(usize::from(settings.amqp.prefetch))),
         topology,
         settings,

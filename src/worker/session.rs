@@ -28,7 +28,7 @@ use crate::{
     gate::{self, IntakeTurn},
     metrics::GaugeGuard,
     pipeline::{self, context::Context, lease::Lease},
-    quota::SlotError,
+    quota::{Prepaid, Slot, SlotError},
     retry::RetryPolicy,
 };
 
@@ -147,6 +147,9 @@ pub(super) enum Lost {
     /// `basic.get` failed.
     #[error("cannot take requests: {0}")]
     Take(#[source] lapin::Error),
+    /// The journal could not be read or written.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
 }
 
 struct Session {
@@ -155,6 +158,8 @@ struct Session {
     /// index in the list.
     node: String,
     node_index: usize,
+    /// The broker user the connection authenticated as.
+    user: String,
     publisher: Publisher,
     /// Requests are taken (`basic.get`) and acknowledged on this channel.
     intake_channel: Channel,
@@ -183,6 +188,7 @@ impl Session {
             conn,
             node: connected.node,
             node_index: connected.index,
+            user: connected.user,
             publisher,
             intake_channel,
             tracking_channel,
@@ -246,8 +252,75 @@ impl Session {
         end
     }
 
+    /// Reads the journal up to now (in a follower task that keeps reading
+    /// for the rest of the session), makes sure the deployment has a key,
+    /// and names the quota ledger: before this, no ticket is read or
+    /// written.
+    async fn join_journal(
+        &self,
+        ctx: &Arc<Context>,
+        tag_base: &str,
+    ) -> Result<tokio::task::JoinHandle<crate::journal::JournalError>, Lost> {
+        let channel = self.conn.create_channel().await.map_err(Lost::Consume)?;
+        ctx.journal.set_user(&self.user);
+        let follower = tokio::spawn({
+            let journal = ctx.journal.clone();
+            let publisher = self.publisher.clone();
+            let tag = format!("{tag_base}.journal");
+            async move { journal.follow(channel, tag, publisher).await }
+        });
+        let ready = async {
+            ctx.journal.sync(&self.publisher).await?;
+            match ctx.journal.ensure_key(&self.publisher).await {
+                Ok(true) => {}
+                Ok(false) => {}
+                Err(e @ crate::journal::JournalError::KeyNotAccepted(_)) => {
+                    if ctx.unverified_log.due() {
+                        tracing::warn!(error = %e, "tickets are signed with a key derived from the API key only: workers holding other API keys cannot read them; set tickets.secret");
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            Ok::<(), crate::journal::JournalError>(())
+        };
+        let mut follower = follower;
+        tokio::select! {
+            result = ready => {
+                if let Err(e) = result {
+                    follower.abort();
+                    return Err(Lost::Journal(e));
+                }
+            }
+            // The follower stops first (no read permission, the stream gone):
+            // that is the reason, not the sync that can no longer come.
+            ended = &mut follower => {
+                return Err(match ended {
+                    Ok(e) => Lost::Journal(e),
+                    Err(_) => Lost::Closed("journal follower"),
+                });
+            }
+        }
+        if let Some(ledger) = &ctx.ledger {
+            let name = ledger.name_with(&ctx.signer.tag(broker::LEDGER_TAG_LABEL));
+            if let Err(e) = ctx
+                .topology
+                .declare_ledger(&self.conn, name, ledger.quota())
+                .await
+            {
+                follower.abort();
+                return Err(Lost::DeclareLedger(e));
+            }
+            tracing::info!(ledger = name, quota = %ledger.quota(), "declared the quota ledger");
+        }
+        Ok(follower)
+    }
+
     async fn consume(&self, ctx: &Arc<Context>, tracker: &TaskTracker) -> SessionEnd {
         let tag_base = format!("vidu-worker.{}.{}", broker::host_name(), std::process::id());
+        let mut follower = match self.join_journal(ctx, &tag_base).await {
+            Ok(f) => f,
+            Err(reason) => return SessionEnd::Lost(reason),
+        };
         let mut tracking = match start_consumer(
             &self.tracking_channel,
             &ctx.topology.tracking_queue,
@@ -272,6 +345,13 @@ impl Session {
                     }
                 }
                 reason = &mut intake => return SessionEnd::Lost(reason),
+                ended = &mut follower => {
+                    let reason = match ended {
+                        Ok(e) => Lost::Journal(e),
+                        Err(_) => Lost::Closed("journal follower"),
+                    };
+                    return SessionEnd::Lost(reason);
+                }
                 delivery = tracking.next() => match delivery {
                     Some(Ok(d)) => spawn_ticket(tracker, ctx.clone(), d),
                     Some(Err(e)) => return SessionEnd::Lost(Lost::Consumer(e)),
@@ -310,41 +390,14 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
                 }
             }
         }
-        let Some(pace) = ctx.pacer.reserve(&ctx.shutdown).await else {
-            return std::future::pending().await;
+        let slot = match ctx.slots.withdraw() {
+            Some(spare) => spare,
+            None => match take_slot(ctx, session, &mut known_ready, &mut idle).await {
+                Ok(Some(slot)) => slot,
+                Ok(None) => continue,
+                Err(reason) => return reason,
+            },
         };
-        let mut slot = false;
-        if let Some(ledger) = &ctx.ledger {
-            while known_ready == 0 {
-                match broker::ready_messages(channel, queue).await {
-                    Ok(0) => {
-                        tokio::time::sleep(idle).await;
-                        idle = (idle * 2).min(IDLE_MAX);
-                    }
-                    Ok(n) => known_ready = n,
-                    Err(e) => return Lost::LookAtQueue(e),
-                }
-            }
-            match ledger
-                .claim(&session.publisher, &ctx.metrics, &ctx.shutdown)
-                .await
-            {
-                Ok(()) => slot = true,
-                Err(SlotError::Cancelled) => return std::future::pending().await,
-                Err(SlotError::Broker(PublishError::Unroutable(_))) => {
-                    tracing::warn!(
-                        ledger = ledger.queue(),
-                        "the quota ledger is gone (its broker node?); declaring it again"
-                    );
-                    if let Err(e) = ctx.topology.declare_ledger(&session.conn).await {
-                        return Lost::DeclareLedger(e);
-                    }
-                    ctx.pacer.release(pace);
-                    continue;
-                }
-                Err(SlotError::Broker(e)) => return Lost::ClaimSlot(e),
-            }
-        }
         match channel
             .basic_get(queue.into(), BasicGetOptions::default())
             .await
@@ -353,14 +406,13 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
                 idle = IDLE_MIN;
                 known_ready = message.message_count;
                 let lease = Lease::new(message.delivery.acker.clone(), session.token.clone());
-                spawn_request(tracker, ctx.clone(), message.delivery, held, lease);
+                let prepaid = Prepaid::new(ctx.slots.clone(), slot);
+                spawn_request(tracker, ctx.clone(), message.delivery, held, lease, prepaid);
             }
             Ok(None) => {
                 known_ready = 0;
-                ctx.pacer.release(pace);
-                if slot {
-                    ctx.metrics.quota_slot_unused();
-                }
+                // Kept for the next request, if one comes soon enough.
+                ctx.slots.deposit(slot);
                 drop(held);
                 tokio::time::sleep(idle).await;
                 idle = (idle * 2).min(IDLE_MAX);
@@ -368,6 +420,61 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
             Err(e) => return Lost::Take(e),
         }
     }
+}
+
+/// Takes a new create slot: the pacer's place and, with a quota, a claim in
+/// the deployment's window, claimed only once requests are known to be
+/// waiting. `Ok(None)`: look again (the ledger was declared again).
+async fn take_slot(
+    ctx: &Arc<Context>,
+    session: &Session,
+    known_ready: &mut u32,
+    idle: &mut Duration,
+) -> Result<Option<Slot>, Lost> {
+    let channel = &session.intake_channel;
+    let queue = ctx.topology.request_queue.as_str();
+    let Some(pace) = ctx.pacer.reserve(&ctx.shutdown).await else {
+        return Err(std::future::pending().await);
+    };
+    if let Some(ledger) = &ctx.ledger {
+        while *known_ready == 0 {
+            match broker::ready_messages(channel, queue).await {
+                Ok(0) => {
+                    tokio::time::sleep(*idle).await;
+                    *idle = (*idle * 2).min(IDLE_MAX);
+                }
+                Ok(n) => *known_ready = n,
+                Err(e) => return Err(Lost::LookAtQueue(e)),
+            }
+        }
+        match ledger
+            .claim(&session.publisher, &ctx.metrics, &ctx.shutdown)
+            .await
+        {
+            Ok(()) => {}
+            Err(SlotError::Cancelled) => return Err(std::future::pending().await),
+            Err(SlotError::Broker(PublishError::Unroutable(_))) => {
+                let name = ledger.queue().unwrap_or_default();
+                tracing::warn!(
+                    ledger = name,
+                    "the quota ledger is gone (its broker node?); declaring it again"
+                );
+                if let Err(e) = ctx
+                    .topology
+                    .declare_ledger(&session.conn, name, ledger.quota())
+                    .await
+                {
+                    return Err(Lost::DeclareLedger(e));
+                }
+                ctx.pacer.release(pace);
+                return Ok(None);
+            }
+            Err(SlotError::Broker(e)) => return Err(Lost::ClaimSlot(e)),
+        }
+    }
+    Ok(Some(Slot {
+        taken_at: Instant::now(),
+    }))
 }
 
 /// A channel for one consumer, with its prefetch.
@@ -400,12 +507,13 @@ fn spawn_request(
     delivery: Delivery,
     held: OwnedSemaphorePermit,
     lease: Lease,
+    prepaid: Prepaid,
 ) {
     tracker.spawn(async move {
         let _held = held;
         let _in_flight = GaugeGuard::new(ctx.metrics.in_flight_requests());
         let taken = Instant::now();
-        pipeline::handle_request(&ctx, &delivery, &lease).await;
+        pipeline::handle_request(&ctx, &delivery, &lease, prepaid).await;
         ctx.metrics.observe_hold(taken.elapsed().as_secs_f64());
     });
 }

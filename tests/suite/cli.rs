@@ -565,3 +565,187 @@ async fn submit_picks_the_model_and_its_images_and_audio() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn plain_http_to_a_remote_upstream_is_refused_unless_allowed() {
+    let env = TestEnv::new("plainhttp", sim(Duration::from_millis(100))).await;
+    let mut vars = env.worker_env();
+    vars.retain(|(k, _)| k != API_KEY_ENV && !k.ends_with("__API_KEY"));
+    vars.push((
+        "VIDU_WORKER__UPSTREAM__BASE_URL".into(),
+        "http://api.example.com".into(),
+    ));
+    for command in ["check", "run"] {
+        let mut cmd = binary();
+        cmd.arg(command)
+            .envs(vars.clone())
+            .env(API_KEY_ENV, "sk-would-cross-the-network-in-clear");
+        let (code, stdout, stderr) = output(cmd, Duration::from_secs(30)).await;
+        assert_eq!(code, Some(2), "{command}: {stdout}{stderr}");
+        assert!(
+            stderr.contains("upstream.base_url") && stderr.contains("https"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("sk-would-cross"), "{stderr}");
+    }
+    // Explicitly allowed (a sidecar proxy on another host, say): accepted.
+    let mut cmd = binary();
+    cmd.arg("check")
+        .envs(vars.clone())
+        .env("VIDU_WORKER__UPSTREAM__ALLOW_PLAIN_HTTP", "true");
+    let (code, stdout, stderr) = output(cmd, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("warn upstream"), "{stdout}");
+    // Loopback needs no permission (the simulator, a local proxy).
+    let mut cmd = binary();
+    cmd.arg("check").envs(env.worker_env());
+    let (code, stdout, _) = output(cmd, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{stdout}");
+}
+
+/// Adds a broker user with producer permissions (write on the default
+/// exchange only, as deploy/rabbitmq/README.md grants), removed on drop.
+struct ProducerUser {
+    name: String,
+    password: String,
+}
+
+impl ProducerUser {
+    fn add() -> Self {
+        let name = format!(
+            "t-producer-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+        let ctl = |args: &[&str]| {
+            let out = shared_broker()
+                .rabbitmqctl()
+                .args(args)
+                .output()
+                .expect("rabbitmqctl");
+            assert!(out.status.success(), "rabbitmqctl {args:?}: {out:?}");
+        };
+        ctl(&["add_user", &name, &password]);
+        ctl(&[
+            "set_permissions",
+            "-p",
+            "/",
+            &name,
+            "^$",
+            "^amq\\.default$",
+            "^$",
+        ]);
+        Self { name, password }
+    }
+
+    fn url(&self) -> String {
+        let base = shared_broker().url();
+        let rest = base.split_once('@').map_or(base, |(_, r)| r);
+        format!("amqp://{}:{}@{rest}", self.name, self.password)
+    }
+}
+
+impl Drop for ProducerUser {
+    fn drop(&mut self) {
+        let _ = shared_broker()
+            .rabbitmqctl()
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn submit_as_a_producer_only_user_publishes_without_declaring() {
+    let env = TestEnv::new("producer", sim(Duration::from_millis(100))).await;
+    let user = ProducerUser::add();
+    let mut base = env.worker_env();
+    base.push(("VIDU_WORKER__AMQP__URL".into(), user.url()));
+    let vars = base;
+    let mut cmd = binary();
+    cmd.args([
+        "submit",
+        "--image",
+        "https://example.com/cat.png",
+        "--prompt",
+        "from a producer",
+    ])
+    .envs(vars.clone());
+    let (code, stdout, stderr) = output(cmd, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert_eq!(env.depth(&env.topology.request_queue).await, 1);
+    let mut vars = vars;
+
+    // A deployment whose queue does not exist: one clear line, nothing
+    // declared.
+    vars.push((
+        "VIDU_WORKER__AMQP__REQUEST_QUEUE".into(),
+        format!("{}.nowhere", env.name),
+    ));
+    let mut cmd = binary();
+    cmd.args(["submit", "--image", "https://example.com/cat.png"])
+        .envs(vars);
+    let (code, stdout, stderr) = output(cmd, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("does not exist") && stderr.contains(".nowhere"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_private_node_trusts_no_file_another_user_could_write() {
+    let Some(tools) = Installation::find() else {
+        eprintln!("skipped: rabbitmq-server is not installed (not on PATH)");
+        return;
+    };
+    let node = tokio::task::spawn_blocking(move || {
+        vidu_worker::local_broker::LocalNode::start(
+            &tools,
+            "vidu-trust",
+            vidu_worker::local_broker::STARTUP_TIMEOUT,
+        )
+    })
+    .await
+    .expect("join")
+    .expect("a private node starts");
+    // Its directory is the node's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(node.dir())
+            .expect("the node's directory")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "mode {:o}", mode & 0o777);
+    }
+    // Someone writes another process's pid where the node keeps its own.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("120")
+        .spawn()
+        .expect("sleep");
+    let pid_file = node.dir().join("pid");
+    std::fs::write(&pid_file, format!("{}\n", bystander.id())).expect("plant a pid");
+    let dir = node.dir().to_owned();
+    let name = node.name().to_owned();
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::task::spawn_blocking(move || node.stop()),
+    )
+    .await;
+    assert!(
+        stopped.is_ok(),
+        "stopping the node does not hang on the planted pid"
+    );
+    assert!(
+        bystander.try_wait().expect("wait").is_none(),
+        "the process named by the planted pid file was not signalled"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    assert!(!dir.exists(), "{} removed", dir.display());
+    eventually(
+        Duration::from_secs(20),
+        &format!("no process of {name} left"),
+        || async { processes_of_node(&name).is_empty().then_some(()) },
+    )
+    .await;
+}

@@ -726,3 +726,97 @@ async fn retry_after_spaces_the_next_create_and_the_next_poll() {
     assert!(create_gap >= 3000, "create retried after {create_gap} ms");
     assert!(poll_gap >= 3000, "poll retried after {poll_gap} ms");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_requests_give_their_quota_slots_to_the_next_request() {
+    let env = TestEnv::with("slotreuse", sim(Duration::from_millis(300)), |s| {
+        s.upstream.create_quota = quota("5/10s");
+    })
+    .await;
+    let tap = env.tap().await;
+    for i in 0..10 {
+        env.publish(&json!({"request_id": format!("bad-{i}"), "input": {"images": []}}))
+            .await;
+    }
+    env.publish(&request("good", "after ten invalid ones"))
+        .await;
+    let published = Instant::now();
+    let worker = env.start_worker().await;
+    let submitted = eventually(
+        Duration::from_secs(40),
+        "the valid request's create",
+        || async {
+            tap.for_subject("good")
+                .into_iter()
+                .find(|e| e.kind() == SUBMITTED)
+        },
+    )
+    .await;
+    let waited = published.elapsed();
+    eprintln!(
+        "the valid request was created {waited:?} after it was published behind 10 invalid ones"
+    );
+    tap.wait_finished(11, Duration::from_secs(30)).await;
+    // Invalid requests are never created; their slots served the valid one,
+    // which went out in the first window, not the third.
+    assert_eq!(env.sim.stats().create_calls, 1);
+    assert!(
+        waited < Duration::from_secs(9),
+        "created within the first 10 s window: {waited:?}"
+    );
+    assert_eq!(submitted.subject(), "good");
+    drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unconfirmed_creates_in_a_row_close_the_gate_until_a_create_is_confirmed() {
+    // Creates paced as a backlog under a quota drains (two a second), so
+    // that answers arrive between them.
+    let env = TestEnv::with("unconfirmedgate", sim(Duration::from_millis(300)), |s| {
+        s.upstream.create_quota = quota("2/1s");
+    })
+    .await;
+    env.sim.set_faults(FaultPlan {
+        create: EndpointFaults {
+            rate: 1.0,
+            mix: vec![Fault::AcceptThenGarbage],
+            ..EndpointFaults::default()
+        },
+        ..FaultPlan::default()
+    });
+    let tap = env.tap().await;
+    let worker = env.start_worker().await;
+    let subjects = publish_requests(&env, "garbled", 10, "a mangling proxy").await;
+    let reason = worker
+        .wait_not_ready("unconfirmed", Duration::from_secs(30))
+        .await;
+    eprintln!("/readyz: {reason}");
+    // The gate closed after three in a row; its probes are single creates
+    // at growing intervals, not the backlog.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let paid = env.sim.stats().tasks_created;
+    eprintln!("{paid} creates answered unreadably before the gate held them");
+    assert!(paid <= 5, "{paid} possibly billed creates");
+    assert!(
+        worker.metric("vidu_worker_untracked_tasks_total", "").await >= 3.0,
+        "counted as untracked"
+    );
+    assert!(
+        env.depth(&env.topology.request_queue).await >= 5,
+        "the rest wait"
+    );
+    // The proxy is fixed: a probe is confirmed and the backlog flows.
+    env.sim.clear_faults();
+    tap.wait_finished(subjects.len(), Duration::from_secs(90))
+        .await;
+    worker.wait_ready(Duration::from_secs(10)).await;
+    // Each request was created once: the unreadable answers failed
+    // `upstream_unconfirmed`, the rest succeeded.
+    one_terminal_id_each(&tap, &subjects);
+    for e in tap.terminal() {
+        if e.kind() != SUCCEEDED {
+            assert_eq!(e.body["data"]["error"]["code"], "upstream_unconfirmed");
+        }
+    }
+    assert_eq!(env.sim.stats().tasks_created, subjects.len() as u64);
+}

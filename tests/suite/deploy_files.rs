@@ -287,6 +287,7 @@ fn every_kubernetes_manifest_matches_its_official_schema() {
     for kind in [
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "ScaledObject",
         "Secret",
@@ -295,6 +296,37 @@ fn every_kubernetes_manifest_matches_its_official_schema() {
     ] {
         assert!(kinds.contains(kind), "no {kind} in {KUBERNETES_DIR}");
     }
+}
+
+#[test]
+fn the_network_policy_admits_only_prometheus_to_the_workers_port() {
+    let all = manifests();
+    let policy = the(&all, "NetworkPolicy").doc;
+    let deployment = the(&all, "Deployment").doc;
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"], *pod_labels,
+        "it selects the workers' pods"
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    let rules = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    assert_eq!(rules.len(), 1, "one way in");
+    let ports = rules[0]["ports"].as_array().expect("ports");
+    assert_eq!(ports.len(), 1);
+    let named = ports[0]["port"].as_str().expect("a named port");
+    let container_ports = &deployment["spec"]["template"]["spec"]["containers"][0]["ports"];
+    let declared: Vec<&str> = container_ports
+        .as_array()
+        .expect("container ports")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(declared, [named], "the operations port, and nothing else");
+    let from = rules[0]["from"].as_array().expect("sources");
+    assert!(
+        !from.is_empty() && from.iter().all(|f| f.get("podSelector").is_some()),
+        "only selected pods (never everyone): {from:?}"
+    );
 }
 
 #[test]
@@ -934,7 +966,8 @@ async fn the_healthchecks_work_against_a_real_worker() {
 /// A `.dockerignore` pattern as used here: a top-level name, or `**/` plus a
 /// name or `*.ext`. Other forms are refused so the matcher stays honest.
 fn ignored(patterns: &[String], path: &str) -> bool {
-    patterns.iter().any(|p| {
+    // Docker's rule: the last pattern that matches decides; `!` re-includes.
+    let matches = |p: &str| {
         if let Some(rest) = p.strip_prefix("**/") {
             let name = path.rsplit('/').next().unwrap_or(path);
             match rest.strip_prefix('*') {
@@ -942,13 +975,18 @@ fn ignored(patterns: &[String], path: &str) -> bool {
                 None => path.split('/').any(|c| c == rest),
             }
         } else {
-            assert!(
-                !p.contains('*') && !p.starts_with('!'),
-                "pattern {p:?}: teach this test about it"
-            );
+            assert!(!p.contains('*'), "pattern {p:?}: teach this test about it");
             path == p || path.starts_with(&format!("{p}/"))
         }
-    })
+    };
+    patterns
+        .iter()
+        .fold(false, |ignored, p| match p.strip_prefix('!') {
+            Some(kept) if matches(kept) => false,
+            Some(_) => ignored,
+            None if matches(p) => true,
+            None => ignored,
+        })
 }
 
 #[test]
@@ -997,7 +1035,13 @@ fn the_build_context_has_what_the_build_needs_and_nothing_else() {
         }
     }
     for section in ["[[test]]", "[[example]]"] {
-        if manifest.contains(section) {
+        // A target without a `path` is looked up in its default folder; one
+        // with a path was checked above.
+        let pathless = manifest.split(section).skip(1).any(|block| {
+            let block = block.split("\n[").next().unwrap_or(block);
+            !block.lines().any(|l| l.trim().starts_with("path"))
+        });
+        if pathless {
             let dir = if section == "[[test]]" {
                 "tests"
             } else {

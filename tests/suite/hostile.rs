@@ -55,7 +55,7 @@ fn signed(signer: &Signer, body: &[u8]) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
         SIGNATURE_HEADER.into(),
-        AMQPValue::LongString(LongString::from(signer.sign(body))),
+        AMQPValue::LongString(LongString::from(signer.sign(body).legacy)),
     );
     BasicProperties::default()
         .with_delivery_mode(2)
@@ -96,8 +96,13 @@ async fn forged_tickets_are_never_acted_on() {
 
     let body = serde_json::to_vec(&ticket_body("real-1", &task_id)).expect("json");
     let wait_2s = env.topology.wait_queues[0].1.clone();
-    let other_deployment = Signer::new(&TICKET_SECRET.into(), &[], "someone-else.requests");
-    let mine = Signer::new(&TICKET_SECRET.into(), &[], &env.topology.request_queue);
+    let other_deployment = Signer::new(&TICKET_SECRET.into(), &[], "someone-else.requests", true);
+    let mine = Signer::new(
+        &TICKET_SECRET.into(),
+        &[],
+        &env.topology.request_queue,
+        true,
+    );
     let mut bad_fields = Vec::new();
     for (field, value) in [
         ("request_id", json!("real-1\nforged")),
@@ -127,13 +132,31 @@ async fn forged_tickets_are_never_acted_on() {
         .publish("", &wait_2s, &body, BasicProperties::default(), true)
         .await
         .expect("publish");
-    // Signed by another deployment with the same secret.
+    // Signed by another deployment with the same secret: well-formed, but
+    // no key of this deployment verifies it. Kept (a worker holding its key
+    // may come), never acted on.
     env.publisher
         .publish(
             "",
             &env.topology.tracking_queue,
             &body,
             signed(&other_deployment, &body),
+            true,
+        )
+        .await
+        .expect("publish");
+    // A signature no worker could have written.
+    let mut headers = FieldTable::default();
+    headers.insert(
+        SIGNATURE_HEADER.into(),
+        AMQPValue::LongString(LongString::from("not-hex")),
+    );
+    env.publisher
+        .publish(
+            "",
+            &env.topology.tracking_queue,
+            &body,
+            BasicProperties::default().with_headers(headers),
             true,
         )
         .await
@@ -166,6 +189,13 @@ async fn forged_tickets_are_never_acted_on() {
         );
     }
     assert!(why.iter().all(|w| !w.chars().any(char::is_control)));
+    assert!(
+        worker
+            .metric("vidu_worker_tickets_unverified_total", "")
+            .await
+            >= 1.0,
+        "the ticket of another deployment is counted as unverified"
+    );
     // No poll and no event came of any of them.
     assert_eq!(env.sim.stats().poll_calls, polls, "no upstream call");
     assert_eq!(tap.all().len(), events, "no event");
@@ -226,12 +256,14 @@ async fn a_rotated_secret_keeps_tickets_in_flight() {
             .await,
         0.0
     );
-    // Without the old secret, a ticket signed with it is refused.
+    // Without the old secret (and without the deployment key's signature),
+    // a ticket signed with it is not acted on: it is kept for a worker that
+    // holds the secret.
     drop(rotated);
     let strict = env
         .start_worker_with(&[("VIDU_WORKER__TICKETS__SECRET", new)])
         .await;
-    let old_signer = Signer::new(&old.into(), &[], &env.topology.request_queue);
+    let old_signer = Signer::new(&old.into(), &[], &env.topology.request_queue, true);
     let body = serde_json::to_vec(&ticket_body("rot-x", "task-x")).expect("json");
     env.publisher
         .publish(
@@ -243,8 +275,21 @@ async fn a_rotated_secret_keeps_tickets_in_flight() {
         )
         .await
         .expect("publish");
-    let dead = dead_letters(&env, 1).await;
-    assert!(dead[0][ERROR_HEADER].contains("(forged)"), "{:?}", dead[0]);
+    let polls = env.sim.stats().poll_calls;
+    eventually(
+        Duration::from_secs(30),
+        "the ticket counted as unverified",
+        || async {
+            (strict
+                .metric("vidu_worker_tickets_unverified_total", "")
+                .await
+                >= 1.0)
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(env.sim.stats().poll_calls, polls, "not polled");
+    assert!(env.drain_dead().await.is_empty(), "kept, not dead-lettered");
     drop(strict);
 }
 
@@ -368,7 +413,7 @@ async fn hostile_request_properties_and_bodies_are_refused_by_name() {
 async fn a_refusing_reply_queue_ends_the_request_once() {
     let env = TestEnv::new("replyrefuse", sim(Duration::from_millis(500))).await;
     // A classic queue full at zero messages refuses every publish.
-    let reply = format!("{}.full-replies", env.name);
+    let reply = format!("{}.full.replies", env.name);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongInt(0));
     args.insert(
@@ -396,7 +441,7 @@ async fn a_refusing_reply_queue_ends_the_request_once() {
     env.publish_with(
         &request("gone-reply", "the reply queue does not exist"),
         BasicProperties::default()
-            .with_reply_to(format!("{}.no-such-queue", env.name).as_str().into()),
+            .with_reply_to(format!("{}.no-such.replies", env.name).as_str().into()),
     )
     .await;
     tap.wait_finished(2, Duration::from_secs(30)).await;
@@ -610,4 +655,114 @@ async fn oversized_requests_are_refused_within_the_memory_bound() {
         "oversized requests: peak RSS {peak:.1} MiB (before {before:.1} MiB, bound {bound:.1} MiB)"
     );
     assert!(peak < bound, "peak {peak:.1} MiB, bound {bound:.1} MiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_to_must_match_the_allow_list() {
+    let env = TestEnv::new("replyallow", sim(Duration::from_millis(300))).await;
+    let allowed = env.declare_queue("replies").await;
+    let elsewhere = env.declare_queue("billing.inbox").await;
+    let tap = env.tap().await;
+    let replies = env.collect(&allowed).await;
+    let _worker = env.start_worker().await;
+    env.publish_with(
+        &request("to-allowed", "reply to a queue the allow-list names"),
+        BasicProperties::default().with_reply_to(allowed.as_str().into()),
+    )
+    .await;
+    env.publish_with(
+        &request("to-elsewhere", "reply to any other queue of the vhost"),
+        BasicProperties::default().with_reply_to(elsewhere.as_str().into()),
+    )
+    .await;
+    let ok = tap
+        .wait_terminal("to-allowed", Duration::from_secs(30))
+        .await;
+    assert_eq!(ok.kind(), SUCCEEDED);
+    replies
+        .wait_terminal("to-allowed", Duration::from_secs(10))
+        .await;
+    let refused = tap
+        .wait_terminal("to-elsewhere", Duration::from_secs(30))
+        .await;
+    assert_eq!(refused.body["data"]["error"]["code"], "invalid_request");
+    let message = refused.body["data"]["error"]["message"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        message.starts_with("reply_to: ") && message.contains("amqp.reply_to_allowed"),
+        "{message}"
+    );
+    assert_eq!(env.depth(&elsewhere).await, 0, "nothing published there");
+    assert_eq!(env.sim.stats().tasks_created, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_writing_into_the_quota_ledger_does_not_stop_creates() {
+    let env = TestEnv::with("ledgerfill", sim(Duration::from_millis(300)), |s| {
+        s.upstream.create_quota =
+            Some(vidu_worker::config::CreateQuota::parse("3/10s").expect("quota"));
+    })
+    .await;
+    let tap = env.tap().await;
+    let worker = env.start_worker().await;
+    // The name a producer could know: the request queue's, the quota, as
+    // the README documented it. It publishes a full window into it, again
+    // and again, with the permissions every producer has.
+    let guessed = format!("{}.quota.3-per-10s", env.topology.request_queue);
+    let filler = {
+        let publisher = env.publisher.clone();
+        let guessed = guessed.clone();
+        tokio::spawn(async move {
+            loop {
+                for _ in 0..3 {
+                    let _ = publisher
+                        .publish("", &guessed, b"", BasicProperties::default(), false)
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..3 {
+        env.publish(&request(&format!("fill-{i}"), "created despite the filler"))
+            .await;
+    }
+    tap.wait_finished(3, Duration::from_secs(25)).await;
+    tap.assert_all_succeeded();
+    filler.abort();
+    assert_eq!(env.sim.stats().tasks_created, 3);
+    drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probes_answer_while_200_half_open_connections_are_held() {
+    let env = TestEnv::new("opsheld", sim(Duration::from_millis(300))).await;
+    let worker = env.start_worker().await;
+    let addr = worker.ops_addr().await;
+    // One client opens 200 connections and sends nothing on them.
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        if let Ok(s) = tokio::net::TcpStream::connect(&addr).await {
+            held.push(s);
+        }
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("client");
+    let mut answered = 0;
+    for _ in 0..30 {
+        let ok = client
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 200);
+        answered += usize::from(ok);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("/healthz answered {answered} of 30 calls while 200 connections were held");
+    assert_eq!(answered, 30, "every probe answered");
+    drop(held);
 }

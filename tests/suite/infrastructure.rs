@@ -258,17 +258,22 @@ pub(crate) fn worker_permissions(
             // dead-letters through the default exchange needs it too.
             vec!["amq\\.default".into(), ex],
             // Consuming; declaring a queue with a dead-letter exchange needs
-            // read on the queue (the wait queues).
+            // read on the queue (the wait queues); reading the journal.
             vec![
                 rq.clone(),
                 format!("{rq}\\.tracking"),
                 format!("{rq}\\.wait\\..+"),
+                format!("{rq}\\.journal"),
             ],
         ],
         Mode::Managed => [
             vec![],
             vec!["amq\\.default".into(), ex],
-            vec![rq.clone(), format!("{rq}\\.tracking")],
+            vec![
+                rq.clone(),
+                format!("{rq}\\.tracking"),
+                format!("{rq}\\.journal"),
+            ],
         ],
     }
 }
@@ -720,7 +725,7 @@ async fn managed_topology_from_the_shipped_definitions_runs_with_least_privilege
     let (code, stdout, stderr) = cli(&["check"], &check_env).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains("exchange vidu.events and 13 queues exist"),
+        stdout.contains("exchange vidu.events and 14 queues exist"),
         "{stdout}"
     );
 
@@ -843,6 +848,7 @@ async fn every_documented_permission_is_needed() {
             d if d.ends_with("(\\..+)?") => format!("queue '{}'", t.dead_queue),
             d if d.ends_with("\\.tracking") => format!("queue '{}'", t.tracking_queue),
             d if d.ends_with("\\.wait\\..+") => format!("queue '{}'", t.wait_queues[0].1),
+            d if d.ends_with("\\.journal") => format!("queue '{}'", t.journal_queue),
             _ => format!("queue '{}'", t.request_queue),
         };
         cases.push(Case {
@@ -936,7 +942,7 @@ async fn every_documented_permission_is_needed() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert_eq!(results.len(), 7 + 4 + 5, "every alternative was tried");
+    assert_eq!(results.len(), 8 + 5 + 5, "every alternative was tried");
 }
 
 // ---------------------------------------------------------------------------
@@ -1030,6 +1036,12 @@ async fn queue_type_and_extra_arguments_are_applied_to_every_queue() {
             .lines()
             .find(|l| l.split('\t').next() == Some(name.as_str()))
             .unwrap_or_else(|| panic!("{name} in:\n{listed}"));
+        if name == env.topology.journal_queue {
+            // A stream, whatever the queues' type and arguments.
+            assert!(line.contains("\tstream\t"), "{line}");
+            assert!(!line.contains("x-queue-mode"), "{line}");
+            continue;
+        }
         assert!(line.contains("\tclassic\t"), "{line}");
         assert!(line.contains("{\"x-queue-mode\",\"lazy\"}"), "{line}");
         assert!(!line.contains("x-delivery-limit"), "classic: {line}");

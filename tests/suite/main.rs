@@ -33,3 +33,4 @@ mod interface_docs;
 mod models;
 mod monitoring;
 mod request_parser;
+mod rotation;

@@ -11,6 +11,7 @@ pub mod node;
 
 use std::{
     collections::HashMap,
+    path::Path,
     process::Stdio,
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
@@ -337,7 +338,34 @@ impl TestEnv {
 
     /// Starts a worker child process without waiting.
     pub fn spawn_worker(&self, extra_env: &[(&str, &str)]) -> WorkerProcess {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vidu-worker"));
+        self.spawn(
+            Path::new(env!("CARGO_BIN_EXE_vidu-worker")),
+            None,
+            extra_env,
+            &[],
+        )
+    }
+
+    /// Starts another build of the worker (an earlier release, say) in
+    /// `dir` (where it finds its own `config/default.toml`), without the
+    /// variables named in `unknown` (settings it does not have). Used by
+    /// `tests/upgrade`, which shares these helpers.
+    #[allow(dead_code)]
+    pub fn spawn_program(&self, program: &Path, dir: &Path, unknown: &[&str]) -> WorkerProcess {
+        self.spawn(program, Some(dir), &[], unknown)
+    }
+
+    fn spawn(
+        &self,
+        program: &Path,
+        dir: Option<&Path>,
+        extra_env: &[(&str, &str)],
+        unknown: &[&str],
+    ) -> WorkerProcess {
+        let mut cmd = Command::new(program);
+        if let Some(dir) = dir {
+            cmd.current_dir(dir);
+        }
         cmd.arg("run")
             .env_remove("RUST_LOG")
             .env("RUST_LOG", "info")
@@ -346,7 +374,9 @@ impl TestEnv {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         for (k, v) in self.worker_env() {
-            cmd.env(k, v);
+            if !unknown.contains(&k.as_str()) {
+                cmd.env(k, v);
+            }
         }
         for (k, v) in extra_env {
             cmd.env(k, v);

@@ -98,11 +98,9 @@ impl BrokerNode {
     /// Stops the node hard, as a crashed machine would (SIGKILL to the
     /// Erlang VM): no clean shutdown, no goodbye to its cluster.
     pub fn kill(&self) {
-        let pid = std::fs::read_to_string(self.dir.join("pid")).unwrap_or_default();
-        let pid = pid.trim();
-        assert!(!pid.is_empty(), "no pid file for {}", self.name);
+        let pid = self.vm_pid().expect("the node's VM");
         let status = Command::new("kill")
-            .args(["-9", pid])
+            .args(["-9", &pid.to_string()])
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill -9 {pid}");
@@ -137,14 +135,12 @@ impl BrokerNode {
             .find(|p| *p != port)
             .expect("a second free port");
         let dir = std::env::temp_dir().join(format!("vidu-broker-{}", &unique[..8]));
-        std::fs::create_dir_all(&dir).expect("node dir");
-        set_mode(&dir, 0o777);
+        local_broker::create_node_dir(&dir).expect("node dir");
         let mut conf = local_broker::node_config(port);
         if let Some(tls) = &options.tls {
             let file = |name: &str, pem: &str| {
                 let path = dir.join(name);
-                std::fs::write(&path, pem).expect("write a PEM file");
-                set_mode(&path, 0o644);
+                local_broker::write_node_file(&path, pem).expect("write a PEM file");
                 path.to_string_lossy().into_owned()
             };
             conf.push_str(&format!(
@@ -162,12 +158,11 @@ impl BrokerNode {
         }
         if let Some(terms) = &options.advanced_config {
             let path = dir.join("advanced.config");
-            std::fs::write(&path, format!("{terms}.\n")).expect("advanced.config");
-            set_mode(&path, 0o644);
+            local_broker::write_node_file(&path, &format!("{terms}.\n")).expect("advanced.config");
         }
-        let conf_path = dir.join("rabbitmq.conf");
-        std::fs::write(&conf_path, conf).expect("node config");
-        set_mode(&conf_path, 0o644);
+        local_broker::write_node_file(&dir.join("rabbitmq.conf"), &conf).expect("node config");
+        local_broker::hand_over_node_dir(&dir, owner())
+            .expect("the node's user owns its directory");
         let node = Self {
             name,
             port,
@@ -306,13 +301,29 @@ impl BrokerNode {
     }
 }
 
+impl BrokerNode {
+    /// The node's VM, from its pid file once [`local_broker::verified_vm_pid`]
+    /// accepts it as this node's.
+    fn vm_pid(&self) -> Result<u32, String> {
+        let text = std::fs::read_to_string(self.dir.join("pid")).map_err(|e| e.to_string())?;
+        let pid: i64 = text.trim().parse().map_err(|_| "no pid".to_owned())?;
+        local_broker::verified_vm_pid(pid, &self.name, owner())
+    }
+}
+
+/// The user private nodes run as.
+fn owner() -> local_broker::NodeUser {
+    let tools = local_broker::Installation::find().expect("rabbitmq-server is installed");
+    local_broker::NodeUser::of(&tools).expect("the node's user")
+}
+
 impl Drop for BrokerNode {
     fn drop(&mut self) {
         if !self.ctl(&["stop"]) {
             // Not answering: make sure no VM of this node is left running.
-            if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+            if let Ok(pid) = self.vm_pid() {
                 let _ = Command::new("kill")
-                    .args(["-9", pid.trim()])
+                    .args(["-9", &pid.to_string()])
                     .stderr(Stdio::null())
                     .status();
             }
