@@ -26,7 +26,7 @@ use lapin::{
 };
 
 use crate::{
-    config::{AmqpSettings, ConfigError, CreateQuota, QueueArgument, QueueType, Settings},
+    config::{AmqpSettings, ConfigError, QueueArgument, QueueType, Settings},
     tls,
 };
 
@@ -81,10 +81,6 @@ pub struct Topology {
     /// How long the journal keeps records (`x-max-age`): a day beyond
     /// `polling.max_off_peak_task_age`.
     pub journal_max_age: Duration,
-    /// The configured create quota (`upstream.create_quota`), kept in a
-    /// ledger whose name [`ledger_name`] derives from the deployment's
-    /// secret.
-    pub create_quota: Option<CreateQuota>,
 }
 
 /// Most bytes the journal keeps (`x-max-length-bytes`); older segments go
@@ -121,7 +117,6 @@ impl Topology {
             journal_queue: format!("{rq}.journal"),
             journal_max_age: settings.polling.max_off_peak_task_age
                 + Duration::from_secs(24 * 3600),
-            create_quota: settings.upstream.create_quota,
         }
     }
 
@@ -154,75 +149,6 @@ impl Topology {
             );
         }
         args
-    }
-
-    /// The quota ledger's declaration: a classic queue (a quorum queue
-    /// admits a few publishes past its length limit when they arrive
-    /// together; a classic queue refuses exactly), not durable (it holds
-    /// nothing worth keeping, and a non-durable queue of a lost node is
-    /// simply declared again elsewhere), holding at most `creates` messages
-    /// that expire after `window`, refusing publishes beyond that.
-    pub fn ledger_arguments(quota: CreateQuota) -> FieldTable {
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("classic".into()),
-        );
-        args.insert(
-            "x-max-length".into(),
-            AMQPValue::LongInt(i32::try_from(quota.creates).unwrap_or(i32::MAX)),
-        );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(quota.window.as_millis()).unwrap_or(i64::MAX)),
-        );
-        args
-    }
-
-    /// Declares the quota ledger (at start and whenever it has gone
-    /// missing, e.g. with the broker node that held it). Needs configure
-    /// permission on its name; with `amqp.declare_topology = false` it is
-    /// only checked.
-    pub async fn declare_ledger(
-        &self,
-        conn: &Connection,
-        name: &str,
-        quota: CreateQuota,
-    ) -> Result<(), BrokerError> {
-        let args = Self::ledger_arguments(quota);
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(BrokerError::Connection)?;
-        let result = channel
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    durable: false,
-                    passive: !self.declares,
-                    ..QueueDeclareOptions::default()
-                },
-                if self.declares {
-                    args
-                } else {
-                    FieldTable::default()
-                },
-            )
-            .await;
-        if channel.status().connected() {
-            let _ = channel.close(200, "ledger declared".into()).await;
-        }
-        result.map(drop).map_err(|e| match reply_code(&e) {
-            Some(404) => BrokerError::Missing {
-                vhost: self.vhost.clone(),
-                missing: vec![format!("queue {name}")],
-            },
-            _ => declare_error("queue", name, &e),
-        })
     }
 
     /// Every queue name, for operators and test clean-up (the quota
@@ -458,22 +384,6 @@ pub async fn ready_messages(channel: &Channel, queue: &str) -> Result<u32, lapin
         .map(|q| q.message_count())
 }
 
-/// The ledger's name: the request queue's, a tag only the deployment can
-/// compute ([`crate::signing::Signer::tag`]: producers, who may publish
-/// into any queue they can name, cannot find it to fill it), then the
-/// quota, so that a changed quota gets a ledger of its own (queue
-/// arguments cannot change).
-pub fn ledger_name(request_queue: &str, tag: &str, quota: CreateQuota) -> String {
-    format!(
-        "{request_queue}.quota.{tag}.{}-per-{}s",
-        quota.creates,
-        quota.window.as_secs()
-    )
-}
-
-/// The label the ledger's tag is derived from.
-pub const LEDGER_TAG_LABEL: &str = "quota ledger";
-
 fn argument_value(value: &QueueArgument) -> AMQPValue {
     match value {
         QueueArgument::Bool(b) => AMQPValue::Boolean(*b),
@@ -500,7 +410,7 @@ fn broker_words(error: &lapin::Error) -> String {
     }
 }
 
-fn declare_error(kind: &str, name: &str, error: &lapin::Error) -> BrokerError {
+pub(crate) fn declare_error(kind: &str, name: &str, error: &lapin::Error) -> BrokerError {
     let words = broker_words(error);
     let detail = match (reply_code(error), kind) {
         (Some(406), "queue") => format!(
@@ -632,6 +542,12 @@ impl Publisher {
     /// is reopened at the next publish).
     pub fn is_open(&self) -> bool {
         self.inner.conn.status().connected()
+    }
+
+    /// The connection it publishes on (for declarations that go with a
+    /// publish, such as a quota ledger's).
+    pub fn connection(&self) -> &Connection {
+        &self.inner.conn
     }
 
     fn current(&self) -> Channel {

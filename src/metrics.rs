@@ -60,8 +60,8 @@ pub struct CreateLabels {
 /// Labels of `create_waits_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WaitLabels {
-    /// `quota` (the deployment's window was full), `pause` (after a 429),
-    /// `pace` (the learned rate).
+    /// `quota` (the deployment's window, configured or learned, was full)
+    /// or `pause` (after a 429).
     pub reason: &'static str,
 }
 
@@ -96,6 +96,8 @@ struct Inner {
     creates: Family<CreateLabels, Counter>,
     create_waits: Family<WaitLabels, Counter>,
     create_rate_permitted: Gauge<f64, AtomicU64>,
+    quota_learned: Gauge,
+    quota_window: Gauge<f64, AtomicU64>,
     request_hold: Histogram,
     quota_slots_unused: Counter,
     tickets_rejected: Family<TicketLabels, Counter>,
@@ -203,14 +205,26 @@ impl Metrics {
         let create_waits = Family::<WaitLabels, Counter>::default();
         registry.register(
             "create_waits",
-            "Times a create waited before a request was taken or retried: for the deployment's quota window, a 429 pause, or the learned rate",
+            "Times a create waited before a request was taken or retried: for the deployment's quota window (configured or learned), or a 429 pause",
             create_waits.clone(),
         );
         let create_rate_permitted = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "create_rate_permitted",
-            "Creates per second permitted: the configured quota (whole deployment), the rate learned from 429s (this worker), or +Inf",
+            "Creates per second the deployment may make, on average: the configured quota, the quota learned from 429s, or +Inf while none is known",
             create_rate_permitted.clone(),
+        );
+        let quota_learned = Gauge::default();
+        registry.register(
+            "create_quota_learned",
+            "Creates per window the fleet learned the account allows (0: none learned; with upstream.create_quota set, never learned)",
+            quota_learned.clone(),
+        );
+        let quota_window = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "create_quota_window_seconds",
+            "The window of the create quota in force, in seconds (configured, or learned: upstream.quota_window)",
+            quota_window.clone(),
         );
         let request_hold = Histogram::new([
             0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -263,6 +277,8 @@ impl Metrics {
                 creates,
                 create_waits,
                 create_rate_permitted,
+                quota_learned,
+                quota_window,
                 request_hold,
                 quota_slots_unused,
                 tickets_rejected,
@@ -377,6 +393,13 @@ impl Metrics {
     /// no limit is known).
     pub fn set_create_rate_permitted(&self, per_second: f64) {
         self.inner.create_rate_permitted.set(per_second);
+    }
+
+    /// Sets the quota in force: `learned` creates per window (0: none
+    /// learned) and its window.
+    pub fn set_create_quota(&self, learned: u32, window_seconds: f64) {
+        self.inner.quota_learned.set(i64::from(learned));
+        self.inner.quota_window.set(window_seconds);
     }
 
     /// Records how long a request message was held.

@@ -26,6 +26,10 @@
 
 use std::sync::{PoisonError, RwLock};
 
+use lapin::{
+    types::{AMQPValue, FieldTable, LongString},
+    BasicProperties,
+};
 use ring::hmac;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -102,6 +106,41 @@ pub struct Presented<'a> {
     pub legacy: Option<&'a str>,
     /// `x-vidu-deployment-signature`.
     pub deployment: Option<&'a str>,
+}
+
+impl<'a> Presented<'a> {
+    /// The signatures in a message's headers.
+    pub fn from_properties(properties: &'a BasicProperties) -> Self {
+        let header = |name: &str| -> Option<&'a str> {
+            match properties.headers().as_ref()?.inner().get(name)? {
+                AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+                AMQPValue::ShortString(s) => Some(s.as_str()),
+                _ => None,
+            }
+        };
+        Self {
+            legacy: header(SIGNATURE_HEADER),
+            deployment: header(DEPLOYMENT_SIGNATURE_HEADER),
+        }
+    }
+}
+
+impl Signatures {
+    /// The headers that carry these signatures.
+    pub fn headers(&self) -> FieldTable {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            SIGNATURE_HEADER.into(),
+            AMQPValue::LongString(LongString::from(self.legacy.as_str())),
+        );
+        if let Some(deployment) = &self.deployment {
+            headers.insert(
+                DEPLOYMENT_SIGNATURE_HEADER.into(),
+                AMQPValue::LongString(LongString::from(deployment.as_str())),
+            );
+        }
+        headers
+    }
 }
 
 /// Signs tickets with the current keys and verifies them with any accepted

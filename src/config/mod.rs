@@ -340,6 +340,12 @@ impl Settings {
         non_zero("upstream.timeout", self.upstream.timeout)?;
         non_zero("upstream.connect_timeout", self.upstream.connect_timeout)?;
         non_zero("upstream.retry_initial", self.upstream.retry_initial)?;
+        if self.upstream.quota_window < Duration::from_secs(1) {
+            return Err(ConfigError::new(
+                "upstream.quota_window",
+                "must be at least 1s",
+            ));
+        }
         if self.upstream.retry_max < self.upstream.retry_initial {
             return Err(ConfigError::new(
                 "upstream.retry_max",
@@ -872,6 +878,7 @@ mod tests {
         up.timeout = Duration::from_secs(7);
         up.connect_timeout = Duration::from_millis(2500);
         up.create_quota = CreateQuota::parse("30/90s").ok();
+        up.quota_window = Duration::from_secs(90);
         up.max_requests_per_second = 12.5;
         up.max_concurrent_requests = 5;
         up.retry_initial = Duration::from_millis(250);

@@ -141,6 +141,7 @@ duration_limits! {
     upstream.retry_initial <= Duration::from_secs(10 * 60);
     upstream.retry_max <= Duration::from_secs(3600);
     upstream.create_retry_budget <= Duration::from_secs(25 * 60);
+    upstream.quota_window <= Duration::from_secs(3600);
     polling.min_interval <= Duration::from_secs(3600);
     polling.max_interval <= Duration::from_secs(24 * 3600);
     polling.max_task_age <= Duration::from_secs(30 * 24 * 3600);
@@ -455,6 +456,10 @@ pub struct UpstreamSettings {
     /// (`20/min`, `2/s`, `100/h`); none: learn it from the upstream's 429s.
     #[serde(deserialize_with = "optional_quota")]
     pub create_quota: Option<CreateQuota>,
+    /// The sliding window the upstream counts creates in, when the quota is
+    /// learned rather than configured (Novita: a minute).
+    #[serde(with = "humantime_serde")]
+    pub quota_window: Duration,
     /// Ceiling on task-result calls per second from one worker; 0 means no
     /// limit. Creates have their own budget (`create_quota`).
     pub max_requests_per_second: f64,
@@ -492,6 +497,7 @@ impl Default for UpstreamSettings {
             timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(5),
             create_quota: None,
+            quota_window: Duration::from_secs(60),
             max_requests_per_second: 50.0,
             max_concurrent_requests: 32,
             retry_initial: Duration::from_millis(500),

@@ -2,7 +2,7 @@
 //! with, and the publishing it does.
 //!
 //! [`Context`] holds the settings and broker names, the upstream client, the
-//! waits in front of a create (gate, pacer, quota ledger), the memory of
+//! waits in front of a create (gate, create budget), the memory of
 //! recent creates, the ticket signer, and the current session's publisher,
 //! which the session above swaps at each reconnect. Its methods are the
 //! pipeline's only way to the broker: publish once, publish patiently
@@ -31,7 +31,7 @@ use crate::{
     journal::Journal,
     metrics::Metrics,
     ops::Health,
-    quota::{Pacer, QuotaLedger, SlotBank},
+    quota::{Budget, SlotBank},
     request,
     retry::RetryPolicy,
     signing::Signer,
@@ -39,8 +39,8 @@ use crate::{
 };
 
 /// What every delivery handler works with: the settings and names, the
-/// upstream client and the waits in front of it (gate, pacer, quota
-/// ledger), the current session's publisher, and the worker's memory of
+/// upstream client and the waits in front of it (gate, create budget),
+/// the current session's publisher, and the worker's memory of
 /// recent creates. One per worker, shared by all handlers.
 pub(crate) struct Context {
     pub(crate) settings: Settings,
@@ -50,16 +50,19 @@ pub(crate) struct Context {
     pub(crate) gate: Gate,
     pub(crate) health: Health,
     pub(crate) shutdown: CancellationToken,
-    /// The waits of creates: a 429's pause and the learned rate.
-    pub(crate) pacer: Pacer,
-    /// The deployment's create quota on the broker, when one is set.
-    pub(crate) ledger: Option<QuotaLedger>,
+    /// The create budget: the pause after a 429 and the deployment's
+    /// quota window (configured or learned).
+    pub(crate) budget: Budget,
     /// Slots taken for requests that needed no create, for the next ones.
     pub(crate) slots: Arc<SlotBank>,
     /// The deployment's journal (deployment keys, sync marks).
     pub(crate) journal: Arc<Journal>,
     /// Throttles the warning about tickets signed with an unknown key.
     pub(crate) unverified_log: crate::telemetry::Every,
+    /// The request-id claims this worker holds.
+    pub(crate) claims: super::claim::Held,
+    /// Throttles the warning about claims the broker would not give.
+    pub(crate) claim_log: crate::telemetry::Every,
     /// Creates this worker made recently, by request id, so that a
     /// redelivered copy of a request it already created is not created again.
     pub(crate) recent: RecentCreates,
@@ -183,6 +186,23 @@ impl Context {
         };
         self.publish("", &self.topology.dead_queue, body, properties, true)
             .await
+    }
+
+    /// Records an accepted create in the journal, on the current session.
+    pub(crate) async fn record_created(
+        &self,
+        created: &crate::journal::Created,
+    ) -> Result<(), PublishError> {
+        let Some(publisher) = self.publisher() else {
+            return Err(PublishError::NotConnected);
+        };
+        self.journal
+            .record_created(&publisher, created)
+            .await
+            .map_err(|e| match e {
+                crate::journal::JournalError::Publish(p) => p,
+                other => PublishError::Unroutable(other.to_string()),
+            })
     }
 
     /// Parks a ticket until `next_poll_at`, in the longest wait queue that

@@ -9,8 +9,9 @@
 //! is the one step that must not repeat: it is only sent while the
 //! request's delivery still belongs to this worker's session (checked
 //! immediately before the send), an unreadable success is never retried,
-//! and a redelivered copy of a request this worker already created is
-//! recognised by its id and not created again.
+//! and a request whose id any worker of the fleet created (the journal's
+//! created records, read up to the moment of a claim on the id) is
+//! acknowledged as a duplicate instead of created again.
 
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use lapin::message::Delivery;
 use tokio::time::Instant;
 
 use super::{
+    claim::{self, Claim, Claimed},
     context::Context,
     decisions::{self, CreateError, CreateStep, GateStep},
     disposition::Disposition,
@@ -27,6 +29,7 @@ use super::{
     recent::Begin,
     ticket::{Origin, Ticket},
 };
+use crate::journal::{created::Remembered, Created};
 use crate::{
     broker::{self, TRACEPARENT_HEADER},
     events::{self, EventKind, FailureCode, RequestContext},
@@ -201,6 +204,18 @@ async fn submit(
         None => None,
     };
     let hold_until = Instant::now() + ctx.settings.amqp.max_hold;
+    // Whether any worker of the fleet created this id already; if not,
+    // this worker's claim on it until the create is in the journal.
+    let claim = match req.stable_id() {
+        Some(id) => match once_in_the_fleet(ctx, delivery, lease, &req, id, hold_until).await {
+            Fleet::Create(claim) => claim,
+            Fleet::Created(remembered) => {
+                return duplicate(ctx, delivery, req, remembered, received_at, traceparent).await
+            }
+            Fleet::Settled(disposition) => return disposition,
+        },
+        None => None,
+    };
     // The intake loop took this request's first pacing and quota slot;
     // unspent (no create sent), it goes to the next request.
     let mut prepaid = Some(prepaid);
@@ -276,12 +291,163 @@ async fn submit(
         tracing::warn!("the upstream accepted a task after the request's delivery was lost; recording it so the redelivered copy is not created again here");
     }
     let disposition = record(ctx, delivery, req, task_id, received_at, traceparent).await;
+    // The create is in the journal (or could not be written in the ticket's
+    // patience): another copy may look now. Every other way out of this
+    // function drops the claim, which releases it too.
+    if let Some(claim) = claim {
+        claim.release().await;
+    }
     if disposition == Disposition::Ack {
         if let Some(guard) = remembered.as_mut() {
             guard.recorded();
         }
     }
     disposition
+}
+
+/// What the fleet knows of a request id.
+enum Fleet {
+    /// Nobody created it: create it, holding the claim (if the broker
+    /// gave one) until the create is in the journal.
+    Create(Option<Claim>),
+    /// Some worker created it already.
+    Created(Remembered),
+    /// The request goes back, or its delivery was lost, while another
+    /// worker held its claim.
+    Settled(Disposition),
+}
+
+/// Longest wait between two tries of a claim another worker holds.
+const CLAIM_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Whether request `id` was created by any worker of the deployment: the
+/// journal's created records say so, and a claim on the id (see
+/// [`super::claim`]) makes sure no other worker is creating it right now.
+/// After the claim, the journal is read up to the present, so a create
+/// whose claim was released a moment ago is seen.
+async fn once_in_the_fleet(
+    ctx: &Context,
+    delivery: &Delivery,
+    lease: &Lease,
+    req: &GenerationRequest,
+    id: &RequestId,
+    hold_until: Instant,
+) -> Fleet {
+    if let Some(remembered) = ctx.journal.created(id) {
+        return Fleet::Created(remembered);
+    }
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let Some(publisher) = ctx.publisher() else {
+            return Fleet::Settled(abandoned(ctx, req.model));
+        };
+        let before = Instant::now();
+        let claim = match claim::claim(
+            &publisher,
+            &ctx.claims,
+            &ctx.topology.request_queue,
+            &ctx.signer,
+            id,
+        )
+        .await
+        {
+            Claimed::Mine(claim) => Some(claim),
+            Claimed::Unavailable(why) => {
+                if ctx.claim_log.due() {
+                    tracing::warn!(reason = %why, "could not claim a request id before its create (does the workers' broker user have configure rights on <request_queue>.claim.*?); relying on the journal alone");
+                }
+                None
+            }
+            Claimed::Held => {
+                tracing::debug!(
+                    message_id = ?delivery.properties.message_id().as_ref().map(|m| m.as_str()),
+                    "another copy of this request is being created; waiting for its claim"
+                );
+                if Instant::now() + delay > hold_until {
+                    ctx.metrics.request("handed_back");
+                    return Fleet::Settled(Disposition::Requeue);
+                }
+                tokio::select! {
+                    () = lease.lost() => return Fleet::Settled(abandoned(ctx, req.model)),
+                    () = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(CLAIM_RETRY_MAX);
+                if let Some(remembered) = ctx.journal.created(id) {
+                    return Fleet::Created(remembered);
+                }
+                continue;
+            }
+        };
+        if let Err(e) = ctx.journal.sync_since(&publisher, before).await {
+            // The journal cannot be read up to now (a stream electing a new
+            // leader, a session going): wait with the claim given back,
+            // as at a closed gate, rather than cycle the request through
+            // the queue (each return counts towards its delivery limit).
+            drop(claim);
+            tracing::warn!(error = %e, "could not read the journal up to now; the request waits");
+            if Instant::now() + delay > hold_until {
+                ctx.metrics.request("handed_back");
+                return Fleet::Settled(Disposition::Requeue);
+            }
+            tokio::select! {
+                () = lease.lost() => return Fleet::Settled(abandoned(ctx, req.model)),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(CLAIM_RETRY_MAX);
+            continue;
+        }
+        return match ctx.journal.created(id) {
+            Some(remembered) => Fleet::Created(remembered),
+            None => Fleet::Create(claim),
+        };
+    }
+}
+
+/// A copy of a request the fleet already created: acknowledged without
+/// events of its own. A redelivered copy may be the first copy itself,
+/// whose worker died after the create but before its ticket was recorded:
+/// its ticket is published again from the journal's record, so the paid
+/// task is tracked (a ticket that did exist makes the same terminal event,
+/// with the same id, once more at most).
+async fn duplicate(
+    ctx: &Context,
+    delivery: &Delivery,
+    req: GenerationRequest,
+    remembered: Remembered,
+    received_at: chrono::DateTime<Utc>,
+    traceparent: Option<String>,
+) -> Disposition {
+    tracing::Span::current().record("task_id", &*remembered.task_id);
+    tracing::debug!(
+        message_id = ?delivery.properties.message_id().as_ref().map(|m| m.as_str()),
+        delivery_tag = delivery.delivery_tag,
+        redelivered = delivery.redelivered,
+        created_at = %remembered.at,
+        "a copy of a request the fleet already created; acknowledging it"
+    );
+    if delivery.redelivered {
+        let origin = Origin {
+            // The first copy was received before its create.
+            received_at: received_at.min(remembered.at),
+            correlation_id: correlation_id(delivery).map(str::to_owned),
+            reply_to: reply_to(ctx, delivery).map(str::to_owned),
+            traceparent,
+        };
+        let ticket = Ticket::for_created_task(
+            req,
+            remembered.task_id.into(),
+            origin,
+            remembered.at,
+            &ctx.settings.polling,
+        );
+        if let Err(e) = ctx.patiently(TICKET_PATIENCE, || ctx.park(&ticket)).await {
+            tracing::warn!(error = %e, "could not record the ticket of a created request again; handing the copy back");
+            return Disposition::Requeue;
+        }
+        tracing::info!("a redelivered request the fleet had created: its ticket is recorded again from the journal");
+    }
+    ctx.metrics.request("duplicate");
+    Disposition::Ack
 }
 
 /// Passes the gate in front of a create: `Ok` with the probe claim when
@@ -370,6 +536,7 @@ async fn create_once(
         take_slot(ctx, lease).await?;
     }
     let sent_at = Instant::now();
+    let sent_at_wall = Utc::now();
     let result = ctx
         .upstream
         .create(&req.input, traceparent, &|| lease.alive())
@@ -381,11 +548,14 @@ async fn create_once(
     }
     let outcome = match &result {
         Ok(_) => {
-            ctx.pacer.on_accepted();
+            ctx.budget.accepted();
             "accepted"
         }
         Err(UpstreamError::RateLimited { retry_after, .. }) => {
-            ctx.pacer.on_rate_limited(sent_at, *retry_after);
+            let publisher = ctx.publisher();
+            ctx.budget
+                .refused(publisher.as_ref(), sent_at, sent_at_wall, *retry_after)
+                .await;
             "rate_limited"
         }
         Err(UpstreamError::NotSent) => {
@@ -399,37 +569,27 @@ async fn create_once(
     result.map_err(CreateError::Upstream)
 }
 
-/// Waits for the pacer and a quota slot before a retry, while the delivery
-/// is held (bounded by the retry budget). A lost delivery ends the waits:
+/// Takes the create budget's slot before a retry, while the delivery is
+/// held (bounded by the retry budget): the same budget the intake loop
+/// takes before a request's first create. A lost delivery ends the wait:
 /// the create that follows finds it lost and sends nothing (that check, in
 /// [`crate::upstream::UpstreamClient::create`], is the one that decides).
 async fn take_slot(ctx: &Context, lease: &Lease) -> Result<(), CreateError> {
-    tokio::select! {
-        ready = ctx.pacer.ready(&ctx.shutdown) => {
-            if !ready {
-                return Err(CreateError::Cancelled);
-            }
-        }
-        () = lease.lost() => return Ok(()),
-    }
-    let Some(ledger) = &ctx.ledger else {
-        return Ok(());
-    };
     loop {
         let Some(publisher) = ctx.publisher() else {
             // Between sessions: this delivery's session is gone.
             return Ok(());
         };
-        let claimed = tokio::select! {
-            claimed = ledger.claim(&publisher, &ctx.metrics, &ctx.shutdown) => claimed,
+        let taken = tokio::select! {
+            taken = ctx.budget.take(&publisher, &ctx.shutdown) => taken,
             () = lease.lost() => return Ok(()),
         };
-        match claimed {
-            Ok(()) => return Ok(()),
+        match taken {
+            Ok(_) => return Ok(()),
             Err(SlotError::Cancelled) => return Err(CreateError::Cancelled),
-            Err(SlotError::Broker(e)) => {
+            Err(e) => {
                 // The session is probably going; the lease will tell.
-                tracing::debug!(error = %e, "could not claim a quota slot for a retry");
+                tracing::debug!(error = %e, "could not take a create slot for a retry");
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(500)) => {}
                     () = lease.lost() => return Ok(()),
@@ -457,6 +617,7 @@ async fn record(
     received_at: chrono::DateTime<Utc>,
     traceparent: Option<String>,
 ) -> Disposition {
+    let stable_id = req.stable_id().cloned();
     let origin = Origin {
         received_at,
         correlation_id: correlation_id(delivery).map(str::to_owned),
@@ -472,10 +633,25 @@ async fn record(
             model: &ticket.model,
         },
     );
-    let (parked, published) = tokio::join!(
+    let created = Created {
+        v: 1,
+        request_id: stable_id,
+        task_id: ticket.task_id.clone(),
+        model: ticket.model.clone(),
+        at: ticket.submitted_at,
+    };
+    let (parked, published, journaled) = tokio::join!(
         ctx.patiently(TICKET_PATIENCE, || ctx.park(&ticket)),
         ctx.patiently(TICKET_PATIENCE, || ctx.publish_event(&submitted)),
+        ctx.patiently(TICKET_PATIENCE, || ctx.record_created(&created)),
     );
+    match (journaled, ctx.publisher()) {
+        (Ok(()), Some(publisher)) => ctx.budget.recorded(&publisher).await,
+        (Ok(()), None) => {}
+        (Err(e), _) => {
+            tracing::warn!(error = %e, "the create could not be recorded in the journal");
+        }
+    }
     if let Err(e) = parked {
         ctx.metrics.untracked_task();
         tracing::error!(

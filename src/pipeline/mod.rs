@@ -4,13 +4,16 @@
 //! A request delivery goes through [`intake`] (refuse what is invalid or
 //! poison, wait at the gate, create the task, record its [`ticket`]); a
 //! ticket delivery goes through [`tracking`] (read and check the ticket,
-//! poll once, finish or park again). Both return a
+//! poll once, finish or park again). A request with an id of its own is
+//! created once in the fleet: the journal's created records and a
+//! [`claim`] on the id stand before its create. Intake and tracking return a
 //! [`disposition::Disposition`] that [`disposition::apply`] carries out, and
 //! both take their next step from the plain functions of [`decisions`].
 //! Everything a handler works with is in the [`context::Context`]; a
 //! request's claim on its delivery is its [`lease::Lease`]. The session in
 //! `worker` sits above this module and nothing here imports it.
 
+pub(crate) mod claim;
 pub(crate) mod context;
 pub mod decisions;
 pub mod disposition;

@@ -11,10 +11,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use lapin::{
-    types::{AMQPValue, FieldTable, LongString},
-    BasicProperties,
-};
+use lapin::BasicProperties;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -23,10 +20,7 @@ use crate::{
     events::{self, RequestContext},
     request::{self, GenerationRequest, RequestId},
     retry::RetryPolicy,
-    signing::{
-        Presented, SignatureError, Signatures, Signer, DEPLOYMENT_SIGNATURE_HEADER,
-        SIGNATURE_HEADER,
-    },
+    signing::{Presented, SignatureError, Signatures, Signer},
     upstream::{clean_text, valid_task_id},
 };
 
@@ -295,22 +289,11 @@ impl Ticket {
     /// AMQP properties of a ticket message whose body signs as
     /// `signatures`.
     pub fn properties(signatures: &Signatures) -> BasicProperties {
-        let mut headers = FieldTable::default();
-        headers.insert(
-            SIGNATURE_HEADER.into(),
-            AMQPValue::LongString(LongString::from(signatures.legacy.as_str())),
-        );
-        if let Some(deployment) = &signatures.deployment {
-            headers.insert(
-                DEPLOYMENT_SIGNATURE_HEADER.into(),
-                AMQPValue::LongString(LongString::from(deployment.as_str())),
-            );
-        }
         BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_type(TICKET_TYPE.into())
-            .with_headers(headers)
+            .with_headers(signatures.headers())
     }
 
     /// Checks every field with the rules a request's meet, so that what a
@@ -389,6 +372,7 @@ pub fn error_delay(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signing::{DEPLOYMENT_SIGNATURE_HEADER, SIGNATURE_HEADER};
 
     fn polling() -> PollingSettings {
         PollingSettings {

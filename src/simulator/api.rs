@@ -140,6 +140,10 @@ impl Simulator {
         let directives_task_id_bytes = directives.hostile.task_id_bytes;
         let task_id = self.create_task(spec.name, &request, directives);
         call.task_id = Some(task_id.to_string());
+        let latency = self.inner.config.create_latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         match after {
             AfterCreate::Drop => {
                 debug!(%task_id, "sim: task created, dropping the connection");

@@ -32,6 +32,10 @@ pub struct SimulatorConfig {
     /// The account's create quota at start (none: unlimited); see
     /// [`Simulator::set_quota`](crate::simulator::Simulator::set_quota).
     pub quota: Option<AccountQuota>,
+    /// How long an accepted create takes to answer (default 0): the task
+    /// exists from the moment the call arrives, like a slow upstream's.
+    #[serde(with = "humantime_serde")]
+    pub create_latency: Duration,
 }
 
 impl Default for SimulatorConfig {
@@ -43,6 +47,7 @@ impl Default for SimulatorConfig {
             eta: EtaMode::Honest,
             video_url_ttl: 3600,
             quota: None,
+            create_latency: Duration::ZERO,
         }
     }
 }
@@ -56,6 +61,7 @@ impl fmt::Debug for SimulatorConfig {
             .field("eta", &self.eta)
             .field("video_url_ttl", &self.video_url_ttl)
             .field("quota", &self.quota)
+            .field("create_latency", &self.create_latency)
             .finish()
     }
 }

@@ -2,7 +2,7 @@
 //! at a time.
 //!
 //! [`run`] is the library entry point of `vidu-worker run`: it builds the
-//! upstream client, the gate, the create pacer, the quota ledger, the ticket
+//! upstream client, the gate, the create budget, the journal, the ticket
 //! signer and the operations endpoint into the pipeline's handler context,
 //! starts the background tasks ([`background`]: the key probe, the tracked
 //! sample) and hands over to [`session`], which keeps a broker session alive
@@ -26,7 +26,7 @@ use crate::{
     metrics::Metrics,
     ops::{self, Health},
     pipeline::{context::Context, recent::RecentCreates},
-    quota::{Pacer, QuotaLedger, SlotBank},
+    quota::{Budget, BudgetSettings, SlotBank},
     retry::RetryPolicy,
     signing::Signer,
     telemetry::Every,
@@ -114,19 +114,39 @@ pub async fn run_with_listener(
         &settings.amqp.request_queue,
         settings.tickets.secret.is_some(),
     ));
-    let rq = settings.amqp.request_queue.clone();
+    let journal = Arc::new(Journal::new(
+        topology.journal_queue.clone(),
+        signer.clone(),
+        settings.upstream.quota_window,
+        settings.polling.max_off_peak_task_age,
+    ));
     let ctx = Arc::new(Context {
-        pacer: Pacer::new(settings.upstream.create_quota, metrics.clone()),
-        ledger: settings
-            .upstream
-            .create_quota
-            .map(|quota| QuotaLedger::new(&rq, quota)),
+        budget: Budget::new(
+            BudgetSettings {
+                request_queue: settings.amqp.request_queue.clone(),
+                configured: settings.upstream.create_quota,
+                window: settings.upstream.quota_window,
+                declares: settings.amqp.declare_topology,
+                vhost: settings.amqp.vhost(),
+            },
+            journal.clone(),
+            metrics.clone(),
+        ),
         slots: Arc::new(SlotBank::new(
-            settings.upstream.create_quota,
+            // A learned quota's window when none is configured.
+            settings
+                .upstream
+                .create_quota
+                .or(Some(crate::config::CreateQuota {
+                    creates: 1,
+                    window: settings.upstream.quota_window,
+                })),
             metrics.clone(),
         )),
-        journal: Arc::new(Journal::new(topology.journal_queue.clone(), signer.clone())),
+        journal,
         unverified_log: Every::new(Duration::from_secs(30)),
+        claims: crate::pipeline::claim::Held::default(),
+        claim_log: Every::new(Duration::from_secs(60)),
         recent: RecentCreates::default(),
         signer,
         held: Arc::new(Semaphore::new(usize::from(settings.amqp.prefetch))),

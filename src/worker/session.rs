@@ -5,7 +5,7 @@
 //! confirm-mode publisher (handed to the pipeline's context), the request
 //! channel and the tracking consumer. Requests are taken one at a time with
 //! `basic.get`, and only once everything a create waits for is in hand (a
-//! free handler slot, an open gate, the pacer, a quota slot): a request that
+//! free handler slot, an open gate, the create budget's slot): a request that
 //! is only waiting waits in the broker, never in memory. Each delivery gets
 //! its own task in the pipeline; a lost session cancels the leases of the
 //! requests it handed out.
@@ -150,6 +150,9 @@ pub(super) enum Lost {
     /// The journal could not be read or written.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
+    /// The worker is shutting down (the session's select! sees it first).
+    #[error("shutting down")]
+    Stopping,
 }
 
 struct Session {
@@ -300,18 +303,8 @@ impl Session {
                 });
             }
         }
-        if let Some(ledger) = &ctx.ledger {
-            let name = ledger.name_with(&ctx.signer.tag(broker::LEDGER_TAG_LABEL));
-            if let Err(e) = ctx
-                .topology
-                .declare_ledger(&self.conn, name, ledger.quota())
-                .await
-            {
-                follower.abort();
-                return Err(Lost::DeclareLedger(e));
-            }
-            tracing::info!(ledger = name, quota = %ledger.quota(), "declared the quota ledger");
-        }
+        ctx.budget
+            .name_with(&ctx.signer.tag(crate::quota::LEDGER_TAG_LABEL));
         Ok(follower)
     }
 
@@ -363,8 +356,8 @@ impl Session {
 }
 
 /// Takes requests, one at a time, once a create could follow at once: a
-/// free handler slot, the gate, the pacer and (with a quota) a slot in the
-/// deployment's window come first, the delivery last. Returns why it
+/// free handler slot, the gate and the create budget (the pause after a
+/// 429, a slot in the deployment's window) come first, the delivery last. Returns why it
 /// stopped when the session cannot serve it any more; shutdown simply
 /// drops it.
 async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracker) -> Lost {
@@ -422,9 +415,10 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
     }
 }
 
-/// Takes a new create slot: the pacer's place and, with a quota, a claim in
-/// the deployment's window, claimed only once requests are known to be
-/// waiting. `Ok(None)`: look again (the ledger was declared again).
+/// Takes a new create slot from the budget: the pause after a 429 and,
+/// when the quota is known, a claim in the deployment's window, claimed
+/// only once requests are known to be waiting (a slot claimed for an empty
+/// queue is kept for a short while, then wasted). `Ok(None)`: look again.
 async fn take_slot(
     ctx: &Arc<Context>,
     session: &Session,
@@ -433,10 +427,7 @@ async fn take_slot(
 ) -> Result<Option<Slot>, Lost> {
     let channel = &session.intake_channel;
     let queue = ctx.topology.request_queue.as_str();
-    let Some(pace) = ctx.pacer.reserve(&ctx.shutdown).await else {
-        return Err(std::future::pending().await);
-    };
-    if let Some(ledger) = &ctx.ledger {
+    if ctx.budget.current_ledger().is_some() {
         while *known_ready == 0 {
             match broker::ready_messages(channel, queue).await {
                 Ok(0) => {
@@ -447,34 +438,13 @@ async fn take_slot(
                 Err(e) => return Err(Lost::LookAtQueue(e)),
             }
         }
-        match ledger
-            .claim(&session.publisher, &ctx.metrics, &ctx.shutdown)
-            .await
-        {
-            Ok(()) => {}
-            Err(SlotError::Cancelled) => return Err(std::future::pending().await),
-            Err(SlotError::Broker(PublishError::Unroutable(_))) => {
-                let name = ledger.queue().unwrap_or_default();
-                tracing::warn!(
-                    ledger = name,
-                    "the quota ledger is gone (its broker node?); declaring it again"
-                );
-                if let Err(e) = ctx
-                    .topology
-                    .declare_ledger(&session.conn, name, ledger.quota())
-                    .await
-                {
-                    return Err(Lost::DeclareLedger(e));
-                }
-                ctx.pacer.release(pace);
-                return Ok(None);
-            }
-            Err(SlotError::Broker(e)) => return Err(Lost::ClaimSlot(e)),
-        }
     }
-    Ok(Some(Slot {
-        taken_at: Instant::now(),
-    }))
+    match ctx.budget.take(&session.publisher, &ctx.shutdown).await {
+        Ok(slot) => Ok(Some(slot)),
+        Err(SlotError::Cancelled) => Err(Lost::Stopping),
+        Err(SlotError::Broker(e)) => Err(Lost::ClaimSlot(e)),
+        Err(SlotError::Ledger(e)) => Err(Lost::DeclareLedger(e)),
+    }
 }
 
 /// A channel for one consumer, with its prefetch.

@@ -356,6 +356,55 @@ async fn run(
         "{label}: {REQUESTS} requests, {terminal} terminal events, {} creates ({extra_creates} extra, {on_the_wire} on the wire at a session loss, {sessions_lost} sessions lost), first event {first_event_after:?} after the loss, moved worker ready {moved_ready_after:?} after it, tickets held as dead letters until the node was back (count, node restarted after the loss, all finished after the restart): {held_until_node_back:?}",
         stats.tasks_created
     );
+    // The journal lost no record with the node: a copy of every request
+    // published now is acknowledged as a duplicate, and nothing is created.
+    let created_before = env.sim.stats().tasks_created;
+    let duplicates = || async {
+        let mut n = 0.0;
+        for w in [&a, &b] {
+            n += w
+                .metric(
+                    "vidu_worker_requests_received_total",
+                    "outcome=\"duplicate\"",
+                )
+                .await;
+        }
+        n
+    };
+    let duplicates_before = duplicates().await;
+    // Through a live node: the test's own connection may have been to the
+    // lost one.
+    let conn = connect_any(&alive.url())
+        .await
+        .expect("a live node answers");
+    let publisher = vidu_worker::broker::Publisher::open(std::sync::Arc::new(conn))
+        .await
+        .expect("a publisher");
+    for id in &subjects {
+        let body = serde_json::to_vec(&request(id, "[sim:gen=4s]")).expect("json");
+        publisher
+            .publish(
+                "",
+                &env.topology.request_queue,
+                &body,
+                lapin::BasicProperties::default().with_delivery_mode(2),
+                true,
+            )
+            .await
+            .expect("a copy published");
+    }
+    eventually(
+        Duration::from_secs(120),
+        "every copy acknowledged as a duplicate",
+        || async { (duplicates().await >= duplicates_before + REQUESTS as f64).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        env.sim.stats().tasks_created,
+        created_before,
+        "{label}: a request created before the node loss was created again"
+    );
+    eprintln!("{label}: {REQUESTS} copies published after the loss: 0 creates");
     (
         Outcome {
             killed_mid_flight: finished_at_kill < REQUESTS,

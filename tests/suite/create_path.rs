@@ -1,7 +1,7 @@
 //! The paid step under pressure: broker restarts and network cuts while
 //! creates are rate-limited, hostile properties on a refused request, an
-//! unreadable success, a fleet sharing one account quota (configured or
-//! learned), how long a request is held, and the moments of failure (a
+//! unreadable success, how long a request is held under a quota, and the
+//! moments of failure (a
 //! delivery lost while its request waits, ticket and event publishes the
 //! broker refuses, `Retry-After`). Counts come from the simulator over real
 //! HTTP and the real broker.
@@ -20,7 +20,7 @@ use vidu_worker::{
     broker::{ERROR_HEADER, ORIGINAL_QUEUE_HEADER},
     config::CreateQuota,
     events::{FAILED, SUBMITTED, SUCCEEDED},
-    simulator::{AccountQuota, AuthMode, EndpointFaults, Fault, FaultPlan, SimulatorConfig},
+    simulator::{AuthMode, EndpointFaults, Fault, FaultPlan},
 };
 
 fn quota(text: &str) -> Option<CreateQuota> {
@@ -322,78 +322,6 @@ async fn an_unreadable_success_fails_the_request_once_and_never_creates_it_again
         .count();
     assert_eq!(errors, 1, "logged at error level once");
     assert_eq!(tap.for_subject("garbled").len(), 1, "one event");
-}
-
-/// Three workers, one key, the simulator allowing 40 creates a minute (and
-/// saying when to retry, or not: Novita does not document `Retry-After`).
-async fn three_workers_share_one_quota(
-    name: &str,
-    configured: Option<CreateQuota>,
-    retry_after: bool,
-) {
-    let n = 60;
-    let per_minute = 40;
-    let env = TestEnv::with(
-        name,
-        SimulatorConfig {
-            quota: Some(AccountQuota {
-                retry_after,
-                ..AccountQuota::per_minute(per_minute)
-            }),
-            ..sim(Duration::from_secs(1))
-        },
-        |s| {
-            s.upstream.create_quota = configured;
-            s.upstream.create_retry_budget = Duration::from_secs(150);
-        },
-    )
-    .await;
-    let tap = env.tap().await;
-    let workers = vec![
-        env.start_worker().await,
-        env.start_worker().await,
-        env.start_worker().await,
-    ];
-    let started = Instant::now();
-    let subjects = publish_requests(&env, "q", n, "shared quota").await;
-    tap.wait_finished(n, Duration::from_secs(240)).await;
-    let makespan = started.elapsed();
-    one_terminal_id_each(&tap, &subjects);
-    tap.assert_all_succeeded();
-    assert!(env.drain_dead().await.is_empty(), "nothing dead-lettered");
-    let stats = env.sim.stats();
-    let refused = stats.answered("create:429");
-    let per_request = refused as f64 / n as f64;
-    // The quota's own limit: the earliest moment it admits the n-th create.
-    let windows = (n as u32).div_ceil(per_minute) - 1;
-    let limit = Duration::from_secs(60 * u64::from(windows));
-    eprintln!(
-        "{name}: {n} requests, 3 workers, {per_minute}/min (Retry-After: {retry_after}): {} creates, {refused} refused with 429 ({per_request:.2} per request), makespan {makespan:?} against the quota's limit {limit:?} ({:.2}x)",
-        stats.create_calls,
-        makespan.as_secs_f64() / limit.as_secs_f64()
-    );
-    assert_eq!(stats.tasks_created, n as u64, "each request created once");
-    assert!(per_request <= 0.5, "{per_request:.2} 429s per request");
-    // How fast the fleet gets through the quota is a speed figure, measured
-    // by the benchmark (`cargo bench --bench pipeline`, quota scenarios),
-    // not asserted here: a loaded machine stretches the learner's pauses.
-    // A fleet that never found the quota would not have finished above.
-    drop(workers);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_workers_stay_within_a_configured_account_quota() {
-    three_workers_share_one_quota("quotaset", quota("40/min"), false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_workers_learn_the_account_quota_from_429s_without_retry_after() {
-    three_workers_share_one_quota("quotalearn", None, false).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_workers_learn_the_account_quota_from_429s_with_retry_after() {
-    three_workers_share_one_quota("quotalearnra", None, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

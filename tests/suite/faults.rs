@@ -107,11 +107,14 @@ async fn sigkill_at_random_moments_loses_nothing() {
         extra, stats.duplicate_creates,
         "every extra task is a re-created request"
     );
-    // Only requests inside the window can be created twice: at most the
-    // requests a worker held (prefetch) when it was killed.
+    // Only creates inside the window can be made twice: a create whose
+    // record was not yet in the journal when its worker died (on the wire,
+    // or accepted milliseconds before). Creates are paced at 100/s, so a
+    // kill finds one or two there at most; every other request the killed
+    // worker held is found in the journal by whoever takes it next.
     assert!(
-        extra <= kills * u64::from(env.settings.amqp.prefetch),
-        "{extra} extra creates exceed {kills} kills x prefetch"
+        extra <= kills * 2,
+        "{extra} extra creates exceed {kills} kills x the creates on the wire at a kill"
     );
     assert!(
         stats.create_calls > 0 && kills_during_intake > 0,

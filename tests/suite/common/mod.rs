@@ -368,7 +368,10 @@ impl TestEnv {
         }
         cmd.arg("run")
             .env_remove("RUST_LOG")
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("VIDU_TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -26,9 +26,22 @@
 //! - **sync** marks (`vidu-worker.sync.v1`): a worker writes a random nonce
 //!   and reads until it sees it, which proves it has read everything
 //!   written before (see [`Journal::sync`]).
+//! - **created** records (`vidu-worker.created.v1`): a create the upstream
+//!   accepted (request id, task id, model, when), written by the worker
+//!   that made it. Together they are the fleet's accepted creates, which
+//!   the quota learner counts per window, and the request ids the fleet
+//!   has created ([`created::CreatedIndex`]), which no worker creates
+//!   again.
+//! - **refused** records (`vidu-worker.refused.v1`): a create the upstream
+//!   answered 429 (when it was sent, when the answer came), so that the
+//!   quota learner sees the fleet's refusals, not one worker's.
+//! - **quota** records (`vidu-worker.quota.v1`): what the fleet learned of
+//!   the account's create quota ([`LearnedQuota`]); the latest one counts,
+//!   so every worker, and every worker that joins later, paces by it.
 //!
-//! This module never logs key material and never acts on a record it
-//! cannot authenticate.
+//! Records other than keys and sync marks are signed like tickets and
+//! skipped unless they verify. This module never logs key material and
+//! never acts on a record it cannot authenticate.
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -46,15 +59,29 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub mod created;
+
+use self::created::{CreatedIndex, Remembered};
 use crate::{
     broker::{PublishError, Publisher},
-    signing::Signer,
+    request::RequestId,
+    signing::{Presented, Signer},
 };
+
+fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
 
 /// AMQP `type` of a deployment key record.
 pub const KEY_RECORD: &str = "vidu-worker.deployment-key.v1";
 /// AMQP `type` of a sync mark.
 pub const SYNC_RECORD: &str = "vidu-worker.sync.v1";
+/// AMQP `type` of a created record.
+pub const CREATED_RECORD: &str = "vidu-worker.created.v1";
+/// AMQP `type` of a learned quota record.
+pub const QUOTA_RECORD: &str = "vidu-worker.quota.v1";
+/// AMQP `type` of a refused-create record.
+pub const REFUSED_RECORD: &str = "vidu-worker.refused.v1";
 /// Header RabbitMQ puts on every message a stream delivers: its offset.
 pub const OFFSET_HEADER: &str = "x-stream-offset";
 /// Largest record read; a larger message is skipped.
@@ -72,6 +99,8 @@ pub const KEY_REFRESH_AFTER: Duration = Duration::from_secs(24 * 3600);
 const KEY_REFRESH_CHECK: Duration = Duration::from_secs(3600);
 /// Sync nonces remembered (a worker waits for its own, seconds at most).
 const MAX_NONCES: usize = 1024;
+/// Refused creates remembered.
+const MAX_REFUSALS: usize = 1024;
 
 /// A deployment key record's body.
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,6 +117,75 @@ struct SyncRecord {
     nonce: String,
 }
 
+/// A create the upstream accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Created {
+    /// Format version.
+    pub v: u8,
+    /// The request's own id (`request_id` or `message_id`), when it had
+    /// one; a generated id could never be seen again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<RequestId>,
+    /// The upstream task.
+    pub task_id: String,
+    /// The model.
+    pub model: String,
+    /// When the upstream's acceptance arrived.
+    pub at: DateTime<Utc>,
+}
+
+impl Created {
+    /// Whether every field is one a worker writes.
+    fn valid(&self) -> bool {
+        self.v == 1
+            && crate::upstream::valid_task_id(&self.task_id)
+            && crate::model::Model::parse(&self.model).is_some()
+    }
+}
+
+/// A create the upstream refused with a 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// When the create was sent.
+    pub sent_at: DateTime<Utc>,
+    /// When the 429 came back.
+    pub answered_at: DateTime<Utc>,
+}
+
+/// What the fleet has learned of the account's create quota: at most
+/// `creates` accepted creates in any `window_ms`. The latest record in the
+/// journal counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LearnedQuota {
+    /// Creates per window (at least 1).
+    pub creates: u32,
+    /// The window, in milliseconds.
+    pub window_ms: u64,
+    /// While probing for a higher quota: how much the last raise added
+    /// (0: not probing).
+    pub step: u32,
+    /// Windows spent at the cap, without a refusal, before the next probe.
+    pub probe_after: u32,
+    /// When it was learned.
+    pub at: DateTime<Utc>,
+}
+
+impl LearnedQuota {
+    /// The window.
+    pub fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms)
+    }
+
+    /// Whether every field is in range.
+    fn valid(&self) -> bool {
+        self.creates >= 1
+            && self.creates <= 1_000_000
+            && (1_000..=86_400_000).contains(&self.window_ms)
+            && self.probe_after >= 1
+            && self.probe_after <= 1_024
+    }
+}
+
 /// What the journal has told this worker so far.
 #[derive(Debug, Default)]
 struct State {
@@ -100,6 +198,16 @@ struct State {
     /// Sync nonces seen, oldest first.
     nonces: VecDeque<String>,
     nonce_set: HashSet<String>,
+    /// When the fleet's creates were accepted, oldest first, over the last
+    /// two quota windows.
+    accepts: VecDeque<DateTime<Utc>>,
+    /// The fleet's refused creates, oldest first, over the last two
+    /// windows (at most [`MAX_REFUSALS`]).
+    refusals: VecDeque<Refused>,
+    /// The latest learned quota.
+    quota: Option<LearnedQuota>,
+    /// The request ids the fleet created.
+    created: CreatedIndex,
     /// Records applied.
     applied: u64,
 }
@@ -128,6 +236,15 @@ pub enum JournalError {
 pub struct Journal {
     queue: String,
     signer: Arc<Signer>,
+    /// The window the upstream counts creates in (for how long accepts are
+    /// kept).
+    quota_window: Duration,
+    /// How long a created request id is remembered.
+    created_max_age: Duration,
+    /// When the latest completed sync started (syncs in a burst share one).
+    synced: tokio::sync::Mutex<Option<tokio::time::Instant>>,
+    /// The latest learned quota, for whoever waits on it.
+    quota: watch::Sender<Option<LearnedQuota>>,
     /// The broker user this worker connects as (`user_id` of key records).
     user: Mutex<Option<String>>,
     state: Mutex<State>,
@@ -136,11 +253,21 @@ pub struct Journal {
 
 impl Journal {
     /// The journal in stream `queue`; deployment keys read from it go to
-    /// `signer`.
-    pub fn new(queue: String, signer: Arc<Signer>) -> Self {
+    /// `signer`; creates are counted per `quota_window`, and their request
+    /// ids remembered for `created_max_age`.
+    pub fn new(
+        queue: String,
+        signer: Arc<Signer>,
+        quota_window: Duration,
+        created_max_age: Duration,
+    ) -> Self {
         Self {
             queue,
             signer,
+            quota_window,
+            created_max_age,
+            synced: tokio::sync::Mutex::new(None),
+            quota: watch::Sender::new(None),
             user: Mutex::new(None),
             state: Mutex::new(State::default()),
             changed: watch::Sender::new(0),
@@ -256,6 +383,13 @@ impl Journal {
             match properties.kind().as_ref().map(|k| k.as_str()) {
                 Some(KEY_RECORD) => self.apply_key(properties, body),
                 Some(SYNC_RECORD) => self.apply_sync(body),
+                Some(CREATED_RECORD) if self.authentic(properties, body) => {
+                    self.apply_created(body);
+                }
+                Some(QUOTA_RECORD) if self.authentic(properties, body) => self.apply_quota(body),
+                Some(REFUSED_RECORD) if self.authentic(properties, body) => {
+                    self.apply_refused(body);
+                }
                 _ => {}
             }
         }
@@ -294,6 +428,138 @@ impl Journal {
         }
     }
 
+    /// Whether a record is signed by this deployment.
+    fn authentic(&self, properties: &BasicProperties, body: &[u8]) -> bool {
+        self.signer
+            .verify(body, Presented::from_properties(properties))
+            .is_ok()
+    }
+
+    fn apply_created(&self, body: &[u8]) {
+        let Ok(record) = serde_json::from_slice::<Created>(body) else {
+            return;
+        };
+        if !record.valid() {
+            return;
+        }
+        let at = record.at.min(Utc::now());
+        let horizon = Utc::now() - to_chrono(self.quota_window * 2);
+        let mut state = self.state();
+        if let Some(id) = &record.request_id {
+            let entry = Remembered {
+                task_id: record.task_id.as_str().into(),
+                model: record.model.as_str().into(),
+                at,
+            };
+            let kept_since = Utc::now() - to_chrono(self.created_max_age);
+            state
+                .created
+                .remember(created::digest(id), entry, kept_since);
+        }
+        // Records arrive about in time order; keep the list sorted.
+        let pos = state.accepts.partition_point(|t| *t <= at);
+        state.accepts.insert(pos, at);
+        while state.accepts.front().is_some_and(|t| *t < horizon) {
+            state.accepts.pop_front();
+        }
+    }
+
+    fn apply_refused(&self, body: &[u8]) {
+        let Ok(record) = serde_json::from_slice::<Refused>(body) else {
+            return;
+        };
+        if record.sent_at > record.answered_at {
+            return;
+        }
+        let horizon = Utc::now() - to_chrono(self.quota_window * 2);
+        let mut state = self.state();
+        if state.refusals.contains(&record) {
+            return;
+        }
+        state.refusals.push_back(record);
+        while state.refusals.len() > MAX_REFUSALS
+            || state
+                .refusals
+                .front()
+                .is_some_and(|r| r.answered_at < horizon)
+        {
+            state.refusals.pop_front();
+        }
+    }
+
+    /// The fleet's refused creates whose 429 came back after `after` (all,
+    /// when `None`), oldest first.
+    pub fn refusals_answered_after(&self, after: Option<DateTime<Utc>>) -> Vec<Refused> {
+        self.state()
+            .refusals
+            .iter()
+            .filter(|r| after.is_none_or(|a| r.answered_at > a))
+            .copied()
+            .collect()
+    }
+
+    fn apply_quota(&self, body: &[u8]) {
+        let Ok(record) = serde_json::from_slice::<LearnedQuota>(body) else {
+            return;
+        };
+        if !record.valid() {
+            return;
+        }
+        self.state().quota = Some(record);
+        self.quota.send_replace(Some(record));
+    }
+
+    /// How many of the fleet's creates were accepted in `from..=to`.
+    pub fn accepted_between(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> usize {
+        let state = self.state();
+        let start = state.accepts.partition_point(|t| *t < from);
+        let end = state.accepts.partition_point(|t| *t <= to);
+        end.saturating_sub(start)
+    }
+
+    /// When the fleet's creates accepted in `from..=to` were accepted,
+    /// oldest first.
+    pub fn accepted_times(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> Vec<DateTime<Utc>> {
+        let state = self.state();
+        state
+            .accepts
+            .iter()
+            .filter(|t| **t >= from && **t <= to)
+            .copied()
+            .collect()
+    }
+
+    /// When the fleet's latest accepted create was accepted.
+    pub fn last_accept_at(&self) -> Option<DateTime<Utc>> {
+        self.state().accepts.back().copied()
+    }
+
+    /// The create of request `id` by any worker of the fleet, as far as
+    /// this worker has read the journal.
+    pub fn created(&self, id: &RequestId) -> Option<Remembered> {
+        let kept_since = Utc::now() - to_chrono(self.created_max_age);
+        let mut state = self.state();
+        state.created.forget_before(kept_since);
+        state.created.get(&created::digest(id)).cloned()
+    }
+
+    /// How many created request ids this worker remembers, and how many
+    /// it forgot before their age because there were too many.
+    pub fn created_remembered(&self) -> (usize, u64) {
+        let state = self.state();
+        (state.created.len(), state.created.evicted_young())
+    }
+
+    /// The latest learned quota.
+    pub fn learned_quota(&self) -> Option<LearnedQuota> {
+        *self.quota.borrow()
+    }
+
+    /// Follows the learned quota.
+    pub fn subscribe_quota(&self) -> watch::Receiver<Option<LearnedQuota>> {
+        self.quota.subscribe()
+    }
+
     fn apply_sync(&self, body: &[u8]) {
         let Ok(record) = serde_json::from_slice::<SyncRecord>(body) else {
             return;
@@ -310,6 +576,54 @@ impl Journal {
                 }
             }
         }
+    }
+
+    /// Records a create the upstream accepted.
+    pub async fn record_created(
+        &self,
+        publisher: &Publisher,
+        created: &Created,
+    ) -> Result<(), JournalError> {
+        let body = serde_json::to_vec(created).unwrap_or_default();
+        self.write_signed(publisher, CREATED_RECORD, &body).await
+    }
+
+    /// Records a create the upstream refused.
+    pub async fn record_refused(
+        &self,
+        publisher: &Publisher,
+        refused: &Refused,
+    ) -> Result<(), JournalError> {
+        let body = serde_json::to_vec(refused).unwrap_or_default();
+        self.write_signed(publisher, REFUSED_RECORD, &body).await
+    }
+
+    /// Records what the fleet learned of the quota.
+    pub async fn record_quota(
+        &self,
+        publisher: &Publisher,
+        quota: &LearnedQuota,
+    ) -> Result<(), JournalError> {
+        let body = serde_json::to_vec(quota).unwrap_or_default();
+        self.write_signed(publisher, QUOTA_RECORD, &body).await
+    }
+
+    /// Writes a record signed like a ticket.
+    async fn write_signed(
+        &self,
+        publisher: &Publisher,
+        kind: &str,
+        body: &[u8],
+    ) -> Result<(), JournalError> {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_type(kind.into())
+            .with_headers(self.signer.sign(body).headers());
+        publisher
+            .publish("", &self.queue, body, properties, true)
+            .await?;
+        Ok(())
     }
 
     /// Writes one record and waits for the broker's confirm.
@@ -356,6 +670,24 @@ impl Journal {
         tokio::time::timeout(SYNC_TIMEOUT, seen)
             .await
             .map_err(|_| JournalError::SyncTimeout(SYNC_TIMEOUT))
+    }
+
+    /// Makes sure everything written to the journal before `since` has
+    /// been read: a sync that started after `since` (another caller's)
+    /// serves, so a burst of callers shares one sync mark.
+    pub async fn sync_since(
+        &self,
+        publisher: &Publisher,
+        since: tokio::time::Instant,
+    ) -> Result<(), JournalError> {
+        let mut synced = self.synced.lock().await;
+        if synced.is_some_and(|started| started >= since) {
+            return Ok(());
+        }
+        let started = tokio::time::Instant::now();
+        self.sync(publisher).await?;
+        *synced = Some(started);
+        Ok(())
     }
 
     /// Makes sure the deployment has a key: after a [`Journal::sync`], the
@@ -424,7 +756,15 @@ mod tests {
 
     fn journal() -> (Journal, Arc<Signer>) {
         let signer = Arc::new(Signer::new(&SecretString::from("sk-test"), &[], "q", false));
-        (Journal::new("q.journal".into(), signer.clone()), signer)
+        (
+            Journal::new(
+                "q.journal".into(),
+                signer.clone(),
+                Duration::from_secs(60),
+                Duration::from_secs(3600),
+            ),
+            signer,
+        )
     }
 
     fn props(kind: &str, user: Option<&str>, offset: i64) -> BasicProperties {
@@ -498,5 +838,89 @@ mod tests {
         assert!(matches!(j.start_offset(), AMQPValue::LongString(_)));
         j.apply(&props("something.newer.v7", None, 41), b"{}");
         assert!(matches!(j.start_offset(), AMQPValue::LongLongInt(42)));
+    }
+
+    fn signed(j: &Journal, kind: &str, body: &[u8], offset: i64) -> BasicProperties {
+        props(kind, None, offset).with_headers({
+            let mut h = j.signer.sign(body).headers();
+            h.insert(OFFSET_HEADER.into(), AMQPValue::LongLongInt(offset));
+            h
+        })
+    }
+
+    #[test]
+    fn only_signed_created_records_count_and_they_are_counted_per_window() {
+        let (j, _) = journal();
+        let now = Utc::now();
+        let created = |secs_ago: i64, task: &str| {
+            serde_json::to_vec(&Created {
+                v: 1,
+                request_id: None,
+                task_id: task.into(),
+                model: "vidu-q3-pro-i2v".into(),
+                at: now - chrono::Duration::seconds(secs_ago),
+            })
+            .expect("json")
+        };
+        // Unsigned: a producer's; skipped.
+        j.apply(&props(CREATED_RECORD, None, 0), &created(1, "t-0"));
+        assert_eq!(j.last_accept_at(), None);
+        for (k, ago) in [50, 40, 30, 5, 1].iter().enumerate() {
+            let body = created(*ago, &format!("t-{k}"));
+            j.apply(&signed(&j, CREATED_RECORD, &body, k as i64 + 1), &body);
+        }
+        // Signed but not a worker's record: skipped too.
+        let bad = created(1, &"x".repeat(300));
+        j.apply(&signed(&j, CREATED_RECORD, &bad, 9), &bad);
+        let minute = chrono::Duration::seconds(60);
+        assert_eq!(j.accepted_between(now - minute, now), 5);
+        assert_eq!(
+            j.accepted_between(now - chrono::Duration::seconds(35), now),
+            3
+        );
+        assert_eq!(
+            j.accepted_times(now - chrono::Duration::seconds(10), now)
+                .len(),
+            2
+        );
+        assert!(j.last_accept_at().is_some_and(|t| t <= now));
+        // Older than two windows: forgotten as newer ones arrive.
+        let old = created(200, "t-old");
+        j.apply(&signed(&j, CREATED_RECORD, &old, 10), &old);
+        assert_eq!(j.accepted_between(now - chrono::Duration::days(1), now), 5);
+    }
+
+    #[test]
+    fn the_latest_signed_quota_record_is_the_fleets() {
+        let (j, _) = journal();
+        let quota = |creates: u32, window_ms: u64| {
+            serde_json::to_vec(&LearnedQuota {
+                creates,
+                window_ms,
+                step: 0,
+                probe_after: 1,
+                at: Utc::now(),
+            })
+            .expect("json")
+        };
+        let changes = j.subscribe_quota();
+        let forged = quota(1, 60_000);
+        j.apply(&props(QUOTA_RECORD, None, 0), &forged);
+        assert_eq!(j.learned_quota(), None, "unsigned: skipped");
+        let good = quota(40, 60_000);
+        j.apply(&signed(&j, QUOTA_RECORD, &good, 1), &good);
+        assert_eq!(j.learned_quota().map(|q| q.creates), Some(40));
+        assert!(changes.has_changed().unwrap_or(false));
+        for bad in [quota(0, 60_000), quota(5, 10)] {
+            j.apply(&signed(&j, QUOTA_RECORD, &bad, 2), &bad);
+        }
+        assert_eq!(
+            j.learned_quota().map(|q| q.creates),
+            Some(40),
+            "out of range"
+        );
+        let later = quota(10, 60_000);
+        j.apply(&signed(&j, QUOTA_RECORD, &later, 3), &later);
+        assert_eq!(j.learned_quota().map(|q| q.creates), Some(10), "the latest");
     }
 }

@@ -1,0 +1,253 @@
+//! The deployment's quota ledger: a queue on the broker that counts the
+//! creates of a window.
+//!
+//! A slot is a message in a classic, non-durable queue that holds at most
+//! `creates` of them (`x-max-length`, `x-overflow: reject-publish`) and
+//! drops each after the window (`x-message-ttl`): publishing one claims a
+//! slot, and the broker's nack means the window is full. A classic queue
+//! refuses exactly (a quorum queue admits a few publishes past its limit
+//! when they arrive together), and the ledger holds nothing worth keeping.
+//! Its name carries a tag derived from the deployment's secret, so that
+//! producers, who may publish into any queue they can name, cannot fill it.
+//! A configured quota has one ledger; a learned quota gets one per value
+//! learned (queue arguments cannot change), each expiring (`x-expires`)
+//! once no worker has declared it for a while, and pre-filled, when it is
+//! created, with one slot per create the fleet made in the current window,
+//! each expiring when its create leaves the window, so that it counts what
+//! the upstream counts.
+
+use std::time::Duration;
+
+use lapin::{
+    options::QueueDeclareOptions,
+    types::{AMQPValue, FieldTable, ShortString},
+    BasicProperties,
+};
+
+use crate::{
+    broker::{reply_code, BrokerError, PublishError, Publisher},
+    config::CreateQuota,
+    journal::LearnedQuota,
+};
+
+/// The label the ledger's tag is derived from.
+pub const LEDGER_TAG_LABEL: &str = "quota ledger";
+
+/// How long a learned ledger nobody declares any more is kept: ten of its
+/// windows, at least ten minutes.
+pub fn learned_expiry(window: Duration) -> Duration {
+    (window * 10).max(Duration::from_secs(600))
+}
+
+/// One ledger: its name, the quota it keeps, and whether it expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ledger {
+    /// The queue.
+    pub name: String,
+    /// Creates per window.
+    pub quota: CreateQuota,
+    /// `x-expires` (learned ledgers).
+    pub expires: Option<Duration>,
+}
+
+impl Ledger {
+    /// The ledger of a configured quota: `<rq>.quota.<tag>.<N>-per-<S>s`.
+    pub fn configured(request_queue: &str, tag: &str, quota: CreateQuota) -> Self {
+        Self {
+            name: format!(
+                "{request_queue}.quota.{tag}.{}-per-{}s",
+                quota.creates,
+                quota.window.as_secs()
+            ),
+            quota,
+            expires: None,
+        }
+    }
+
+    /// The ledger of a learned quota:
+    /// `<rq>.quota.<tag>.learned.<N>-per-<ms>ms`.
+    pub fn learned(request_queue: &str, tag: &str, learned: &LearnedQuota) -> Self {
+        let window = learned.window();
+        Self {
+            name: format!(
+                "{request_queue}.quota.{tag}.learned.{}-per-{}ms",
+                learned.creates, learned.window_ms
+            ),
+            quota: CreateQuota {
+                creates: learned.creates,
+                window,
+            },
+            expires: Some(learned_expiry(window)),
+        }
+    }
+
+    /// Its declaration's arguments.
+    pub fn arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongInt(i32::try_from(self.quota.creates).unwrap_or(i32::MAX)),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(millis(slot_lifetime(self.quota.window))),
+        );
+        if let Some(expires) = self.expires {
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(millis(expires)));
+        }
+        args
+    }
+
+    /// Declares it (non-durable: nothing in it is worth keeping, and a
+    /// ledger of a lost node is simply declared again elsewhere), or with
+    /// `passive` only checks that it exists.
+    pub async fn declare(
+        &self,
+        publisher: &Publisher,
+        passive: bool,
+        vhost: &str,
+    ) -> Result<(), BrokerError> {
+        let channel = publisher
+            .connection()
+            .create_channel()
+            .await
+            .map_err(BrokerError::Connection)?;
+        let result = channel
+            .queue_declare(
+                self.name.as_str().into(),
+                QueueDeclareOptions {
+                    durable: false,
+                    passive,
+                    ..QueueDeclareOptions::default()
+                },
+                if passive {
+                    FieldTable::default()
+                } else {
+                    self.arguments()
+                },
+            )
+            .await;
+        if channel.status().connected() {
+            let _ = channel.close(200, "ledger declared".into()).await;
+        }
+        result.map(drop).map_err(|e| match reply_code(&e) {
+            Some(404) => BrokerError::Missing {
+                vhost: vhost.to_owned(),
+                missing: vec![format!("queue {}", self.name)],
+            },
+            _ => crate::broker::declare_error("queue", &self.name, &e),
+        })
+    }
+
+    /// The slots claimed in it now (its messages), by a passive
+    /// declaration.
+    pub async fn depth(&self, publisher: &Publisher) -> Result<u32, BrokerError> {
+        let channel = publisher
+            .connection()
+            .create_channel()
+            .await
+            .map_err(BrokerError::Connection)?;
+        let depth = crate::broker::ready_messages(&channel, &self.name)
+            .await
+            .map_err(BrokerError::Connection)?;
+        if channel.status().connected() {
+            let _ = channel.close(200, "ledger measured".into()).await;
+        }
+        Ok(depth)
+    }
+
+    /// Fills a new ledger with the creates already in the window: one slot
+    /// for each of `remaining` (how long each create has left in the
+    /// window), which expires then.
+    pub async fn prefill(
+        &self,
+        publisher: &Publisher,
+        remaining: &[Duration],
+    ) -> Result<(), PublishError> {
+        for left in remaining.iter().take(self.quota.creates as usize) {
+            let ms = left.as_millis().max(1).to_string();
+            let properties = BasicProperties::default()
+                .with_delivery_mode(1)
+                .with_expiration(ShortString::from(ms));
+            match publisher
+                .publish("", &self.name, b"", properties, true)
+                .await
+            {
+                Ok(()) | Err(PublishError::Nacked) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How long a claimed slot stays in the ledger: the window and a little
+/// more (a hundredth of it, at least 100 ms), because the create reaches
+/// the upstream a moment after its claim, and the next claim's create may
+/// reach it sooner than the last one's did.
+pub fn slot_lifetime(window: Duration) -> Duration {
+    window + (window / 100).max(Duration::from_millis(100))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledgers_are_named_for_the_deployment_its_secret_and_the_quota() {
+        let configured = Ledger::configured(
+            "vidu.requests",
+            "0123456789abcdef",
+            CreateQuota::parse("20/min").expect("quota"),
+        );
+        assert_eq!(
+            configured.name,
+            "vidu.requests.quota.0123456789abcdef.20-per-60s"
+        );
+        assert_eq!(configured.expires, None);
+        assert_eq!(
+            slot_lifetime(Duration::from_secs(1)),
+            Duration::from_millis(1_100)
+        );
+        let learned = Ledger::learned(
+            "vidu.requests",
+            "0123456789abcdef",
+            &LearnedQuota {
+                creates: 40,
+                window_ms: 60_000,
+                step: 0,
+                probe_after: 1,
+                at: chrono::Utc::now(),
+            },
+        );
+        assert_eq!(
+            learned.name,
+            "vidu.requests.quota.0123456789abcdef.learned.40-per-60000ms"
+        );
+        let args = learned.arguments();
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(get("x-max-length"), Some(AMQPValue::LongInt(40)));
+        assert_eq!(get("x-message-ttl"), Some(AMQPValue::LongLongInt(60_600)));
+        assert_eq!(get("x-expires"), Some(AMQPValue::LongLongInt(600_000)));
+        assert_eq!(
+            get("x-overflow"),
+            Some(AMQPValue::LongString("reject-publish".into()))
+        );
+        assert_eq!(
+            learned_expiry(Duration::from_secs(600)),
+            Duration::from_secs(6_000)
+        );
+    }
+}
