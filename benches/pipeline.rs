@@ -2294,11 +2294,13 @@ struct QuotaRun {
 
 /// Most accepted creates whose arrivals fell within any `window`.
 fn busiest_window(calls: &[vidu_worker::simulator::CallRecord], window: Duration) -> usize {
-    let times: Vec<u64> = calls
+    // The log is in the order calls were answered; windows count arrivals.
+    let mut times: Vec<u64> = calls
         .iter()
         .filter(|c| c.endpoint == "create" && c.outcome == "200")
         .map(|c| c.at_ms)
         .collect();
+    times.sort_unstable();
     let width = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
     let mut most = 0;
     let mut start = 0;

@@ -44,13 +44,15 @@ async fn deployment(name: &str, creates: u32, retry_after: bool, configured: boo
 
 /// Most creates the upstream accepted within any one window.
 fn busiest_window(env: &TestEnv) -> usize {
-    let times: Vec<u64> = env
+    // The log is in the order calls were answered; windows count arrivals.
+    let mut times: Vec<u64> = env
         .sim
         .calls()
         .iter()
         .filter(|c| c.endpoint == "create" && c.outcome == "200")
         .map(|c| c.at_ms)
         .collect();
+    times.sort_unstable();
     let width = WINDOW.as_millis() as u64;
     let (mut most, mut start) = (0, 0);
     for end in 0..times.len() {
@@ -293,13 +295,14 @@ async fn a_noisy_upstream_is_not_taken_for_a_small_quota() {
     // The busiest minute of accepted creates the upstream allowed: nothing
     // the workers permit themselves may be below it (a collapsing learner
     // halves what it observed at every 429).
-    let accepted: Vec<u64> = env
+    let mut accepted: Vec<u64> = env
         .sim
         .calls()
         .iter()
         .filter(|c| c.endpoint == "create" && c.outcome == "200")
         .map(|c| c.at_ms)
         .collect();
+    accepted.sort_unstable();
     let (mut busiest, mut start) = (0usize, 0usize);
     for end in 0..accepted.len() {
         while accepted[end] - accepted[start] >= 60_000 {
