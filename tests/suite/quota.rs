@@ -204,10 +204,12 @@ async fn a_quota_that_goes_down_and_up_again_is_followed() {
     for id in publish(12) {
         env.publish(&request(&id, "a moving quota")).await;
     }
+    // Within one of it: a create accepted just as the window filled may be
+    // counted on either side.
     eventually(
-        Duration::from_secs(60),
+        Duration::from_secs(90),
         "the lower quota learned",
-        || async { (learned(&worker).await == 3.0).then_some(()) },
+        || async { (3.0..=4.0).contains(&learned(&worker).await).then_some(()) },
     )
     .await;
     // ... and up again: probes find it.
