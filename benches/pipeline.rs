@@ -789,8 +789,7 @@ impl Deployment {
     /// simulator directives. Returns how long publishing took.
     async fn publish_requests(&self, n: usize, tag: &str, prompt: &str) -> BenchResult<Duration> {
         let started = Instant::now();
-        let mut pending: FuturesUnordered<PublisherConfirm> = FuturesUnordered::new();
-        for i in 0..n {
+        let messages = (0..n).map(|i| {
             let id = format!("{tag}-{i}");
             let body = serde_json::json!({
                 "request_id": id,
@@ -800,21 +799,38 @@ impl Deployment {
                     "duration": 5
                 }
             });
-            let bytes = serde_json::to_vec(&body)?;
             let props = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2)
                 .with_message_id(id.as_str().into());
+            Ok((serde_json::to_vec(&body)?, props))
+        });
+        self.publish_pipelined(&self.topology.request_queue, messages)
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    /// Publishes `messages` to `queue` through the default exchange
+    /// (mandatory), with up to [`PUBLISH_WINDOW`] confirms outstanding, and
+    /// waits for every confirm.
+    async fn publish_pipelined(
+        &self,
+        queue: &str,
+        messages: impl IntoIterator<Item = BenchResult<(Vec<u8>, BasicProperties)>>,
+    ) -> BenchResult<()> {
+        let mut pending: FuturesUnordered<PublisherConfirm> = FuturesUnordered::new();
+        for message in messages {
+            let (body, props) = message?;
             let confirm = self
                 .producer
                 .basic_publish(
                     ShortString::from(""),
-                    self.topology.request_queue.as_str().into(),
+                    queue.into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
                     },
-                    &bytes,
+                    &body,
                     props,
                 )
                 .await?;
@@ -826,7 +842,7 @@ impl Deployment {
         while !pending.is_empty() {
             check_confirm(pending.next().await)?;
         }
-        Ok(started.elapsed())
+        Ok(())
     }
 
     fn worker_env(&self, sim: &RunningSimulator) -> Vec<(String, String)> {
@@ -2448,21 +2464,7 @@ const TARGET_NOISY_CALLS: f64 = 1.3;
 /// Both endpoints: 30 % 5xx, 10 % 429 with `Retry-After: 1`, 5 % hangs of
 /// 120 s, 5 % unreadable answers.
 fn noisy_faults() -> vidu_worker::simulator::EndpointFaults {
-    use vidu_worker::simulator::Fault;
-    let mut mix: Vec<Fault> = vec![Fault::ServerError(500); 6];
-    mix.extend(
-        [Fault::RateLimited {
-            retry_after_secs: 1,
-        }; 2],
-    );
-    mix.push(Fault::Hang(Some(Duration::from_secs(120))));
-    mix.push(Fault::Garbage);
-    vidu_worker::simulator::EndpointFaults {
-        rate: 0.5,
-        mix,
-        seed: 11,
-        ..Default::default()
-    }
+    vidu_worker::simulator::EndpointFaults::noisy(Duration::from_secs(120), 11)
 }
 
 struct NoisyRun {
@@ -2752,8 +2754,7 @@ async fn dedup_run(cfg: &BenchConfig, n: usize) -> BenchResult<DedupRun> {
     let broker_before = broker.and_then(|p| proc_status_mib(p, "VmRSS"));
     let started = Instant::now();
     let now = Utc::now();
-    let mut pending: FuturesUnordered<PublisherConfirm> = FuturesUnordered::new();
-    for i in 0..n {
+    let records = (0..n).map(|i| {
         let record = Created {
             v: 1,
             request_id: Some(RequestId::parse(&format!("past-{i}"))?),
@@ -2766,24 +2767,10 @@ async fn dedup_run(cfg: &BenchConfig, n: usize) -> BenchResult<DedupRun> {
             .with_delivery_mode(2)
             .with_type(CREATED_RECORD.into())
             .with_headers(signer.sign(&body).headers());
-        let confirm = dep
-            .producer
-            .basic_publish(
-                ShortString::from(""),
-                dep.topology.journal_queue.as_str().into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await?;
-        pending.push(confirm);
-        while pending.len() >= PUBLISH_WINDOW {
-            check_confirm(pending.next().await)?;
-        }
-    }
-    while !pending.is_empty() {
-        check_confirm(pending.next().await)?;
-    }
+        Ok((body, props))
+    });
+    dep.publish_pipelined(&dep.topology.journal_queue, records)
+        .await?;
     let write_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let broker_after = broker.and_then(|p| proc_status_mib(p, "VmRSS"));

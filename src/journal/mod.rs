@@ -143,6 +143,24 @@ impl Created {
     }
 }
 
+/// A fact the fleet writes into the journal, signed.
+pub trait Record: Serialize {
+    /// Its AMQP `type`.
+    const KIND: &'static str;
+}
+
+impl Record for Created {
+    const KIND: &'static str = CREATED_RECORD;
+}
+
+impl Record for Refused {
+    const KIND: &'static str = REFUSED_RECORD;
+}
+
+impl Record for LearnedQuota {
+    const KIND: &'static str = QUOTA_RECORD;
+}
+
 /// A create the upstream refused with a 429.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refused {
@@ -243,8 +261,6 @@ pub struct Journal {
     created_max_age: Duration,
     /// When the latest completed sync started (syncs in a burst share one).
     synced: tokio::sync::Mutex<Option<tokio::time::Instant>>,
-    /// The latest learned quota, for whoever waits on it.
-    quota: watch::Sender<Option<LearnedQuota>>,
     /// The broker user this worker connects as (`user_id` of key records).
     user: Mutex<Option<String>>,
     state: Mutex<State>,
@@ -267,7 +283,6 @@ impl Journal {
             quota_window,
             created_max_age,
             synced: tokio::sync::Mutex::new(None),
-            quota: watch::Sender::new(None),
             user: Mutex::new(None),
             state: Mutex::new(State::default()),
             changed: watch::Sender::new(0),
@@ -506,7 +521,6 @@ impl Journal {
             return;
         }
         self.state().quota = Some(record);
-        self.quota.send_replace(Some(record));
     }
 
     /// How many of the fleet's creates were accepted in `from..=to`.
@@ -552,12 +566,7 @@ impl Journal {
 
     /// The latest learned quota.
     pub fn learned_quota(&self) -> Option<LearnedQuota> {
-        *self.quota.borrow()
-    }
-
-    /// Follows the learned quota.
-    pub fn subscribe_quota(&self) -> watch::Receiver<Option<LearnedQuota>> {
-        self.quota.subscribe()
+        self.state().quota
     }
 
     fn apply_sync(&self, body: &[u8]) {
@@ -578,73 +587,51 @@ impl Journal {
         }
     }
 
-    /// Records a create the upstream accepted.
-    pub async fn record_created(
+    /// Writes a fact for the fleet ([`Created`], [`Refused`],
+    /// [`LearnedQuota`]), signed like a ticket, and waits for the broker's
+    /// confirm.
+    pub async fn record<R: Record>(
         &self,
         publisher: &Publisher,
-        created: &Created,
+        record: &R,
     ) -> Result<(), JournalError> {
-        let body = serde_json::to_vec(created).unwrap_or_default();
-        self.write_signed(publisher, CREATED_RECORD, &body).await
+        let body = serde_json::to_vec(record).unwrap_or_default();
+        let properties = Self::properties(R::KIND).with_headers(self.signer.sign(&body).headers());
+        self.write(publisher, &body, properties).await
     }
 
-    /// Records a create the upstream refused.
-    pub async fn record_refused(
-        &self,
-        publisher: &Publisher,
-        refused: &Refused,
-    ) -> Result<(), JournalError> {
-        let body = serde_json::to_vec(refused).unwrap_or_default();
-        self.write_signed(publisher, REFUSED_RECORD, &body).await
-    }
-
-    /// Records what the fleet learned of the quota.
-    pub async fn record_quota(
-        &self,
-        publisher: &Publisher,
-        quota: &LearnedQuota,
-    ) -> Result<(), JournalError> {
-        let body = serde_json::to_vec(quota).unwrap_or_default();
-        self.write_signed(publisher, QUOTA_RECORD, &body).await
-    }
-
-    /// Writes a record signed like a ticket.
-    async fn write_signed(
-        &self,
-        publisher: &Publisher,
-        kind: &str,
-        body: &[u8],
-    ) -> Result<(), JournalError> {
-        let properties = BasicProperties::default()
+    /// The properties every record has.
+    fn properties(kind: &str) -> BasicProperties {
+        BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())
             .with_type(kind.into())
-            .with_headers(self.signer.sign(body).headers());
-        publisher
-            .publish("", &self.queue, body, properties, true)
-            .await?;
-        Ok(())
     }
 
     /// Writes one record and waits for the broker's confirm.
     async fn write(
         &self,
         publisher: &Publisher,
-        kind: &str,
         body: &[u8],
-        user_id: Option<&str>,
+        properties: BasicProperties,
     ) -> Result<(), JournalError> {
-        let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_type(kind.into());
-        if let Some(user) = user_id {
-            properties = properties.with_user_id(crate::broker::short_string(user)?);
-        }
         publisher
             .publish("", &self.queue, body, properties, true)
             .await?;
         Ok(())
+    }
+
+    /// Writes a deployment key record as `user` (the broker checks it).
+    async fn write_key(
+        &self,
+        publisher: &Publisher,
+        record: &KeyRecord,
+        user: &str,
+    ) -> Result<(), JournalError> {
+        let body = serde_json::to_vec(record).unwrap_or_default();
+        let properties =
+            Self::properties(KEY_RECORD).with_user_id(crate::broker::short_string(user)?);
+        self.write(publisher, &body, properties).await
     }
 
     /// Writes a sync mark and waits until this worker has read it: every
@@ -656,7 +643,8 @@ impl Journal {
         })
         .unwrap_or_default();
         let mut changes = self.changed.subscribe();
-        self.write(publisher, SYNC_RECORD, &body, None).await?;
+        self.write(publisher, &body, Self::properties(SYNC_RECORD))
+            .await?;
         let seen = async {
             loop {
                 if self.state().nonce_set.contains(&nonce) {
@@ -708,9 +696,7 @@ impl Journal {
             key: hex::encode(material),
             at: Utc::now(),
         };
-        let body = serde_json::to_vec(&record).unwrap_or_default();
-        self.write(publisher, KEY_RECORD, &body, Some(&user))
-            .await?;
+        self.write_key(publisher, &record, &user).await?;
         self.sync(publisher).await?;
         if self.signer.has_deployment_key() {
             tracing::info!(
@@ -743,8 +729,7 @@ impl Journal {
             key: material,
             at: Utc::now(),
         };
-        let body = serde_json::to_vec(&record).unwrap_or_default();
-        self.write(publisher, KEY_RECORD, &body, Some(&user)).await
+        self.write_key(publisher, &record, &user).await
     }
 }
 
@@ -903,14 +888,12 @@ mod tests {
             })
             .expect("json")
         };
-        let changes = j.subscribe_quota();
         let forged = quota(1, 60_000);
         j.apply(&props(QUOTA_RECORD, None, 0), &forged);
         assert_eq!(j.learned_quota(), None, "unsigned: skipped");
         let good = quota(40, 60_000);
         j.apply(&signed(&j, QUOTA_RECORD, &good, 1), &good);
         assert_eq!(j.learned_quota().map(|q| q.creates), Some(40));
-        assert!(changes.has_changed().unwrap_or(false));
         for bad in [quota(0, 60_000), quota(5, 10)] {
             j.apply(&signed(&j, QUOTA_RECORD, &bad, 2), &bad);
         }

@@ -197,7 +197,7 @@ impl Context {
             return Err(PublishError::NotConnected);
         };
         self.journal
-            .record_created(&publisher, created)
+            .record(&publisher, created)
             .await
             .map_err(|e| match e {
                 crate::journal::JournalError::Publish(p) => p,

@@ -363,15 +363,10 @@ async fn once_in_the_fleet(
                     message_id = ?delivery.properties.message_id().as_ref().map(|m| m.as_str()),
                     "another copy of this request is being created; waiting for its claim"
                 );
-                if Instant::now() + delay > hold_until {
-                    ctx.metrics.request("handed_back");
-                    return Fleet::Settled(Disposition::Requeue);
+                if let Some(settled) = wait_to_retry(ctx, lease, req, hold_until, &mut delay).await
+                {
+                    return settled;
                 }
-                tokio::select! {
-                    () = lease.lost() => return Fleet::Settled(abandoned(ctx, req.model)),
-                    () = tokio::time::sleep(delay) => {}
-                }
-                delay = (delay * 2).min(CLAIM_RETRY_MAX);
                 if let Some(remembered) = ctx.journal.created(id) {
                     return Fleet::Created(remembered);
                 }
@@ -385,15 +380,9 @@ async fn once_in_the_fleet(
             // the queue (each return counts towards its delivery limit).
             drop(claim);
             tracing::warn!(error = %e, "could not read the journal up to now; the request waits");
-            if Instant::now() + delay > hold_until {
-                ctx.metrics.request("handed_back");
-                return Fleet::Settled(Disposition::Requeue);
+            if let Some(settled) = wait_to_retry(ctx, lease, req, hold_until, &mut delay).await {
+                return settled;
             }
-            tokio::select! {
-                () = lease.lost() => return Fleet::Settled(abandoned(ctx, req.model)),
-                () = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(CLAIM_RETRY_MAX);
             continue;
         }
         return match ctx.journal.created(id) {
@@ -401,6 +390,28 @@ async fn once_in_the_fleet(
             None => Fleet::Create(claim),
         };
     }
+}
+
+/// Waits `delay` (then doubles it, up to [`CLAIM_RETRY_MAX`]) before the
+/// fleet is asked again; `Some` when the request goes back instead (the
+/// wait would outlast `amqp.max_hold`) or its delivery was lost.
+async fn wait_to_retry(
+    ctx: &Context,
+    lease: &Lease,
+    req: &GenerationRequest,
+    hold_until: Instant,
+    delay: &mut Duration,
+) -> Option<Fleet> {
+    if Instant::now() + *delay > hold_until {
+        ctx.metrics.request("handed_back");
+        return Some(Fleet::Settled(Disposition::Requeue));
+    }
+    tokio::select! {
+        () = lease.lost() => return Some(Fleet::Settled(abandoned(ctx, req.model))),
+        () = tokio::time::sleep(*delay) => {}
+    }
+    *delay = (*delay * 2).min(CLAIM_RETRY_MAX);
+    None
 }
 
 /// A copy of a request the fleet already created: acknowledged without
@@ -426,13 +437,8 @@ async fn duplicate(
         "a copy of a request the fleet already created; acknowledging it"
     );
     if delivery.redelivered {
-        let origin = Origin {
-            // The first copy was received before its create.
-            received_at: received_at.min(remembered.at),
-            correlation_id: correlation_id(delivery).map(str::to_owned),
-            reply_to: reply_to(ctx, delivery).map(str::to_owned),
-            traceparent,
-        };
+        // The first copy was received before its create.
+        let origin = origin(ctx, delivery, received_at.min(remembered.at), traceparent);
         let ticket = Ticket::for_created_task(
             req,
             remembered.task_id.into(),
@@ -618,12 +624,7 @@ async fn record(
     traceparent: Option<String>,
 ) -> Disposition {
     let stable_id = req.stable_id().cloned();
-    let origin = Origin {
-        received_at,
-        correlation_id: correlation_id(delivery).map(str::to_owned),
-        reply_to: reply_to(ctx, delivery).map(str::to_owned),
-        traceparent,
-    };
+    let origin = origin(ctx, delivery, received_at, traceparent);
     let ticket = Ticket::for_created_task(req, task_id, origin, Utc::now(), &ctx.settings.polling);
     let submitted = events::build(
         &ctx.settings.events.source,
@@ -666,6 +667,22 @@ async fn record(
     ctx.metrics.request("submitted");
     tracing::debug!("task submitted and tracked");
     Disposition::Ack
+}
+
+/// Where a ticket's request came from: its receipt, and what of its
+/// properties goes into its events.
+fn origin(
+    ctx: &Context,
+    delivery: &Delivery,
+    received_at: chrono::DateTime<Utc>,
+    traceparent: Option<String>,
+) -> Origin {
+    Origin {
+        received_at,
+        correlation_id: correlation_id(delivery).map(str::to_owned),
+        reply_to: reply_to(ctx, delivery).map(str::to_owned),
+        traceparent,
+    }
 }
 
 /// The request's `correlation_id`, when it may go into events.

@@ -153,11 +153,6 @@ impl Budget {
         let _ = self.tag.set(tag.to_owned());
     }
 
-    /// The configured quota, if any.
-    pub fn configured(&self) -> Option<CreateQuota> {
-        self.settings.configured
-    }
-
     /// The ledger creates take their slots from now: the configured
     /// quota's, the learned quota's, or none (nothing known yet).
     pub fn current_ledger(&self) -> Option<Ledger> {
@@ -427,7 +422,7 @@ impl Budget {
         };
         if let Some(publisher) = publisher {
             // The fleet's refusals make the row, not this worker's alone.
-            if let Err(e) = self.journal.record_refused(publisher, &refusal).await {
+            if let Err(e) = self.journal.record(publisher, &refusal).await {
                 tracing::debug!(error = %e, "could not record a refused create in the journal");
             }
         }
@@ -503,7 +498,7 @@ impl Budget {
                 ledger.prefill(publisher, &remaining).await?;
             }
             self.journal
-                .record_quota(publisher, &next)
+                .record(publisher, &next)
                 .await
                 .map_err(|e| SlotError::Broker(PublishError::Unroutable(e.to_string())))
         }

@@ -137,6 +137,28 @@ pub struct EndpointFaults {
     pub seed: u64,
 }
 
+impl EndpointFaults {
+    /// A noisy upstream: half the calls fail, 30 % with a 500, 10 % with a
+    /// 429 and `Retry-After: 1`, 5 % hanging for `hang` (then a 504), 5 %
+    /// with an unreadable answer; drawn from `seed`.
+    pub fn noisy(hang: Duration, seed: u64) -> Self {
+        let mut mix: Vec<Fault> = vec![Fault::ServerError(500); 6];
+        mix.extend(
+            [Fault::RateLimited {
+                retry_after_secs: 1,
+            }; 2],
+        );
+        mix.push(Fault::Hang(Some(hang)));
+        mix.push(Fault::Garbage);
+        Self {
+            rate: 0.5,
+            mix,
+            seed,
+            ..Self::default()
+        }
+    }
+}
+
 /// Call-level fault plan for both API endpoints. Faults are applied after the
 /// auth checks; a faulted create never creates a task (except
 /// `accept-then-drop`).

@@ -55,27 +55,7 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
     eprintln!("broker restart: worker ready again {recovery:?} after start_app");
 
     // New requests after the restart flow too.
-    let conn = std::sync::Arc::new(
-        lapin::Connection::connect(&node.url(), lapin::ConnectionProperties::default())
-            .await
-            .expect("broker back"),
-    );
-    let publisher = vidu_worker::broker::Publisher::open(conn)
-        .await
-        .expect("publisher");
-    for id in &subjects[n / 2..] {
-        let body = serde_json::to_vec(&request(id, "after the restart")).expect("json");
-        publisher
-            .publish(
-                "",
-                &env.topology.request_queue,
-                &body,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-                true,
-            )
-            .await
-            .expect("publish after restart");
-    }
+    publish_through(&node.url(), &env, &subjects[n / 2..], "after the restart").await;
     tap.wait_finished(n, Duration::from_secs(120)).await;
     for s in &subjects {
         let terminal: Vec<_> = tap

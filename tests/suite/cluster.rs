@@ -374,25 +374,7 @@ async fn run(
     let duplicates_before = duplicates().await;
     // Through a live node: the test's own connection may have been to the
     // lost one.
-    let conn = connect_any(&alive.url())
-        .await
-        .expect("a live node answers");
-    let publisher = vidu_worker::broker::Publisher::open(std::sync::Arc::new(conn))
-        .await
-        .expect("a publisher");
-    for id in &subjects {
-        let body = serde_json::to_vec(&request(id, "[sim:gen=4s]")).expect("json");
-        publisher
-            .publish(
-                "",
-                &env.topology.request_queue,
-                &body,
-                lapin::BasicProperties::default().with_delivery_mode(2),
-                true,
-            )
-            .await
-            .expect("a copy published");
-    }
+    publish_through(&alive.url(), &env, &subjects, "[sim:gen=4s]").await;
     eventually(
         Duration::from_secs(120),
         "every copy acknowledged as a duplicate",

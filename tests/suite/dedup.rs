@@ -4,14 +4,15 @@
 //! after thousands of creates, and a copy that is the only way back to a
 //! task whose ticket was lost. Every create is counted by the simulator.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use lapin::{options::BasicGetOptions, BasicProperties};
+use lapin::options::BasicGetOptions;
 use rand::seq::SliceRandom;
 use serde_json::json;
 use vidu_worker::{
     events::SUCCEEDED,
-    journal::{Created, CREATED_RECORD},
+    journal::{Created, Journal},
+    request::RequestId,
     signing::Signer,
     simulator::SimulatorConfig,
 };
@@ -125,35 +126,58 @@ async fn two_copies_taken_at_the_same_moment_by_two_workers_make_one_create() {
     assert_eq!(stats.tasks_created, n as u64, "one create per request id");
 }
 
-/// Writes `n` created records into the deployment's journal, as workers
-/// holding `SECRET` would have.
-async fn past_creates(env: &TestEnv, n: usize) {
+/// The deployment's journal as a worker holding `SECRET` writes it.
+fn journal(env: &TestEnv) -> Journal {
     let signer = Signer::new(
         &secrecy::SecretString::from(SECRET),
         &[],
         &env.settings.amqp.request_queue,
         true,
     );
+    Journal::new(
+        env.topology.journal_queue.clone(),
+        Arc::new(signer),
+        Duration::from_secs(60),
+        Duration::from_secs(3600),
+    )
+}
+
+/// Records that request `id` was created as `task_id` at `at`.
+async fn write_created(
+    journal: &Journal,
+    env: &TestEnv,
+    id: &str,
+    task_id: String,
+    at: chrono::DateTime<chrono::Utc>,
+) {
+    let record = Created {
+        v: 1,
+        request_id: Some(RequestId::parse(id).expect("an id")),
+        task_id,
+        model: "vidu-q3-pro-i2v".into(),
+        at,
+    };
+    journal
+        .record(&env.publisher, &record)
+        .await
+        .expect("a record written");
+}
+
+/// Writes `n` created records into the deployment's journal, as workers
+/// holding `SECRET` would have.
+async fn past_creates(env: &TestEnv, n: usize) {
+    let journal = journal(env);
     let now = chrono::Utc::now();
     for i in 0..n {
-        let record = Created {
-            v: 1,
-            request_id: Some(
-                vidu_worker::request::RequestId::parse(&format!("past-{i}")).expect("an id"),
-            ),
-            task_id: format!("past-task-{i}"),
-            model: "vidu-q3-pro-i2v".into(),
-            at: now - chrono::Duration::milliseconds((n - i) as i64),
-        };
-        let body = serde_json::to_vec(&record).expect("json");
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_type(CREATED_RECORD.into())
-            .with_headers(signer.sign(&body).headers());
-        env.publisher
-            .publish("", &env.topology.journal_queue, &body, props, true)
-            .await
-            .expect("a record written");
+        let at = now - chrono::Duration::milliseconds((n - i) as i64);
+        write_created(
+            &journal,
+            env,
+            &format!("past-{i}"),
+            format!("past-task-{i}"),
+            at,
+        )
+        .await;
     }
 }
 
@@ -220,32 +244,14 @@ async fn a_redelivered_copy_tracks_the_task_whose_ticket_was_lost() {
         .await
         .expect("json");
     let task_id = created["task_id"].as_str().expect("a task id").to_owned();
-    let signer = Signer::new(
-        &secrecy::SecretString::from(SECRET),
-        &[],
-        &env.settings.amqp.request_queue,
-        true,
-    );
-    let record = Created {
-        v: 1,
-        request_id: Some(vidu_worker::request::RequestId::parse("lost-1").expect("an id")),
-        task_id: task_id.clone(),
-        model: "vidu-q3-pro-i2v".into(),
-        at: chrono::Utc::now(),
-    };
-    let body = serde_json::to_vec(&record).expect("json");
-    env.publisher
-        .publish(
-            "",
-            &env.topology.journal_queue,
-            &body,
-            BasicProperties::default()
-                .with_type(CREATED_RECORD.into())
-                .with_headers(signer.sign(&body).headers()),
-            true,
-        )
-        .await
-        .expect("a record written");
+    write_created(
+        &journal(&env),
+        &env,
+        "lost-1",
+        task_id.clone(),
+        chrono::Utc::now(),
+    )
+    .await;
     // The request, taken and never acknowledged: the broker redelivers it.
     env.publish(&request("lost-1", "the ticket was lost")).await;
     let channel = env

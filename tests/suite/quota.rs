@@ -17,13 +17,18 @@ use vidu_worker::{
 
 const WINDOW: Duration = Duration::from_secs(10);
 
+/// An account allowing `creates` per [`WINDOW`].
+fn quota(creates: u32, retry_after: bool) -> Option<AccountQuota> {
+    Some(AccountQuota {
+        creates,
+        window: WINDOW,
+        retry_after,
+    })
+}
+
 fn account(creates: u32, retry_after: bool) -> SimulatorConfig {
     SimulatorConfig {
-        quota: Some(AccountQuota {
-            creates,
-            window: WINDOW,
-            retry_after,
-        }),
+        quota: quota(creates, retry_after),
         ..sim(Duration::from_millis(500))
     }
 }
@@ -196,11 +201,7 @@ async fn a_quota_that_goes_down_and_up_again_is_followed() {
     })
     .await;
     // The account's quota goes down...
-    env.sim.set_quota(Some(AccountQuota {
-        creates: 3,
-        window: WINDOW,
-        retry_after: false,
-    }));
+    env.sim.set_quota(quota(3, false));
     for id in publish(12) {
         env.publish(&request(&id, "a moving quota")).await;
     }
@@ -213,11 +214,7 @@ async fn a_quota_that_goes_down_and_up_again_is_followed() {
     )
     .await;
     // ... and up again: probes find it.
-    env.sim.set_quota(Some(AccountQuota {
-        creates: 8,
-        window: WINDOW,
-        retry_after: false,
-    }));
+    env.sim.set_quota(quota(8, false));
     for id in publish(40) {
         env.publish(&request(&id, "a moving quota")).await;
     }
@@ -246,24 +243,10 @@ async fn a_quota_that_goes_down_and_up_again_is_followed() {
     assert!(per_request <= 0.5, "{per_request:.2} 429s per request");
 }
 
-/// The noise of the issue that made the learner collapse: half the calls of
-/// both endpoints fail, 30 % with a 5xx, 10 % with a 429 and a one-second
-/// `Retry-After`, 5 % hanging (past `upstream.timeout`), 5 % unreadable.
+/// The noise of the issue that made the learner collapse, with hangs cut
+/// short (past `upstream.timeout`).
 fn noisy() -> EndpointFaults {
-    let mut mix: Vec<Fault> = vec![Fault::ServerError(500); 6];
-    mix.extend(
-        [Fault::RateLimited {
-            retry_after_secs: 1,
-        }; 2],
-    );
-    mix.push(Fault::Hang(Some(Duration::from_secs(3))));
-    mix.push(Fault::Garbage);
-    EndpointFaults {
-        rate: 0.5,
-        mix,
-        seed: 7,
-        ..EndpointFaults::default()
-    }
+    EndpointFaults::noisy(Duration::from_secs(3), 7)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

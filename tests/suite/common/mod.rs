@@ -891,6 +891,27 @@ pub fn one_terminal_id_each(tap: &EventTap, subjects: &[String]) -> usize {
     terminal.len()
 }
 
+/// Publishes a request for each id through a connection of its own to
+/// `url` (the test's own connection may have gone with a broker or node),
+/// persistent and confirmed.
+pub async fn publish_through(url: &str, env: &TestEnv, ids: &[String], prompt: &str) {
+    let conn = connect_any(url).await.expect("the broker answers");
+    let publisher = Publisher::open(Arc::new(conn)).await.expect("a publisher");
+    for id in ids {
+        let body = serde_json::to_vec(&request(id, prompt)).expect("json");
+        publisher
+            .publish(
+                "",
+                &env.topology.request_queue,
+                &body,
+                BasicProperties::default().with_delivery_mode(2),
+                true,
+            )
+            .await
+            .expect("a request published");
+    }
+}
+
 /// Connects to the first node of a broker URL (or comma-separated list of
 /// node URLs, as `amqp.url` takes them) that answers.
 pub async fn connect_any(urls: &str) -> Option<Connection> {
