@@ -48,6 +48,8 @@ pub struct Ledger {
     pub quota: CreateQuota,
     /// `x-expires` (learned ledgers).
     pub expires: Option<Duration>,
+    /// How long a slot stays (`x-message-ttl`).
+    pub slot_ttl: Duration,
 }
 
 impl Ledger {
@@ -61,6 +63,11 @@ impl Ledger {
             ),
             quota,
             expires: None,
+            // A name is shared by every release that runs the deployment,
+            // and RabbitMQ refuses a second declaration with other
+            // arguments: this ledger keeps the arguments its name has
+            // always had (slots of exactly the window).
+            slot_ttl: quota.window,
         }
     }
 
@@ -78,6 +85,7 @@ impl Ledger {
                 window,
             },
             expires: Some(learned_expiry(window)),
+            slot_ttl: slot_lifetime(window),
         }
     }
 
@@ -98,7 +106,7 @@ impl Ledger {
         );
         args.insert(
             "x-message-ttl".into(),
-            AMQPValue::LongLongInt(millis(slot_lifetime(self.quota.window))),
+            AMQPValue::LongLongInt(millis(self.slot_ttl)),
         );
         if let Some(expires) = self.expires {
             args.insert("x-expires".into(), AMQPValue::LongLongInt(millis(expires)));
@@ -189,7 +197,7 @@ impl Ledger {
     }
 }
 
-/// How long a claimed slot stays in the ledger: the window and a little
+/// How long a claimed slot stays in a learned ledger: the window and a little
 /// more (a hundredth of it, at least 100 ms), because the create reaches
 /// the upstream a moment after its claim, and the next claim's create may
 /// reach it sooner than the last one's did.
@@ -217,6 +225,13 @@ mod tests {
             "vidu.requests.quota.0123456789abcdef.20-per-60s"
         );
         assert_eq!(configured.expires, None);
+        // The arguments the configured ledger's name has had since it
+        // carried the tag: releases side by side share it.
+        let args = configured.arguments();
+        assert_eq!(
+            args.inner().get("x-message-ttl").cloned(),
+            Some(AMQPValue::LongLongInt(60_000))
+        );
         assert_eq!(
             slot_lifetime(Duration::from_secs(1)),
             Duration::from_millis(1_100)

@@ -3,8 +3,12 @@
 //! one deployment, then only new, then old again. Nothing may be lost,
 //! nothing created twice, nothing dead-lettered.
 //!
+//! Twice: with the shipped defaults (the quota learned), and with
+//! `upstream.create_quota` set, whose ledger old and new workers share.
+//!
 //! It needs the previous release built: `tests/upgrade/run` builds it (by
-//! default the commit before the deployment key, 28894c8) in a worktree of
+//! default c741e23, the release before the learned quota and fleet-wide
+//! request ids; 28894c8, the one before the deployment key, passes too) in a worktree of
 //! its own and runs this test with `VIDU_PREVIOUS_WORKER` (its binary) and
 //! `VIDU_PREVIOUS_ROOT` (its checkout, whose `config/default.toml` it
 //! reads). Not part of `cargo test` (building another release takes
@@ -25,6 +29,7 @@ use vidu_worker::events::{SUBMITTED, SUCCEEDED};
 const NEW_SETTINGS: &[&str] = &[
     "VIDU_WORKER__AMQP__REPLY_TO_ALLOWED",
     "VIDU_WORKER__UPSTREAM__ALLOW_PLAIN_HTTP",
+    "VIDU_WORKER__UPSTREAM__QUOTA_WINDOW",
 ];
 
 struct Previous {
@@ -114,11 +119,13 @@ async fn all_done_once(env: &TestEnv, tap: &EventTap, subjects: &[String]) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_upgrade_and_its_rollback_lose_nothing_and_create_nothing_twice() {
+/// Two old workers with tasks in flight, a rolling upgrade while requests
+/// arrive, then a rollback with the new release's tickets in flight.
+async fn upgrade_and_rollback(name: &str, tweak: impl FnOnce(&mut vidu_worker::config::Settings)) {
     let previous = previous();
-    let env = TestEnv::with("upgrade", sim(Duration::from_secs(6)), |s| {
+    let env = TestEnv::with(name, sim(Duration::from_secs(6)), |s| {
         s.polling.min_interval = Duration::from_millis(500);
+        tweak(s);
     })
     .await;
     let tap = env.tap().await;
@@ -147,4 +154,17 @@ async fn a_rolling_upgrade_and_its_rollback_lose_nothing_and_create_nothing_twic
     all.extend(back);
     all_done_once(&env, &tap, &all).await;
     drop(old_c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_and_its_rollback_lose_nothing_and_create_nothing_twice() {
+    upgrade_and_rollback("upgrade", |_| {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_with_a_configured_quota_shares_its_ledger() {
+    upgrade_and_rollback("upgradequota", |s| {
+        s.upstream.create_quota = vidu_worker::config::CreateQuota::parse("40/10s").ok();
+    })
+    .await;
 }
