@@ -89,6 +89,11 @@ impl Ledger {
         }
     }
 
+    /// Whether it keeps a learned quota (and expires when unused).
+    pub fn is_learned(&self) -> bool {
+        self.expires.is_some()
+    }
+
     /// Its declaration's arguments.
     pub fn arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();

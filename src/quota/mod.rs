@@ -163,12 +163,6 @@ impl Budget {
         }
         let learned = self.journal.learned_quota();
         self.report(learned);
-        // A learned quota needs ledgers the workers declare as they learn;
-        // when operators own the topology the workers may not, and only
-        // the pauses apply (configure upstream.create_quota there).
-        if !self.settings.declares {
-            return None;
-        }
         learned.map(|q| Ledger::learned(rq, tag, &q))
     }
 
@@ -283,16 +277,17 @@ impl Budget {
             let declared = self.declared.lock().unwrap_or_else(PoisonError::into_inner);
             match declared.get(&ledger.name) {
                 None => true,
-                Some(at) => ledger.expires.is_some() && at.elapsed() >= ledger.quota.window,
+                Some(at) => ledger.is_learned() && at.elapsed() >= ledger.quota.window,
             }
         };
         if !due {
             return Ok(());
         }
-        // A learned ledger is named by the value learned, so operators
-        // cannot create it ahead: workers always declare it (configure
-        // permission on `<request_queue>.quota.*.learned.*`).
-        let passive = !self.settings.declares && ledger.expires.is_none();
+        // Operators may own a configured quota's ledger; a learned one is
+        // named by the value learned, so nobody can create it ahead: the
+        // workers always declare it (configure permission on
+        // `<request_queue>.quota.*`).
+        let passive = !self.settings.declares && !ledger.is_learned();
         ledger
             .declare(publisher, passive, &self.settings.vhost)
             .await?;

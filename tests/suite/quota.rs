@@ -119,6 +119,42 @@ async fn three_workers_share_one_quota(name: &str, configured: bool, retry_after
     drop(workers);
 }
 
+/// With an operator-managed topology the workers still declare the ledgers
+/// of what they learn (they are named by the value, so nobody can create
+/// them ahead), and the fleet's creates wait for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_quota_is_shared_with_an_operator_managed_topology() {
+    let creates = 10;
+    let env = deployment("quotamanaged", creates, false, false).await;
+    let tap = env.tap().await;
+    // The test declared the topology, as operators would.
+    let managed = [("VIDU_WORKER__AMQP__DECLARE_TOPOLOGY", "false")];
+    let workers = [
+        env.start_worker_with(&managed).await,
+        env.start_worker_with(&managed).await,
+    ];
+    let n = 40;
+    let subjects = publish_requests(&env, "m", n).await;
+    tap.wait_finished(n, Duration::from_secs(180)).await;
+    tap.assert_all_succeeded();
+    let mut waits = 0.0;
+    for w in &workers {
+        let learned = learned(w).await;
+        assert!(
+            (f64::from(creates)..=f64::from(creates) + 1.0).contains(&learned),
+            "learned {learned}"
+        );
+        waits += w
+            .metric("vidu_worker_create_waits_total", "reason=\"quota\"")
+            .await;
+    }
+    let busiest = busiest_window(&env);
+    eprintln!("managed topology: {n} requests, 2 workers, {creates} per {WINDOW:?}: {waits} waits for the learned ledger, busiest window {busiest}");
+    assert!(waits > 0.0, "the learned ledger paced the creates");
+    assert!(busiest <= creates as usize, "{busiest} in one window");
+    assert_eq!(env.sim.stats().tasks_created, subjects.len() as u64);
+}
+
 async fn publish_requests(env: &TestEnv, prefix: &str, n: usize) -> Vec<String> {
     let subjects: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     for id in &subjects {
