@@ -17,7 +17,7 @@ use crate::config::{QueueArgument, QueueType, Settings};
 
 /// The delays of the wait queues the topology declares, shortest first. A
 /// ticket waiting `d` hops through the largest tiers that fit
-/// (`pipeline::ticket::wait_tier`) until at most the shortest tier is left,
+/// (`pipeline::decisions::wait_tier`) until at most the shortest tier is left,
 /// which the tracker then waits in memory (holding the unacknowledged
 /// ticket for under two seconds): any delay takes a few hops and is met to
 /// the millisecond.

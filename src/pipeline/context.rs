@@ -19,10 +19,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    recent::RecentCreates,
-    ticket::{wait_tier, Ticket},
-};
+use super::{decisions, recent::RecentCreates, ticket::Ticket};
 use crate::{
     broker::{self, PublishError, Publisher, Topology},
     config::Settings,
@@ -205,12 +202,19 @@ impl Context {
             })
     }
 
+    /// The queue a ticket waits `remaining` in ([`decisions::parking_queue`]).
+    pub(crate) fn parking_queue(&self, remaining: Duration) -> &str {
+        decisions::parking_queue(
+            &self.topology.wait_queues,
+            &self.topology.tracking_queue,
+            remaining,
+        )
+    }
+
     /// Parks a ticket until `next_poll_at`, in the longest wait queue that
     /// fits (or straight in the tracking queue when it is due now), signed.
     pub(crate) async fn park(&self, ticket: &Ticket) -> Result<(), PublishError> {
-        let remaining = ticket.remaining(Utc::now());
-        let queue = wait_tier(&self.topology.wait_queues, remaining)
-            .map_or(self.topology.tracking_queue.as_str(), |(_, q)| q.as_str());
+        let queue = self.parking_queue(ticket.remaining(Utc::now()));
         let body = serde_json::to_vec(ticket).unwrap_or_default();
         let signatures = self.signer.sign(&body);
         self.publish("", queue, &body, Ticket::properties(&signatures), true)

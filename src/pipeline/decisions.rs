@@ -1,8 +1,13 @@
 //! The pipeline's decisions, as plain functions over plain data.
 //!
-//! What a poll answer or a poll error does to a ticket ([`after_poll`]),
-//! what the gate's state does to a request about to be created
-//! ([`at_gate`]), and what a failed create does to its request
+//! A ticket's schedule: whether a delivery hops, waits here or polls
+//! ([`before_poll`], [`at_poll`]), which wait queue it parks in
+//! ([`parking_queue`]), the delays between polls ([`next_delay`],
+//! [`error_delay`], [`next_poll_at`]) and what a terminal event the broker
+//! refused does to it ([`after_failed_terminal`]); what a poll answer or a
+//! poll error does to a ticket ([`after_poll`]) and to one no key verifies
+//! ([`after_unverified`]); what the gate's state does to a request about to
+//! be created ([`at_gate`]), and what a failed create does to its request
 //! ([`after_create`]). Each takes values and returns a value that says what
 //! happens next (park with this delay, publish this terminal event, hand
 //! back, dead-letter with this reason); the handlers in `intake` and
@@ -13,12 +18,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::ticket::{next_delay, to_chrono, Ticket};
+use super::ticket::{to_chrono, Ticket};
 use crate::{
     config::PollingSettings,
     events::FailureCode,
     gate::{GateState, Refusal},
-    retry::{self, RetryError},
+    retry::{self, RetryError, RetryPolicy},
     upstream::{TaskResult, TaskStatus, UpstreamError, Video},
 };
 
@@ -73,7 +78,7 @@ pub enum NextPoll {
     At(DateTime<Utc>),
     /// After the backoff of this (0-based) error attempt, at least the
     /// upstream's `Retry-After`; jittered when carried out
-    /// ([`super::ticket::error_delay`]).
+    /// ([`error_delay`]).
     Backoff {
         /// 0-based attempt.
         attempt: u32,
@@ -109,6 +114,151 @@ pub struct PollDecision {
     pub gate: GateEffect,
     /// What to do.
     pub step: PollStep,
+}
+
+/// How far a hop may overshoot the wanted delay, to save a hop.
+pub const TIER_TOLERANCE: Duration = Duration::from_millis(250);
+
+/// The wait queue to park a ticket in when `remaining` is left before its
+/// next poll, among `tiers` (delay, name; shortest first): the longest tier
+/// that does not overshoot by more than [`TIER_TOLERANCE`]. `None` means the
+/// wait is at most the shortest tier: the ticket goes straight to the
+/// tracking queue and the tracker waits the rest in memory.
+pub fn wait_tier<T>(tiers: &[(Duration, T)], remaining: Duration) -> Option<&(Duration, T)> {
+    let shortest = tiers.first()?.0;
+    if remaining <= shortest {
+        return None;
+    }
+    tiers
+        .iter()
+        .rev()
+        .find(|(d, _)| *d <= remaining + TIER_TOLERANCE)
+        .or(tiers.first())
+}
+
+/// Where a ticket waits `remaining` before its next poll: the wait queue
+/// [`wait_tier`] picks, or the tracking queue itself when the wait is at
+/// most the shortest tier.
+pub fn parking_queue<'a>(
+    tiers: &'a [(Duration, String)],
+    tracking: &'a str,
+    remaining: Duration,
+) -> &'a str {
+    wait_tier(tiers, remaining).map_or(tracking, |(_, q)| q.as_str())
+}
+
+/// What a ticket's delivery does before its poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeforePoll {
+    /// Not due for longer than the shortest wait queue: another hop.
+    Hop,
+    /// Due within the shortest tier: wait this long here, holding the
+    /// ticket, then poll.
+    WaitHere(Duration),
+    /// Due: poll.
+    Poll,
+}
+
+/// Decides what a ticket's delivery does when `remaining` is left before
+/// its poll.
+pub fn before_poll<T>(tiers: &[(Duration, T)], remaining: Duration) -> BeforePoll {
+    if wait_tier(tiers, remaining).is_some() {
+        BeforePoll::Hop
+    } else if remaining.is_zero() {
+        BeforePoll::Poll
+    } else {
+        BeforePoll::WaitHere(remaining)
+    }
+}
+
+/// What the gate does to a ticket due for its poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtPoll {
+    /// Poll now.
+    Poll,
+    /// The key is refused: polling with it only adds noise, so the ticket
+    /// parks this long, until about the gate's next probe.
+    Defer(Duration),
+}
+
+/// Shortest and longest deferral of a poll while the key is refused.
+pub const KEY_REFUSED_DEFER: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(60));
+
+/// Decides whether a due ticket is polled, given the gate's state at `now`.
+/// Only a refused key defers it: a refused balance or an upstream outage
+/// still lets a finished task be collected.
+pub fn at_poll(gate: &GateState, now: tokio::time::Instant) -> AtPoll {
+    match gate {
+        GateState::Closed {
+            refusal: Refusal::Key,
+            retry_at,
+            ..
+        } => AtPoll::Defer(
+            retry_at
+                .saturating_duration_since(now)
+                .clamp(KEY_REFUSED_DEFER.0, KEY_REFUSED_DEFER.1),
+        ),
+        _ => AtPoll::Poll,
+    }
+}
+
+/// The wait before the next look at a running task: the upstream's `eta`
+/// when it gives one, otherwise half the task's age (polls thin out as a
+/// task runs long), always within `min_interval..=max_interval`.
+pub fn next_delay(polling: &PollingSettings, eta: Option<Duration>, age: Duration) -> Duration {
+    let wanted = eta.unwrap_or(age / 2);
+    wanted.clamp(polling.min_interval, polling.max_interval)
+}
+
+/// The wait after a failed poll.
+pub fn error_delay(
+    polling: &PollingSettings,
+    policy: RetryPolicy,
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let backoff = policy.delay_for_attempt(attempt);
+    let wanted = retry_after.map_or(backoff, |r| r.max(backoff));
+    wanted.clamp(polling.min_interval, polling.max_interval.max(policy.max))
+}
+
+/// The time a [`NextPoll`] stands for, at `now`: its own time, or the
+/// backoff of its attempt (jittered, at least the upstream's
+/// `Retry-After`).
+pub fn next_poll_at(
+    next: NextPoll,
+    now: DateTime<Utc>,
+    polling: &PollingSettings,
+    policy: RetryPolicy,
+) -> DateTime<Utc> {
+    match next {
+        NextPoll::At(at) => at,
+        NextPoll::Backoff {
+            attempt,
+            retry_after,
+        } => now + to_chrono(error_delay(polling, policy, attempt, retry_after)),
+    }
+}
+
+/// The ticket to park when its terminal event could not be published
+/// within the publishing patience: one more error, polled again after that
+/// error's backoff (and the event tried again then), rather than handed
+/// back, which would poll the task again at once.
+pub fn after_failed_terminal(
+    ticket: &Ticket,
+    now: DateTime<Utc>,
+    polling: &PollingSettings,
+    policy: RetryPolicy,
+) -> Ticket {
+    let mut again = ticket.clone();
+    let backoff = NextPoll::Backoff {
+        attempt: again.errors,
+        retry_after: None,
+    };
+    again.errors = again.errors.saturating_add(1);
+    again.next_poll_at = next_poll_at(backoff, now, polling, policy);
+    again
 }
 
 /// The name a running state is reported under, if it is one.
@@ -554,6 +704,150 @@ mod tests {
             detail: "HTTP 503".into(),
             retry_after,
         }
+    }
+
+    #[test]
+    fn eta_decides_the_next_poll_within_bounds() {
+        let p = polling();
+        let s = Duration::from_secs;
+        assert_eq!(next_delay(&p, Some(s(18)), s(2)), s(18));
+        assert_eq!(next_delay(&p, Some(s(0)), s(20)), s(1));
+        assert_eq!(next_delay(&p, Some(s(4000)), s(20)), s(60));
+    }
+
+    #[test]
+    fn without_eta_polls_thin_out_with_age() {
+        let p = polling();
+        let s = Duration::from_secs;
+        assert_eq!(next_delay(&p, None, s(0)), s(1));
+        assert_eq!(next_delay(&p, None, s(10)), s(5));
+        assert_eq!(next_delay(&p, None, s(3600)), s(60));
+    }
+
+    #[test]
+    fn error_delays_grow_and_honour_retry_after() {
+        let p = polling();
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        };
+        let first = error_delay(&p, policy, 0, None);
+        assert!(
+            first >= Duration::from_secs(1) && first <= Duration::from_secs(2),
+            "{first:?}"
+        );
+        let later = error_delay(&p, policy, 8, None);
+        assert!(later >= Duration::from_secs(30), "{later:?}");
+        let told = error_delay(&p, policy, 0, Some(Duration::from_secs(20)));
+        assert_eq!(told, Duration::from_secs(20));
+    }
+
+    fn tiers() -> Vec<(Duration, String)> {
+        crate::broker::WAIT_TIERS_SECS
+            .iter()
+            .map(|s| (Duration::from_secs(*s), format!("q.wait.{s}s")))
+            .collect()
+    }
+
+    #[test]
+    fn tickets_park_in_the_longest_tier_that_fits() {
+        let tiers = tiers();
+        let pick =
+            |ms: u64| wait_tier(&tiers, Duration::from_millis(ms)).map(|(d, _)| d.as_millis());
+        assert_eq!(pick(0), None);
+        assert_eq!(pick(1_000), None);
+        assert_eq!(
+            pick(2_000),
+            None,
+            "the shortest tier's wait is kept in memory"
+        );
+        assert_eq!(pick(2_100), Some(2_000));
+        assert_eq!(pick(3_999), Some(4_000), "a small overshoot saves a hop");
+        assert_eq!(pick(3_700), Some(2_000));
+        assert_eq!(pick(18_000), Some(16_000));
+        assert_eq!(pick(10_000_000), Some(1_024_000));
+        let none: Vec<(Duration, String)> = Vec::new();
+        assert_eq!(wait_tier(&none, Duration::from_secs(60)), None);
+    }
+
+    #[test]
+    fn a_ticket_hops_waits_here_or_is_polled_and_parks_where_its_wait_fits() {
+        let tiers = tiers();
+        let ms = Duration::from_millis;
+        // (remaining, before the poll, queue it would park in)
+        let cases = [
+            (0, BeforePoll::Poll, "q.tracking"),
+            (1, BeforePoll::WaitHere(ms(1)), "q.tracking"),
+            (1_999, BeforePoll::WaitHere(ms(1_999)), "q.tracking"),
+            (2_000, BeforePoll::WaitHere(ms(2_000)), "q.tracking"),
+            (2_001, BeforePoll::Hop, "q.wait.2s"),
+            (3_999, BeforePoll::Hop, "q.wait.4s"),
+            (70_000, BeforePoll::Hop, "q.wait.64s"),
+        ];
+        for (remaining, before, queue) in cases {
+            assert_eq!(before_poll(&tiers, ms(remaining)), before, "{remaining} ms");
+            assert_eq!(
+                parking_queue(&tiers, "q.tracking", ms(remaining)),
+                queue,
+                "{remaining} ms"
+            );
+        }
+        let none: Vec<(Duration, String)> = Vec::new();
+        assert_eq!(
+            before_poll(&none, ms(70_000)),
+            BeforePoll::WaitHere(ms(70_000))
+        );
+        assert_eq!(parking_queue(&none, "q.tracking", ms(70_000)), "q.tracking");
+    }
+
+    #[test]
+    fn only_a_refused_key_defers_a_due_poll_until_about_the_next_probe() {
+        let now = tokio::time::Instant::now();
+        let s = Duration::from_secs;
+        let closed = |refusal: Refusal, retry_in: Duration| GateState::Closed {
+            refusal,
+            reason: "refused".into(),
+            retry_at: now + retry_in,
+        };
+        // (gate, step)
+        let cases = [
+            (GateState::Open, AtPoll::Poll),
+            (closed(Refusal::Key, s(30)), AtPoll::Defer(s(30))),
+            (closed(Refusal::Key, Duration::ZERO), AtPoll::Defer(s(1))),
+            (closed(Refusal::Key, s(3600)), AtPoll::Defer(s(60))),
+            (closed(Refusal::Billing, s(30)), AtPoll::Poll),
+            (closed(Refusal::Unavailable, s(30)), AtPoll::Poll),
+            (closed(Refusal::Unconfirmed, s(30)), AtPoll::Poll),
+        ];
+        for (gate, want) in cases {
+            assert_eq!(at_poll(&gate, now), want, "{gate:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_terminal_event_parks_the_ticket_with_one_more_error() {
+        let p = polling();
+        let policy = RetryPolicy {
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(30),
+        };
+        let now = at(100);
+        // (errors so far, earliest and latest next poll, in seconds after now)
+        let cases = [(0, 1, 2), (3, 2, 8), (20, 30, 60)];
+        for (errors, earliest, latest) in cases {
+            let mut t = ticket();
+            t.errors = errors;
+            let again = after_failed_terminal(&t, now, &p, policy);
+            assert_eq!(again.errors, errors + 1);
+            assert_eq!((again.polls, &again.task_id), (t.polls, &t.task_id));
+            let after = (again.next_poll_at - now).num_milliseconds();
+            assert!(
+                after >= earliest * 1000 && after <= latest * 1000,
+                "{errors} errors: next poll {after} ms after now"
+            );
+        }
+        // A NextPoll::At is its own time.
+        assert_eq!(next_poll_at(NextPoll::At(at(7)), now, &p, policy), at(7));
     }
 
     #[test]
@@ -1015,7 +1309,7 @@ mod tests {
             }
             let policy = crate::retry::RetryPolicy { initial: Duration::from_millis(500), max: S(30) };
             let retry_after = retry_after_ms.map(Duration::from_millis);
-            let e = super::super::ticket::error_delay(&polling, policy, attempt, retry_after);
+            let e = error_delay(&polling, policy, attempt, retry_after);
             let longest = polling.max_interval.max(policy.max);
             prop_assert!(e >= polling.min_interval && e <= longest);
             if let Some(r) = retry_after {

@@ -2,9 +2,9 @@
 //!
 //! For each request the intake loop hands over: refuse poison and invalid
 //! requests (failed event plus a dead-lettered copy with `x-vidu-error`),
-//! respect the upstream gate, create the task with retries (each retry
-//! waits for the pacer and, with a quota, a slot in the deployment's
-//! window), then record the tracking ticket and the `submitted` event, both
+//! respect the upstream gate, create the task with retries (every attempt
+//! takes a slot of the create budget first: the one the request was taken
+//! with, then a new one per retry), then record the tracking ticket and the `submitted` event, both
 //! publisher-confirmed, before the request is acknowledged. The create call
 //! is the one step that must not repeat: it is only sent while the
 //! request's delivery still belongs to this worker's session (checked
@@ -216,9 +216,10 @@ async fn submit(
         },
         None => None,
     };
-    // The intake loop took this request's first pacing and quota slot;
-    // unspent (no create sent), it goes to the next request.
-    let mut prepaid = Some(prepaid);
+    // The intake loop took this request's first slot; each retry takes
+    // another from the same budget. Unspent (no create sent), a slot goes
+    // to the next request.
+    let slots = CreateSlots::new(prepaid);
     let task_id = loop {
         let claim = match pass_gate(ctx, lease, hold_until).await {
             Ok(claim) => claim,
@@ -228,7 +229,7 @@ async fn submit(
             ctx.retry_policy(),
             ctx.settings.upstream.create_retry_budget,
             &ctx.shutdown,
-            || create_once(ctx, lease, &req, traceparent.as_deref(), prepaid.take()),
+            || create_once(ctx, lease, &req, traceparent.as_deref(), &slots),
         )
         .await;
         let failure = match created {
@@ -528,28 +529,25 @@ async fn refuse_created(
     .await
 }
 
-/// One create attempt: pacing and the quota first (unless the intake loop
-/// already took them for this request), then the call, which is sent only
-/// while the delivery is alive.
+/// One create attempt: a slot of the create budget first, then the call,
+/// which is sent only while the delivery is alive.
 async fn create_once(
     ctx: &Context,
     lease: &Lease,
     req: &GenerationRequest,
     traceparent: Option<&str>,
-    prepaid: Option<Prepaid>,
+    slots: &CreateSlots,
 ) -> Result<String, CreateError> {
-    if prepaid.is_none() {
-        take_slot(ctx, lease).await?;
-    }
+    let slot = slots.take(ctx, lease).await?;
     let sent_at = Instant::now();
     let sent_at_wall = Utc::now();
     let result = ctx
         .upstream
         .create(&req.input, traceparent, &|| lease.alive())
         .await;
-    if let Some(prepaid) = prepaid {
+    if let Some(slot) = slot {
         if !matches!(result, Err(UpstreamError::NotSent)) {
-            prepaid.spend();
+            slot.spend();
         }
     }
     let outcome = match &result {
@@ -575,30 +573,55 @@ async fn create_once(
     result.map_err(CreateError::Upstream)
 }
 
-/// Takes the create budget's slot before a retry, while the delivery is
-/// held (bounded by the retry budget): the same budget the intake loop
-/// takes before a request's first create. A lost delivery ends the wait:
-/// the create that follows finds it lost and sends nothing (that check, in
-/// [`crate::upstream::UpstreamClient::create`], is the one that decides).
-async fn take_slot(ctx: &Context, lease: &Lease) -> Result<(), CreateError> {
-    loop {
-        let Some(publisher) = ctx.publisher() else {
-            // Between sessions: this delivery's session is gone.
-            return Ok(());
-        };
-        let taken = tokio::select! {
-            taken = ctx.budget.take(&publisher, &ctx.shutdown) => taken,
-            () = lease.lost() => return Ok(()),
-        };
-        match taken {
-            Ok(_) => return Ok(()),
-            Err(SlotError::Cancelled) => return Err(CreateError::Cancelled),
-            Err(e) => {
-                // The session is probably going; the lease will tell.
-                tracing::debug!(error = %e, "could not take a create slot for a retry");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
-                    () = lease.lost() => return Ok(()),
+/// A request's create slots: every attempt, the first and the retries
+/// alike, takes one before its call. The first is the slot the intake loop
+/// took the request with (a request waits in the broker, not here, until a
+/// create could follow); each retry takes a new one from the create budget
+/// (the pause after a 429, a slot in the deployment's window) while the
+/// delivery is held, bounded by the retry budget.
+struct CreateSlots {
+    first: std::sync::Mutex<Option<Prepaid>>,
+}
+
+impl CreateSlots {
+    fn new(first: Prepaid) -> Self {
+        Self {
+            first: std::sync::Mutex::new(Some(first)),
+        }
+    }
+
+    /// The slot for the next attempt, owed back to the spare slots unless
+    /// spent. `None`: the delivery was lost (or the session is gone) while
+    /// waiting for one; the create that follows finds it lost and sends
+    /// nothing (that check, in [`crate::upstream::UpstreamClient::create`],
+    /// is the one that decides).
+    async fn take(&self, ctx: &Context, lease: &Lease) -> Result<Option<Prepaid>, CreateError> {
+        let first = self
+            .first
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(first) = first {
+            return Ok(Some(first));
+        }
+        loop {
+            let Some(publisher) = ctx.publisher() else {
+                return Ok(None);
+            };
+            let taken = tokio::select! {
+                taken = ctx.budget.take(&publisher, &ctx.shutdown) => taken,
+                () = lease.lost() => return Ok(None),
+            };
+            match taken {
+                Ok(slot) => return Ok(Some(Prepaid::new(ctx.slots.clone(), slot))),
+                Err(SlotError::Cancelled) => return Err(CreateError::Cancelled),
+                Err(e) => {
+                    // The session is probably going; the lease will tell.
+                    tracing::debug!(error = %e, "could not take a create slot for a retry");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        () = lease.lost() => return Ok(None),
+                    }
                 }
             }
         }

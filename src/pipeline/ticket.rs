@@ -4,9 +4,9 @@
 //! broker, never in a worker's memory. This module owns its format (signed
 //! JSON, checked field by field when read back), its construction from a
 //! created task (including the deadline policy: off-peak requests get the
-//! longer `polling.max_off_peak_task_age`), the poll schedule
-//! ([`next_delay`], [`error_delay`]) and the choice of wait queue
-//! ([`wait_tier`]). Nothing here touches the broker or the upstream.
+//! longer `polling.max_off_peak_task_age`). When it is polled and where it
+//! waits are decided in [`super::decisions`]. Nothing here touches the
+//! broker or the upstream.
 
 use std::time::Duration;
 
@@ -19,7 +19,6 @@ use crate::{
     config::PollingSettings,
     events::{self, RequestContext},
     request::{self, GenerationRequest, RequestId},
-    retry::RetryPolicy,
     signing::{Presented, SignatureError, Signatures, Signer},
     upstream::{clean_text, valid_task_id},
 };
@@ -101,26 +100,6 @@ pub fn max_task_age(off_peak: bool, polling: &PollingSettings) -> Duration {
     } else {
         polling.max_task_age
     }
-}
-
-/// How far a hop may overshoot the wanted delay, to save a hop.
-pub const TIER_TOLERANCE: Duration = Duration::from_millis(250);
-
-/// The wait queue to park a ticket in when `remaining` is left before its
-/// next poll, among `tiers` (delay, name; shortest first): the longest tier
-/// that does not overshoot by more than [`TIER_TOLERANCE`]. `None` means the
-/// wait is at most the shortest tier: the ticket goes straight to the
-/// tracking queue and the tracker waits the rest in memory.
-pub fn wait_tier<T>(tiers: &[(Duration, T)], remaining: Duration) -> Option<&(Duration, T)> {
-    let shortest = tiers.first()?.0;
-    if remaining <= shortest {
-        return None;
-    }
-    tiers
-        .iter()
-        .rev()
-        .find(|(d, _)| *d <= remaining + TIER_TOLERANCE)
-        .or(tiers.first())
 }
 
 /// A `std` duration as a `chrono` one, saturating.
@@ -349,74 +328,10 @@ impl Ticket {
 /// Largest ticket read; a larger message on a tracking queue is not ours.
 pub const MAX_TICKET_BYTES: usize = 64 * 1024;
 
-/// The wait before the next look at a running task: the upstream's `eta`
-/// when it gives one, otherwise half the task's age (polls thin out as a
-/// task runs long), always within `min_interval..=max_interval`.
-pub fn next_delay(polling: &PollingSettings, eta: Option<Duration>, age: Duration) -> Duration {
-    let wanted = eta.unwrap_or(age / 2);
-    wanted.clamp(polling.min_interval, polling.max_interval)
-}
-
-/// The wait after a failed poll.
-pub fn error_delay(
-    polling: &PollingSettings,
-    policy: RetryPolicy,
-    attempt: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
-    let backoff = policy.delay_for_attempt(attempt);
-    let wanted = retry_after.map_or(backoff, |r| r.max(backoff));
-    wanted.clamp(polling.min_interval, polling.max_interval.max(policy.max))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::signing::{DEPLOYMENT_SIGNATURE_HEADER, SIGNATURE_HEADER};
-
-    fn polling() -> PollingSettings {
-        PollingSettings {
-            min_interval: Duration::from_secs(1),
-            max_interval: Duration::from_secs(60),
-            ..PollingSettings::default()
-        }
-    }
-
-    #[test]
-    fn eta_decides_the_next_poll_within_bounds() {
-        let p = polling();
-        let s = Duration::from_secs;
-        assert_eq!(next_delay(&p, Some(s(18)), s(2)), s(18));
-        assert_eq!(next_delay(&p, Some(s(0)), s(20)), s(1));
-        assert_eq!(next_delay(&p, Some(s(4000)), s(20)), s(60));
-    }
-
-    #[test]
-    fn without_eta_polls_thin_out_with_age() {
-        let p = polling();
-        let s = Duration::from_secs;
-        assert_eq!(next_delay(&p, None, s(0)), s(1));
-        assert_eq!(next_delay(&p, None, s(10)), s(5));
-        assert_eq!(next_delay(&p, None, s(3600)), s(60));
-    }
-
-    #[test]
-    fn error_delays_grow_and_honour_retry_after() {
-        let p = polling();
-        let policy = RetryPolicy {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-        };
-        let first = error_delay(&p, policy, 0, None);
-        assert!(
-            first >= Duration::from_secs(1) && first <= Duration::from_secs(2),
-            "{first:?}"
-        );
-        let later = error_delay(&p, policy, 8, None);
-        assert!(later >= Duration::from_secs(30), "{later:?}");
-        let told = error_delay(&p, policy, 0, Some(Duration::from_secs(20)));
-        assert_eq!(told, Duration::from_secs(20));
-    }
 
     #[test]
     fn tickets_round_trip_and_tolerate_missing_counters() {
@@ -429,34 +344,6 @@ mod tests {
         let back: Ticket =
             serde_json::from_slice(&serde_json::to_vec(&t).expect("ser")).expect("de");
         assert_eq!(back.task_id, "t-1");
-    }
-
-    fn tiers() -> Vec<(Duration, String)> {
-        crate::broker::WAIT_TIERS_SECS
-            .iter()
-            .map(|s| (Duration::from_secs(*s), format!("q.wait.{s}s")))
-            .collect()
-    }
-
-    #[test]
-    fn tickets_park_in_the_longest_tier_that_fits() {
-        let tiers = tiers();
-        let pick =
-            |ms: u64| wait_tier(&tiers, Duration::from_millis(ms)).map(|(d, _)| d.as_millis());
-        assert_eq!(pick(0), None);
-        assert_eq!(pick(1_000), None);
-        assert_eq!(
-            pick(2_000),
-            None,
-            "the shortest tier's wait is kept in memory"
-        );
-        assert_eq!(pick(2_100), Some(2_000));
-        assert_eq!(pick(3_999), Some(4_000), "a small overshoot saves a hop");
-        assert_eq!(pick(3_700), Some(2_000));
-        assert_eq!(pick(18_000), Some(16_000));
-        assert_eq!(pick(10_000_000), Some(1_024_000));
-        let none: Vec<(Duration, String)> = Vec::new();
-        assert_eq!(wait_tier(&none, Duration::from_secs(60)), None);
     }
 
     fn request(body: &str) -> GenerationRequest {

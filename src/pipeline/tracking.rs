@@ -24,18 +24,21 @@ use lapin::{
 
 use super::{
     context::Context,
-    decisions::{self, GateEffect, NextPoll, PollStep, Progress, Terminal, UnverifiedStep},
+    decisions::{
+        self, AtPoll, BeforePoll, GateEffect, NextPoll, PollStep, Progress, Terminal,
+        UnverifiedStep,
+    },
     disposition::Disposition,
     poison,
     ticket::{
-        error_delay, to_chrono, wait_tier, Ticket, TicketKeys, Unreadable, TICKET_TYPE,
-        UNVERIFIED_HOPS_HEADER, UNVERIFIED_SINCE_HEADER,
+        to_chrono, Ticket, TicketKeys, Unreadable, TICKET_TYPE, UNVERIFIED_HOPS_HEADER,
+        UNVERIFIED_SINCE_HEADER,
     },
 };
 use crate::{
     broker,
     events::{self, EventKind, FailureCode},
-    gate::{GateState, Refusal},
+    gate::Refusal,
     signing::{Presented, DEPLOYMENT_SIGNATURE_HEADER, SIGNATURE_HEADER},
     upstream::TaskStatus,
 };
@@ -172,8 +175,7 @@ async fn keep_unverified(
             }
         }
         UnverifiedStep::Keep(delay) => {
-            let queue = wait_tier(&ctx.topology.wait_queues, delay)
-                .map_or(ctx.topology.tracking_queue.as_str(), |(_, q)| q.as_str());
+            let queue = ctx.parking_queue(delay);
             let properties = unverified_copy(presented, since, hops.saturating_add(1));
             match ctx
                 .patiently(PUBLISH_PATIENCE, || {
@@ -218,60 +220,34 @@ fn unverified_copy(presented: Presented<'_>, since: DateTime<Utc>, hops: u32) ->
         .with_headers(headers)
 }
 
-/// Waits until the ticket is due for its poll: another hop through a wait
-/// queue when it is not due for a while, a wait in memory within the
-/// shortest tier, or a hop while the key is refused. `None` means poll now.
+/// Waits until the ticket is due for its poll, as
+/// [`decisions::before_poll`] and [`decisions::at_poll`] say: another hop
+/// through a wait queue when it is not due for a while, a wait in memory
+/// within the shortest tier, or a hop while the key is refused. `None`
+/// means poll now.
 async fn wait_until_due(ctx: &Context, ticket: &mut Ticket) -> Option<Disposition> {
-    let remaining = ticket.remaining(Utc::now());
-    if wait_tier(&ctx.topology.wait_queues, remaining).is_some() {
-        // Not due for a while: another hop.
-        return Some(park_patiently(ctx, ticket).await);
+    match decisions::before_poll(&ctx.topology.wait_queues, ticket.remaining(Utc::now())) {
+        BeforePoll::Hop => return Some(park_patiently(ctx, ticket).await),
+        BeforePoll::WaitHere(remaining) => {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => return Some(Disposition::Abandon),
+                () = tokio::time::sleep(remaining) => {}
+            }
+        }
+        BeforePoll::Poll => {}
     }
-    if !remaining.is_zero() {
-        // Due within the shortest tier: wait here, holding the ticket.
-        tokio::select! {
-            () = ctx.shutdown.cancelled() => return Some(Disposition::Abandon),
-            () = tokio::time::sleep(remaining) => {}
+    match decisions::at_poll(&ctx.gate.state(), tokio::time::Instant::now()) {
+        AtPoll::Poll => None,
+        AtPoll::Defer(wait) => {
+            ticket.next_poll_at = Utc::now() + to_chrono(wait);
+            Some(park_patiently(ctx, ticket).await)
         }
     }
-
-    if let GateState::Closed {
-        refusal: Refusal::Key,
-        retry_at,
-        ..
-    } = ctx.gate.state()
-    {
-        // Polling with a refused key only adds noise; wait for the gate.
-        let wait = retry_at
-            .saturating_duration_since(tokio::time::Instant::now())
-            .clamp(Duration::from_secs(1), Duration::from_secs(60));
-        ticket.next_poll_at = Utc::now() + to_chrono(wait);
-        return Some(park_patiently(ctx, ticket).await);
-    }
-
-    None
 }
 
-/// The time a [`NextPoll`] stands for.
-fn next_poll_at(
-    ctx: &Context,
-    next: NextPoll,
-    now: chrono::DateTime<Utc>,
-) -> chrono::DateTime<Utc> {
-    match next {
-        NextPoll::At(at) => at,
-        NextPoll::Backoff {
-            attempt,
-            retry_after,
-        } => {
-            now + to_chrono(error_delay(
-                &ctx.settings.polling,
-                ctx.retry_policy(),
-                attempt,
-                retry_after,
-            ))
-        }
-    }
+/// The time a [`NextPoll`] stands for, with this worker's settings.
+fn next_poll_at(ctx: &Context, next: NextPoll, now: DateTime<Utc>) -> DateTime<Utc> {
+    decisions::next_poll_at(next, now, &ctx.settings.polling, ctx.retry_policy())
 }
 
 /// Publishes a progress event; records the state in the ticket once it is
@@ -348,14 +324,12 @@ async fn finish(ctx: &Context, ticket: &Ticket, terminal: Terminal) -> Dispositi
         }
         Err(e) => {
             tracing::warn!(error = %e, "could not publish the terminal event; parking the ticket to try again later");
-            let mut again = ticket.clone();
-            let attempt = again.errors;
-            again.errors = again.errors.saturating_add(1);
-            let backoff = NextPoll::Backoff {
-                attempt,
-                retry_after: None,
-            };
-            again.next_poll_at = next_poll_at(ctx, backoff, Utc::now());
+            let again = decisions::after_failed_terminal(
+                ticket,
+                Utc::now(),
+                &ctx.settings.polling,
+                ctx.retry_policy(),
+            );
             park_patiently(ctx, &again).await
         }
     }

@@ -150,7 +150,8 @@ pub(super) enum Lost {
     /// The journal could not be read or written.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
-    /// The worker is shutting down (the session's select! sees it first).
+    /// The worker is told to stop: the intake loop returns this at its next
+    /// wait.
     #[error("shutting down")]
     Stopping,
 }
@@ -337,7 +338,10 @@ impl Session {
                         return SessionEnd::Lost(reason);
                     }
                 }
-                reason = &mut intake => return SessionEnd::Lost(reason),
+                reason = &mut intake => return match reason {
+                    Lost::Stopping => SessionEnd::Shutdown,
+                    reason => SessionEnd::Lost(reason),
+                },
                 ended = &mut follower => {
                     let reason = match ended {
                         Ok(e) => Lost::Journal(e),
@@ -357,9 +361,9 @@ impl Session {
 
 /// Takes requests, one at a time, once a create could follow at once: a
 /// free handler slot, the gate and the create budget (the pause after a
-/// 429, a slot in the deployment's window) come first, the delivery last. Returns why it
-/// stopped when the session cannot serve it any more; shutdown simply
-/// drops it.
+/// 429, a slot in the deployment's window) come first, the delivery last.
+/// Returns why it stopped: [`Lost::Stopping`] at its next wait once the
+/// worker is told to stop, or why the session cannot serve it any more.
 async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracker) -> Lost {
     let channel = &session.intake_channel;
     let queue = ctx.topology.request_queue.as_str();
@@ -369,7 +373,10 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
     let mut known_ready: u32 = 0;
     let mut gate_changes = ctx.gate.subscribe();
     loop {
-        let Ok(held) = ctx.held.clone().acquire_owned().await else {
+        let Ok(held) = unless_stopped(ctx, ctx.held.clone().acquire_owned()).await else {
+            return Lost::Stopping;
+        };
+        let Ok(held) = held else {
             return Lost::SlotsClosed;
         };
         loop {
@@ -377,6 +384,7 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
                 IntakeTurn::Take => break,
                 IntakeTurn::Wait(at) => {
                     tokio::select! {
+                        () = ctx.shutdown.cancelled() => return Lost::Stopping,
                         _ = gate_changes.changed() => {}
                         () = gate::sleep_until(at) => {}
                     }
@@ -407,11 +415,22 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
                 // Kept for the next request, if one comes soon enough.
                 ctx.slots.deposit(slot);
                 drop(held);
-                tokio::time::sleep(idle).await;
+                if unless_stopped(ctx, tokio::time::sleep(idle)).await.is_err() {
+                    return Lost::Stopping;
+                }
                 idle = (idle * 2).min(IDLE_MAX);
             }
             Err(e) => return Lost::Take(e),
         }
+    }
+}
+
+/// `f`, unless the worker is told to stop first.
+async fn unless_stopped<F: std::future::Future>(ctx: &Context, f: F) -> Result<F::Output, Lost> {
+    tokio::select! {
+        biased;
+        () = ctx.shutdown.cancelled() => Err(Lost::Stopping),
+        out = f => Ok(out),
     }
 }
 
@@ -431,7 +450,7 @@ async fn take_slot(
         while *known_ready == 0 {
             match broker::ready_messages(channel, queue).await {
                 Ok(0) => {
-                    tokio::time::sleep(*idle).await;
+                    unless_stopped(ctx, tokio::time::sleep(*idle)).await?;
                     *idle = (*idle * 2).min(IDLE_MAX);
                 }
                 Ok(n) => *known_ready = n,
