@@ -14,7 +14,7 @@ use lapin::{
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::{request::RequestId, upstream::Video};
+use crate::{request::RequestId, trace::TraceParent, upstream::Video};
 
 /// `type` of the event sent when the upstream accepted the task.
 pub const SUBMITTED: &str = "video.generation.submitted";
@@ -28,27 +28,6 @@ pub const SUCCEEDED: &str = "video.generation.succeeded";
 pub const FAILED: &str = "video.generation.failed";
 /// AMQP content type of every event.
 pub const CONTENT_TYPE: &str = "application/cloudevents+json";
-
-/// Whether `value` is a W3C `traceparent` the worker can continue:
-/// version, 32-hex trace id (not all zero), 16-hex parent id, 2-hex flags,
-/// lowercase.
-pub fn is_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
-    let [version, trace_id, parent_id, flags] = parts.as_slice() else {
-        return false;
-    };
-    let hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    hex(version, 2)
-        && *version != "ff"
-        && hex(trace_id, 32)
-        && !trace_id.bytes().all(|b| b == b'0')
-        && hex(parent_id, 16)
-        && hex(flags, 2)
-}
 
 /// Namespace of the UUID v5 event ids.
 const ID_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5d1c_6f3a_8b9e_4c27_a1f0_3e6d_2b7c_9a41);
@@ -95,7 +74,7 @@ pub struct RequestContext<'a> {
     /// AMQP `reply_to` of the request (terminal events only).
     pub reply_to: Option<&'a str>,
     /// W3C trace context of the request.
-    pub traceparent: Option<&'a str>,
+    pub traceparent: Option<&'a TraceParent>,
 }
 
 /// The variable part of an event.
@@ -206,7 +185,7 @@ struct Envelope<'a> {
     subject: &'a str,
     datacontenttype: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    traceparent: Option<&'a str>,
+    traceparent: Option<&'a TraceParent>,
     data: Data<'a>,
 }
 
@@ -339,7 +318,7 @@ pub fn build(source: &str, ctx: &RequestContext<'_>, kind: &EventKind<'_>) -> Ev
     if let Some(tp) = ctx.traceparent {
         headers.insert(
             crate::broker::TRACEPARENT_HEADER.into(),
-            AMQPValue::LongString(LongString::from(tp)),
+            AMQPValue::LongString(LongString::from(tp.as_str())),
         );
     }
     let mut properties = BasicProperties::default()

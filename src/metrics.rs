@@ -17,10 +17,118 @@ use prometheus_client::{
     registry::Registry,
 };
 
+/// Declares a label's values: an enum, its `as_str` and `ALL`.
+macro_rules! label_values {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in the order the README lists them.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)+];
+
+            /// The label value.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $text,)+
+                }
+            }
+        }
+    };
+}
+
+label_values! {
+    /// What became of a request message (`requests_received_total{outcome}`).
+    RequestOutcome {
+        /// Created; its ticket and `submitted` event are out.
+        Submitted = "submitted",
+        /// Not a valid request: dead-lettered, never created.
+        Invalid = "invalid",
+        /// The upstream refused it for good.
+        UpstreamRejected = "upstream_rejected",
+        /// The upstream's answer to its create named no task: never again.
+        UpstreamUnconfirmed = "upstream_unconfirmed",
+        /// Given back to the queue (the gate closed, the retry budget ran out).
+        HandedBack = "handed_back",
+        /// Delivered too often: dead-lettered.
+        Poison = "poison",
+        /// A worker of the deployment created its id already.
+        Duplicate = "duplicate",
+    }
+}
+
+label_values! {
+    /// What a create call came to (`creates_total{outcome}`).
+    CreateOutcome {
+        /// A task id came back.
+        Accepted = "accepted",
+        /// 429.
+        RateLimited = "rate_limited",
+        /// Refused for good (4xx).
+        Rejected = "rejected",
+        /// 5xx, timeouts, connection errors.
+        Failed = "failed",
+        /// An answer that names no task.
+        Unconfirmed = "unconfirmed",
+        /// The delivery was lost while the request waited: nothing sent.
+        NotSent = "not_sent",
+        /// Accepted after the broker session that held the request was lost.
+        AcceptedAfterDeliveryLost = "accepted_after_delivery_lost",
+    }
+}
+
+label_values! {
+    /// What a poll found (`polls_total{result}`).
+    PollResult {
+        /// Waiting to start.
+        Queued = "queued",
+        /// Generating.
+        Processing = "processing",
+        /// Done, with its videos.
+        Succeeded = "succeeded",
+        /// Failed upstream (or done with a video that cannot be handed on).
+        Failed = "failed",
+        /// A state the worker does not know, or done without a video yet.
+        Unknown = "unknown",
+        /// No answer: an error.
+        Error = "error",
+    }
+}
+
+label_values! {
+    /// Why a create waited (`create_waits_total{reason}`).
+    WaitReason {
+        /// The deployment's window, configured or learned, was full.
+        Quota = "quota",
+        /// The pause after a 429.
+        Pause = "pause",
+    }
+}
+
+label_values! {
+    /// Why a message on the tracking queues was not read as a ticket
+    /// (`tickets_rejected_total{reason}`, and the dead-letter reason).
+    TicketRejection {
+        /// No signature.
+        Unsigned = "unsigned",
+        /// A signature that is not one.
+        Forged = "forged",
+        /// Not a valid ticket.
+        Invalid = "invalid",
+        /// Larger than a ticket.
+        Oversized = "oversized",
+        /// Signed by a key this worker does not hold: kept, not rejected.
+        Unverified = "unverified",
+    }
+}
+
 /// Labels of `requests_received_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `submitted`, `invalid`, `upstream_rejected`, `handed_back`, `poison`.
+    /// [`RequestOutcome::as_str`].
     pub outcome: &'static str,
 }
 
@@ -43,15 +151,14 @@ pub struct TypeLabels {
 /// Labels of `polls_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PollLabels {
-    /// `queued`, `processing`, `succeeded`, `failed`, `error`.
+    /// [`PollResult::as_str`].
     pub result: &'static str,
 }
 
 /// Labels of `creates_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CreateLabels {
-    /// `accepted`, `rate_limited`, `rejected`, `failed`, `unconfirmed`,
-    /// `not_sent`, `accepted_after_delivery_lost`.
+    /// [`CreateOutcome::as_str`].
     pub outcome: &'static str,
     /// The model (one of the six Vidu Q3 names).
     pub model: &'static str,
@@ -60,15 +167,14 @@ pub struct CreateLabels {
 /// Labels of `create_waits_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WaitLabels {
-    /// `quota` (the deployment's window, configured or learned, was full)
-    /// or `pause` (after a 429).
+    /// [`WaitReason::as_str`].
     pub reason: &'static str,
 }
 
 /// Labels of `tickets_rejected_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TicketLabels {
-    /// `unsigned`, `forged`, `invalid`, `oversized`.
+    /// [`TicketRejection::as_str`].
     pub reason: &'static str,
 }
 
@@ -297,10 +403,12 @@ impl Metrics {
     }
 
     /// Counts a request by outcome.
-    pub fn request(&self, outcome: &'static str) {
+    pub fn request(&self, outcome: RequestOutcome) {
         self.inner
             .requests
-            .get_or_create(&OutcomeLabels { outcome })
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
             .inc();
     }
 
@@ -321,8 +429,13 @@ impl Metrics {
     }
 
     /// Counts a poll result.
-    pub fn poll(&self, result: &'static str) {
-        self.inner.polls.get_or_create(&PollLabels { result }).inc();
+    pub fn poll(&self, result: PollResult) {
+        self.inner
+            .polls
+            .get_or_create(&PollLabels {
+                result: result.as_str(),
+            })
+            .inc();
     }
 
     /// Sets the sampled number of tracked tasks.
@@ -371,21 +484,23 @@ impl Metrics {
     }
 
     /// Counts a create call by outcome and model.
-    pub fn create(&self, outcome: &'static str, model: Model) {
+    pub fn create(&self, outcome: CreateOutcome, model: Model) {
         self.inner
             .creates
             .get_or_create(&CreateLabels {
-                outcome,
+                outcome: outcome.as_str(),
                 model: model.as_str(),
             })
             .inc();
     }
 
     /// Counts a wait before a create.
-    pub fn create_wait(&self, reason: &'static str) {
+    pub fn create_wait(&self, reason: WaitReason) {
         self.inner
             .create_waits
-            .get_or_create(&WaitLabels { reason })
+            .get_or_create(&WaitLabels {
+                reason: reason.as_str(),
+            })
             .inc();
     }
 
@@ -408,10 +523,12 @@ impl Metrics {
     }
 
     /// Counts a message refused on a tracking queue.
-    pub fn ticket_rejected(&self, reason: &'static str) {
+    pub fn ticket_rejected(&self, reason: TicketRejection) {
         self.inner
             .tickets_rejected
-            .get_or_create(&TicketLabels { reason })
+            .get_or_create(&TicketLabels {
+                reason: reason.as_str(),
+            })
             .inc();
     }
 
@@ -445,5 +562,57 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README's metrics table lists every value each label can take.
+    #[test]
+    fn the_readme_lists_every_label_value() {
+        let readme = include_str!("../README.md");
+        let row = |metric: &str| {
+            readme
+                .lines()
+                .find(|l| l.starts_with(&format!("| `vidu_worker_{metric}")))
+                .unwrap_or_else(|| panic!("no README row for {metric}"))
+        };
+        let rejected: Vec<&str> = TicketRejection::ALL
+            .iter()
+            // Kept for a worker holding the key, never rejected: counted in
+            // tickets_unverified_total.
+            .filter(|r| **r != TicketRejection::Unverified)
+            .map(|r| r.as_str())
+            .collect();
+        let labels: [(&str, Vec<&str>); 5] = [
+            (
+                "requests_received_total",
+                RequestOutcome::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "creates_total",
+                CreateOutcome::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "polls_total",
+                PollResult::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "create_waits_total",
+                WaitReason::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            ("tickets_rejected_total", rejected),
+        ];
+        for (metric, values) in labels {
+            let row = row(metric);
+            for value in values {
+                assert!(
+                    row.contains(&format!("`{value}`")),
+                    "the README's row for vidu_worker_{metric} does not list `{value}`"
+                );
+            }
+        }
     }
 }

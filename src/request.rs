@@ -2,7 +2,7 @@
 //!
 //! A delivery's body and AMQP properties go in; a [`GenerationRequest`] that
 //! is valid by construction comes out, or an [`InvalidRequest`] that names
-//! the offending field. Every limit of the Vidu Q3 Pro request body is
+//! the offending field. Every limit of the six Vidu Q3 models' request bodies is
 //! checked here, so nothing downstream re-checks and nothing invalid is ever
 //! sent upstream. Bodies are hostile: this module never panics on input,
 //! never reads a body over [`MAX_BODY_BYTES`], and never echoes more than a

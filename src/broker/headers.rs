@@ -11,7 +11,7 @@ use lapin::{
 /// Header carrying why a message was dead-lettered.
 pub const ERROR_HEADER: &str = "x-vidu-error";
 /// Header carrying the W3C trace context.
-pub const TRACEPARENT_HEADER: &str = "traceparent";
+pub const TRACEPARENT_HEADER: &str = crate::trace::HEADER;
 /// Header RabbitMQ quorum queues set on redeliveries.
 pub const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 /// Header of a dead-letter copy naming the queue the message came from.
@@ -30,7 +30,7 @@ pub fn dead_letter_properties(
     original: &BasicProperties,
     why: &str,
     original_queue: &str,
-    traceparent: Option<&str>,
+    traceparent: Option<&crate::trace::TraceParent>,
 ) -> BasicProperties {
     let mut why: String = why.chars().take(MAX_ERROR_HEADER).collect();
     why.retain(|c| !c.is_control());
@@ -46,7 +46,7 @@ pub fn dead_letter_properties(
     if let Some(tp) = traceparent {
         headers.insert(
             TRACEPARENT_HEADER.into(),
-            AMQPValue::LongString(LongString::from(tp)),
+            AMQPValue::LongString(LongString::from(tp.as_str())),
         );
     }
     // A ticket's signatures stay with its copy, so that it can be sent

@@ -32,6 +32,7 @@ use crate::{
     request,
     retry::RetryPolicy,
     signing::Signer,
+    trace::TraceParent,
     upstream::UpstreamClient,
 };
 
@@ -165,7 +166,7 @@ impl Context {
         &self,
         delivery: &Delivery,
         why: &str,
-        traceparent: Option<&str>,
+        traceparent: Option<&TraceParent>,
     ) -> Result<(), PublishError> {
         let properties = broker::dead_letter_properties(
             &delivery.properties,

@@ -23,8 +23,9 @@ use crate::{
     config::PollingSettings,
     events::FailureCode,
     gate::{GateState, Refusal},
+    metrics::{PollResult, RequestOutcome},
     retry::{self, RetryError, RetryPolicy},
-    upstream::{TaskResult, TaskStatus, UpstreamError, Video},
+    upstream::{RunningStatus, TaskResult, TaskStatus, UpstreamError, Video},
 };
 
 /// Consecutive 404s (over at least [`NOT_FOUND_GRACE`]) after which a task
@@ -64,7 +65,7 @@ pub enum Terminal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
     /// `queued` or `processing`.
-    pub status: &'static str,
+    pub status: RunningStatus,
     /// Percent done, when the upstream says.
     pub percent: Option<u8>,
     /// Seconds left, when the upstream says.
@@ -108,8 +109,8 @@ pub enum PollStep {
 pub struct PollDecision {
     /// The ticket, with `polls`, `errors` and `not_found` updated.
     pub ticket: Ticket,
-    /// `vidu_worker_polls_total{outcome}`.
-    pub outcome: &'static str,
+    /// `vidu_worker_polls_total{result}`.
+    pub outcome: PollResult,
     /// What the answer says about the upstream.
     pub gate: GateEffect,
     /// What to do.
@@ -261,15 +262,6 @@ pub fn after_failed_terminal(
     again
 }
 
-/// The name a running state is reported under, if it is one.
-pub fn running_status(status: &TaskStatus) -> Option<&'static str> {
-    match status {
-        TaskStatus::Queued => Some("queued"),
-        TaskStatus::Processing => Some("processing"),
-        _ => None,
-    }
-}
-
 /// The `timed_out` failure of a ticket at `now`.
 pub fn timed_out(ticket: &Ticket, now: DateTime<Utc>) -> Terminal {
     let age = ticket.age(now);
@@ -314,7 +306,7 @@ pub fn after_poll(
             let (gate, step) = after_error(&mut ticket, &err, now);
             PollDecision {
                 ticket,
-                outcome: "error",
+                outcome: PollResult::Error,
                 gate,
                 step,
             }
@@ -327,35 +319,39 @@ fn after_answer(
     result: TaskResult,
     now: DateTime<Utc>,
     polling: &PollingSettings,
-) -> (&'static str, PollStep) {
+) -> (PollResult, PollStep) {
     match result.status {
         TaskStatus::Succeeded if result.bad_video.is_some() => (
-            "failed",
+            PollResult::Failed,
             upstream_failed(format!(
                 "the upstream reported the task done with {}; the video is not handed to consumers",
                 result.bad_video.as_deref().unwrap_or("an unusable video")
             )),
         ),
         TaskStatus::Succeeded if !result.videos.is_empty() => (
-            "succeeded",
+            PollResult::Succeeded,
             PollStep::Finish(Terminal::Succeeded(result.videos)),
         ),
         TaskStatus::Failed => (
-            "failed",
+            PollResult::Failed,
             upstream_failed(result.reason.unwrap_or_else(|| {
                 "the upstream reported the task as failed without a reason".into()
             })),
         ),
         // Still running (or a success without a video: looked at again).
         status => {
-            let name = running_status(&status);
-            let outcome = name.unwrap_or("unknown");
+            let name = status.running();
+            let outcome = match name {
+                Some(RunningStatus::Queued) => PollResult::Queued,
+                Some(RunningStatus::Processing) => PollResult::Processing,
+                None => PollResult::Unknown,
+            };
             if now >= ticket.deadline {
                 return (outcome, PollStep::Finish(timed_out(ticket, now)));
             }
             let progress = name
                 .filter(|name| {
-                    ticket.last_status.as_deref() != Some(*name)
+                    ticket.last_status != Some(*name)
                         || ticket.last_progress != result.progress_percent
                 })
                 .map(|status| Progress {
@@ -525,7 +521,7 @@ pub enum CreateStep {
         /// The event's message and the dead-letter reason.
         message: String,
         /// `vidu_worker_requests_received_total{outcome}`.
-        outcome: &'static str,
+        outcome: RequestOutcome,
     },
 }
 
@@ -593,7 +589,7 @@ pub fn after_create(failure: RetryError<CreateError>) -> CreateStep {
                 message: format!(
                     "{err}; a task may have been created and billed, so the request is not created again"
                 ),
-                outcome: "upstream_unconfirmed",
+                outcome: RequestOutcome::UpstreamUnconfirmed,
             },
             UpstreamError::Rejected {
                 status,
@@ -602,12 +598,12 @@ pub fn after_create(failure: RetryError<CreateError>) -> CreateStep {
             } => CreateStep::Refuse {
                 code: FailureCode::UpstreamRejected,
                 message: rejected_message(status, &reason, &message),
-                outcome: "upstream_rejected",
+                outcome: RequestOutcome::UpstreamRejected,
             },
             other => CreateStep::Refuse {
                 code: FailureCode::UpstreamRejected,
                 message: other.to_string(),
-                outcome: "upstream_rejected",
+                outcome: RequestOutcome::UpstreamRejected,
             },
         },
     }
@@ -627,6 +623,7 @@ pub fn rejected_message(status: u16, reason: &str, message: &str) -> String {
 mod tests {
     use super::*;
     use crate::request::RequestId;
+    use crate::upstream::TaskId;
     use proptest::prelude::*;
 
     const S: fn(u64) -> Duration = Duration::from_secs;
@@ -651,8 +648,8 @@ mod tests {
         Ticket {
             v: super::super::ticket::TICKET_VERSION,
             request_id: RequestId::parse("r-1").unwrap_or_else(|_| unreachable!()),
-            task_id: "t-1".into(),
-            model: crate::model::Model::DEFAULT.as_str().into(),
+            task_id: TaskId::parse("t-1").unwrap_or_else(|| unreachable!()),
+            model: crate::model::Model::DEFAULT,
             metadata: None,
             correlation_id: None,
             reply_to: None,
@@ -921,7 +918,7 @@ mod tests {
                 "queued",
                 PollStep::Again {
                     next: NextPoll::At(at(30)),
-                    progress: Some(progress("queued", Some(0), None)),
+                    progress: Some(progress(RunningStatus::Queued, Some(0), None)),
                 },
             ),
             (
@@ -929,7 +926,7 @@ mod tests {
                 "processing",
                 PollStep::Again {
                     next: NextPoll::At(at(38)),
-                    progress: Some(progress("processing", Some(40), Some(18))),
+                    progress: Some(progress(RunningStatus::Processing, Some(40), Some(18))),
                 },
             ),
         ];
@@ -938,7 +935,7 @@ mod tests {
             before.errors = 4;
             before.not_found = 2;
             let d = after_poll(before, Ok(answer), now, &polling());
-            assert_eq!(d.outcome, outcome);
+            assert_eq!(d.outcome.as_str(), outcome);
             assert_eq!(d.step, step, "{outcome}");
             assert_eq!(d.gate, GateEffect::Open);
             assert_eq!(
@@ -951,7 +948,7 @@ mod tests {
     #[test]
     fn progress_is_reported_only_when_it_changed() {
         let mut same = ticket();
-        same.last_status = Some("processing".into());
+        same.last_status = Some(RunningStatus::Processing);
         same.last_progress = Some(50);
         let mut answer = result(TaskStatus::Processing);
         answer.progress_percent = Some(50);
@@ -974,7 +971,7 @@ mod tests {
             at(20),
             &polling(),
         );
-        assert_eq!(again(d).map(|p| p.status), Some("queued"));
+        assert_eq!(again(d).map(|p| p.status), Some(RunningStatus::Queued));
     }
 
     #[test]
@@ -988,7 +985,7 @@ mod tests {
             PollStep::Again {
                 next: NextPoll::At(at(3600)),
                 progress: Some(Progress {
-                    status: "processing",
+                    status: RunningStatus::Processing,
                     percent: None,
                     eta_seconds: Some(600)
                 })
@@ -996,7 +993,7 @@ mod tests {
         );
         // At the deadline: timed out, with the age and the polls.
         let d = after_poll(ticket(), Ok(answer), at(3600), &polling());
-        assert_eq!(d.outcome, "processing");
+        assert_eq!(d.outcome, PollResult::Processing);
         assert_eq!(
             d.step,
             failed(
@@ -1104,7 +1101,7 @@ mod tests {
             let mut t = ticket();
             t.errors = before;
             let d = after_poll(t, Err(err), now, &polling());
-            assert_eq!(d.outcome, "error", "{label}");
+            assert_eq!(d.outcome, PollResult::Error, "{label}");
             assert_eq!(d.gate, gate, "{label}");
             assert_eq!(d.step, step, "{label}");
             assert_eq!(d.ticket.errors, after, "{label}");
@@ -1242,7 +1239,7 @@ mod tests {
                 CreateStep::Refuse {
                     code: FailureCode::UpstreamUnconfirmed,
                     message: "the upstream answered the create with HTTP 200 but no readable task id: {\"ok\":true}; a task may have been created and billed, so the request is not created again".into(),
-                    outcome: "upstream_unconfirmed",
+                    outcome: RequestOutcome::UpstreamUnconfirmed,
                 },
             ),
             (
@@ -1254,7 +1251,7 @@ mod tests {
                 CreateStep::Refuse {
                     code: FailureCode::UpstreamRejected,
                     message: "HTTP 400 ILLEGAL_PROMPT: no".into(),
-                    outcome: "upstream_rejected",
+                    outcome: RequestOutcome::UpstreamRejected,
                 },
             ),
             (
@@ -1264,7 +1261,7 @@ mod tests {
                 CreateStep::Refuse {
                     code: FailureCode::UpstreamRejected,
                     message: "upstream does not know the task: no route".into(),
-                    outcome: "upstream_rejected",
+                    outcome: RequestOutcome::UpstreamRejected,
                 },
             ),
         ];

@@ -34,10 +34,13 @@ use crate::{
     broker::{self, TRACEPARENT_HEADER},
     events::{self, EventKind, FailureCode, RequestContext},
     gate::{ProbeClaim, Refusal, Turn},
+    metrics::{CreateOutcome, RequestOutcome},
     model::Model,
     quota::{Prepaid, SlotError},
     request::{self, GenerationRequest, MessageProps, RequestId},
     retry,
+    trace::TraceParent,
+    upstream::TaskId,
     upstream::UpstreamError,
 };
 
@@ -63,10 +66,11 @@ pub(crate) async fn handle(
         request_queue: &ctx.topology.request_queue,
         reply_to_allowed: &ctx.settings.amqp.reply_to_allowed,
     };
-    let traceparent = broker::header_str(props, TRACEPARENT_HEADER).and_then(continue_trace);
+    let traceparent =
+        broker::header_str(props, TRACEPARENT_HEADER).and_then(TraceParent::continued);
 
     if let Some(count) = poison::check(delivery, ctx.settings.amqp.max_deliveries) {
-        return poisoned(ctx, delivery, message_props, traceparent.as_deref(), count).await;
+        return poisoned(ctx, delivery, message_props, traceparent.as_ref(), count).await;
     }
 
     let parsed = request::parse(&delivery.data, message_props)
@@ -81,7 +85,7 @@ pub(crate) async fn handle(
         Err(invalid) => {
             tracing::Span::current().record("request_id", invalid.request_id.as_str());
             tracing::info!(field = %invalid.field, problem = %invalid.message, "rejecting an invalid request");
-            ctx.metrics.request("invalid");
+            ctx.metrics.request(RequestOutcome::Invalid);
             let message = invalid.to_string();
             refuse(
                 ctx,
@@ -91,7 +95,7 @@ pub(crate) async fn handle(
                     metadata: invalid.metadata.as_deref(),
                     code: FailureCode::InvalidRequest,
                     message: &message,
-                    traceparent: traceparent.as_deref(),
+                    traceparent: traceparent.as_ref(),
                 },
             )
             .await
@@ -105,7 +109,7 @@ struct Refused<'a> {
     metadata: Option<&'a serde_json::value::RawValue>,
     code: FailureCode,
     message: &'a str,
-    traceparent: Option<&'a str>,
+    traceparent: Option<&'a TraceParent>,
 }
 
 /// Dead-letters the message with `x-vidu-error` and publishes the failed
@@ -149,10 +153,10 @@ async fn poisoned(
     ctx: &Context,
     delivery: &Delivery,
     props: MessageProps<'_>,
-    traceparent: Option<&str>,
+    traceparent: Option<&TraceParent>,
     count: i64,
 ) -> Disposition {
-    ctx.metrics.request("poison");
+    ctx.metrics.request(RequestOutcome::Poison);
     // The body may be what crashes us: read only what the parser reads
     // safely, for the id and metadata of the failed event.
     let (request_id, metadata) = match request::parse(&delivery.data, props) {
@@ -186,7 +190,7 @@ async fn submit(
     delivery: &Delivery,
     lease: &Lease,
     req: GenerationRequest,
-    traceparent: Option<String>,
+    traceparent: Option<TraceParent>,
     prepaid: Prepaid,
 ) -> Disposition {
     let received_at = Utc::now();
@@ -196,7 +200,7 @@ async fn submit(
                 // Created by this worker moments ago: its ticket and events
                 // exist, the broker only redelivered the request.
                 tracing::info!("a redelivered request this worker already created and tracks; acknowledging it");
-                ctx.metrics.request("duplicate");
+                ctx.metrics.request(RequestOutcome::Duplicate);
                 return Disposition::Ack;
             }
             Begin::Go(guard) => guard,
@@ -229,7 +233,7 @@ async fn submit(
             ctx.retry_policy(),
             ctx.settings.upstream.create_retry_budget,
             &ctx.shutdown,
-            || create_once(ctx, lease, &req, traceparent.as_deref(), &slots),
+            || create_once(ctx, lease, &req, traceparent.as_ref(), &slots),
         )
         .await;
         let failure = match created {
@@ -246,7 +250,7 @@ async fn submit(
                 if let Some(refusal) = close {
                     report_refusal(ctx, claim, refusal, &detail);
                 }
-                ctx.metrics.request("handed_back");
+                ctx.metrics.request(RequestOutcome::HandedBack);
                 return Disposition::Requeue;
             }
             CreateStep::WaitForBalance { detail } => {
@@ -275,7 +279,7 @@ async fn submit(
                     code,
                     &message,
                     outcome,
-                    traceparent.as_deref(),
+                    traceparent.as_ref(),
                 )
                 .await;
             }
@@ -288,7 +292,7 @@ async fn submit(
         // published on the next session), and remember it so that a copy
         // redelivered to this worker is not created again.
         ctx.metrics
-            .create("accepted_after_delivery_lost", req.model);
+            .create(CreateOutcome::AcceptedAfterDeliveryLost, req.model);
         tracing::warn!("the upstream accepted a task after the request's delivery was lost; recording it so the redelivered copy is not created again here");
     }
     let disposition = record(ctx, delivery, req, task_id, received_at, traceparent).await;
@@ -404,7 +408,7 @@ async fn wait_to_retry(
     delay: &mut Duration,
 ) -> Option<Fleet> {
     if Instant::now() + *delay > hold_until {
-        ctx.metrics.request("handed_back");
+        ctx.metrics.request(RequestOutcome::HandedBack);
         return Some(Fleet::Settled(Disposition::Requeue));
     }
     tokio::select! {
@@ -427,7 +431,7 @@ async fn duplicate(
     req: GenerationRequest,
     remembered: Remembered,
     received_at: chrono::DateTime<Utc>,
-    traceparent: Option<String>,
+    traceparent: Option<TraceParent>,
 ) -> Disposition {
     tracing::Span::current().record("task_id", &*remembered.task_id);
     tracing::debug!(
@@ -437,23 +441,25 @@ async fn duplicate(
         created_at = %remembered.at,
         "a copy of a request the fleet already created; acknowledging it"
     );
-    if delivery.redelivered {
+    let task_id = TaskId::parse(&remembered.task_id);
+    if task_id.is_none() {
+        // The journal reads only valid task ids; never acted on otherwise.
+        tracing::warn!(
+            "the journal's record of this request names no valid task; acknowledging the copy"
+        );
+    }
+    if let (true, Some(task_id)) = (delivery.redelivered, task_id) {
         // The first copy was received before its create.
         let origin = origin(ctx, delivery, received_at.min(remembered.at), traceparent);
-        let ticket = Ticket::for_created_task(
-            req,
-            remembered.task_id.into(),
-            origin,
-            remembered.at,
-            &ctx.settings.polling,
-        );
+        let ticket =
+            Ticket::for_created_task(req, task_id, origin, remembered.at, &ctx.settings.polling);
         if let Err(e) = ctx.patiently(TICKET_PATIENCE, || ctx.park(&ticket)).await {
             tracing::warn!(error = %e, "could not record the ticket of a created request again; handing the copy back");
             return Disposition::Requeue;
         }
         tracing::info!("a redelivered request the fleet had created: its ticket is recorded again from the journal");
     }
-    ctx.metrics.request("duplicate");
+    ctx.metrics.request(RequestOutcome::Duplicate);
     Disposition::Ack
 }
 
@@ -470,7 +476,7 @@ async fn pass_gate(
         GateStep::Go => Ok(None),
         GateStep::HandBack => {
             // Probed without requests: hand this one back, once.
-            ctx.metrics.request("handed_back");
+            ctx.metrics.request(RequestOutcome::HandedBack);
             Err(Disposition::Requeue)
         }
         GateStep::Wait => {
@@ -484,7 +490,7 @@ async fn pass_gate(
                 None | Some(Turn::Go) => Ok(None),
                 Some(Turn::Probe(claim)) => Ok(Some(claim)),
                 Some(Turn::TimedOut) => {
-                    ctx.metrics.request("handed_back");
+                    ctx.metrics.request(RequestOutcome::HandedBack);
                     Err(Disposition::Requeue)
                 }
                 Some(Turn::Cancelled) => Err(Disposition::Abandon),
@@ -502,8 +508,8 @@ async fn refuse_created(
     req: &GenerationRequest,
     code: FailureCode,
     message: &str,
-    outcome: &'static str,
-    traceparent: Option<&str>,
+    outcome: RequestOutcome,
+    traceparent: Option<&TraceParent>,
 ) -> Disposition {
     if code != FailureCode::UpstreamUnconfirmed {
         // The upstream served the call: it is up and takes the key.
@@ -535,9 +541,9 @@ async fn create_once(
     ctx: &Context,
     lease: &Lease,
     req: &GenerationRequest,
-    traceparent: Option<&str>,
+    traceparent: Option<&TraceParent>,
     slots: &CreateSlots,
-) -> Result<String, CreateError> {
+) -> Result<TaskId, CreateError> {
     let slot = slots.take(ctx, lease).await?;
     let sent_at = Instant::now();
     let sent_at_wall = Utc::now();
@@ -553,21 +559,21 @@ async fn create_once(
     let outcome = match &result {
         Ok(_) => {
             ctx.budget.accepted();
-            "accepted"
+            CreateOutcome::Accepted
         }
         Err(UpstreamError::RateLimited { retry_after, .. }) => {
             let publisher = ctx.publisher();
             ctx.budget
                 .refused(publisher.as_ref(), sent_at, sent_at_wall, *retry_after)
                 .await;
-            "rate_limited"
+            CreateOutcome::RateLimited
         }
         Err(UpstreamError::NotSent) => {
             return Err(CreateError::NotSent);
         }
-        Err(UpstreamError::Unconfirmed { .. }) => "unconfirmed",
-        Err(UpstreamError::Transient { .. }) => "failed",
-        Err(_) => "rejected",
+        Err(UpstreamError::Unconfirmed { .. }) => CreateOutcome::Unconfirmed,
+        Err(UpstreamError::Transient { .. }) => CreateOutcome::Failed,
+        Err(_) => CreateOutcome::Rejected,
     };
     ctx.metrics.create(outcome, req.model);
     result.map_err(CreateError::Upstream)
@@ -631,7 +637,7 @@ impl CreateSlots {
 /// The delivery was lost before its create was sent: nothing to do here,
 /// the broker has handed the request to someone else.
 fn abandoned(ctx: &Context, model: Model) -> Disposition {
-    ctx.metrics.create("not_sent", model);
+    ctx.metrics.create(CreateOutcome::NotSent, model);
     tracing::debug!("the request's delivery was lost while it waited; not creating it");
     Disposition::Abandon
 }
@@ -642,9 +648,9 @@ async fn record(
     ctx: &Context,
     delivery: &Delivery,
     req: GenerationRequest,
-    task_id: String,
+    task_id: TaskId,
     received_at: chrono::DateTime<Utc>,
-    traceparent: Option<String>,
+    traceparent: Option<TraceParent>,
 ) -> Disposition {
     let stable_id = req.stable_id().cloned();
     let origin = origin(ctx, delivery, received_at, traceparent);
@@ -653,15 +659,15 @@ async fn record(
         &ctx.settings.events.source,
         &ticket.context(),
         &EventKind::Submitted {
-            task_id: &ticket.task_id,
-            model: &ticket.model,
+            task_id: ticket.task_id.as_str(),
+            model: ticket.model.as_str(),
         },
     );
     let created = Created {
         v: 1,
         request_id: stable_id,
-        task_id: ticket.task_id.clone(),
-        model: ticket.model.clone(),
+        task_id: ticket.task_id.to_string(),
+        model: ticket.model.as_str().to_owned(),
         at: ticket.submitted_at,
     };
     let (parked, published, journaled) = tokio::join!(
@@ -687,7 +693,7 @@ async fn record(
     if let Err(e) = published {
         tracing::warn!(error = %e, "the submitted event could not be published; the task is tracked");
     }
-    ctx.metrics.request("submitted");
+    ctx.metrics.request(RequestOutcome::Submitted);
     tracing::debug!("task submitted and tracked");
     Disposition::Ack
 }
@@ -698,7 +704,7 @@ fn origin(
     ctx: &Context,
     delivery: &Delivery,
     received_at: chrono::DateTime<Utc>,
-    traceparent: Option<String>,
+    traceparent: Option<TraceParent>,
 ) -> Origin {
     Origin {
         received_at,
@@ -736,57 +742,5 @@ fn report_refusal(ctx: &Context, claim: Option<ProbeClaim>, refusal: Refusal, de
     match claim {
         Some(claim) => ctx.gate.probe_failed(claim, refusal, detail),
         None => ctx.gate.close(refusal, detail),
-    }
-}
-
-/// Continues an incoming W3C trace: same trace id and flags, a new parent id
-/// for the worker's own span. Malformed headers are ignored.
-pub(crate) fn continue_trace(incoming: &str) -> Option<String> {
-    let incoming = incoming.trim();
-    if !events::is_traceparent(incoming) {
-        return None;
-    }
-    let parts: Vec<&str> = incoming.split('-').collect();
-    let [_, trace_id, _, flags] = parts.as_slice() else {
-        return None;
-    };
-    let span_id = loop {
-        let v: u64 = rand::random();
-        if v != 0 {
-            break v;
-        }
-    };
-    Some(format!("00-{trace_id}-{span_id:016x}-{flags}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn traces_continue_with_a_new_span() {
-        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let out = continue_trace(incoming).expect("valid");
-        assert!(
-            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
-            "{out}"
-        );
-        assert!(out.ends_with("-01"), "{out}");
-        assert_ne!(out, incoming);
-        assert_eq!(out.len(), incoming.len());
-    }
-
-    #[test]
-    fn malformed_traceparents_are_ignored() {
-        for bad in [
-            "",
-            "garbage",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
-        ] {
-            assert_eq!(continue_trace(bad), None, "{bad}");
-        }
     }
 }

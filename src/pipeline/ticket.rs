@@ -17,10 +17,13 @@ use serde_json::value::RawValue;
 
 use crate::{
     config::PollingSettings,
-    events::{self, RequestContext},
+    events::RequestContext,
+    metrics::TicketRejection,
+    model::Model,
     request::{self, GenerationRequest, RequestId},
     signing::{Presented, SignatureError, Signatures, Signer},
-    upstream::{clean_text, valid_task_id},
+    trace::TraceParent,
+    upstream::{clean_text, RunningStatus, TaskId},
 };
 
 /// Ticket format version.
@@ -39,7 +42,7 @@ pub struct Origin {
     /// The request's `reply_to`, when allowed.
     pub reply_to: Option<String>,
     /// The worker's continuation of the producer's trace.
-    pub traceparent: Option<String>,
+    pub traceparent: Option<TraceParent>,
 }
 
 /// What reading a ticket needs: the signing keys and the rules.
@@ -69,17 +72,12 @@ pub const UNVERIFIED_SINCE_HEADER: &str = "x-vidu-unverified-since";
 /// Header of a kept ticket: how many times it has been kept.
 pub const UNVERIFIED_HOPS_HEADER: &str = "x-vidu-unverified-hops";
 
-/// The reason a message that is signed, well-formed, but by no key this
-/// worker holds is not read: [`Unreadable::reason`] for it.
-pub const UNVERIFIED: &str = "unverified";
-
 /// Why a message on a tracking queue is not one of this deployment's tickets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unreadable {
-    /// The metric label: `oversized`, `unsigned`, `forged`, `invalid`, or
-    /// [`UNVERIFIED`] (kept, not dead-lettered: another worker of the
-    /// deployment may hold its key).
-    pub reason: &'static str,
+    /// Why; [`TicketRejection::Unverified`] is kept, not dead-lettered:
+    /// another worker of the deployment may hold its key.
+    pub reason: TicketRejection,
     /// What is wrong, for the dead-letter header and the log (never the
     /// message itself).
     pub detail: String,
@@ -89,7 +87,7 @@ impl Unreadable {
     /// Whether the message carries well-formed signatures by a key this
     /// worker does not hold.
     pub fn is_unverified(&self) -> bool {
-        self.reason == UNVERIFIED
+        self.reason == TicketRejection::Unverified
     }
 }
 
@@ -115,9 +113,9 @@ pub struct Ticket {
     /// The request id.
     pub request_id: RequestId,
     /// The upstream task id.
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Model name.
-    pub model: String,
+    pub model: Model,
     /// Producer metadata, byte for byte.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Box<RawValue>>,
@@ -129,7 +127,7 @@ pub struct Ticket {
     pub reply_to: Option<String>,
     /// W3C trace context.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
+    pub traceparent: Option<TraceParent>,
     /// When a worker first took the request.
     pub received_at: DateTime<Utc>,
     /// When the upstream accepted the task.
@@ -147,9 +145,9 @@ pub struct Ticket {
     /// Consecutive 404 answers.
     #[serde(default)]
     pub not_found: u32,
-    /// Last reported status (`queued`/`processing`).
+    /// Last reported running state.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_status: Option<String>,
+    pub last_status: Option<RunningStatus>,
     /// Last reported progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress: Option<u8>,
@@ -161,7 +159,7 @@ impl Ticket {
     /// the longer one), the first poll after `polling.min_interval`.
     pub fn for_created_task(
         req: GenerationRequest,
-        task_id: String,
+        task_id: TaskId,
         origin: Origin,
         now: DateTime<Utc>,
         polling: &PollingSettings,
@@ -171,7 +169,7 @@ impl Ticket {
             v: TICKET_VERSION,
             request_id: req.request_id,
             task_id,
-            model: req.model.as_str().to_owned(),
+            model: req.model,
             metadata: req.metadata,
             correlation_id: origin.correlation_id,
             reply_to: origin.reply_to,
@@ -207,7 +205,7 @@ impl Ticket {
     ) -> Result<Self, Unreadable> {
         if body.len() > MAX_TICKET_BYTES {
             return Err(Unreadable {
-                reason: "oversized",
+                reason: TicketRejection::Oversized,
                 detail: format!(
                     "{} bytes, more than a ticket's {MAX_TICKET_BYTES}",
                     body.len()
@@ -219,9 +217,9 @@ impl Ticket {
             Err(SignatureError::Missing) if keys.accepts_unsigned() => false,
             Err(e) => {
                 let reason = match e {
-                    SignatureError::Missing => "unsigned",
-                    SignatureError::Malformed => "forged",
-                    SignatureError::Unverified => UNVERIFIED,
+                    SignatureError::Missing => TicketRejection::Unsigned,
+                    SignatureError::Malformed => TicketRejection::Forged,
+                    SignatureError::Unverified => TicketRejection::Unverified,
                 };
                 return Err(Unreadable {
                     reason,
@@ -232,13 +230,13 @@ impl Ticket {
         let ticket: Self = serde_json::from_slice(body).map_err(|e| Unreadable {
             // serde's words may quote the message: shortened, control
             // characters dropped.
-            reason: "invalid",
+            reason: TicketRejection::Invalid,
             detail: format!("not a tracking ticket: {}", clean_text(&e.to_string(), 200)),
         })?;
         ticket
             .validate(keys.request_queue)
             .map_err(|detail| Unreadable {
-                reason: "invalid",
+                reason: TicketRejection::Invalid,
                 detail,
             })?;
         if !signed
@@ -247,7 +245,7 @@ impl Ticket {
                 .is_none_or(|until| ticket.submitted_at >= until)
         {
             return Err(Unreadable {
-                reason: "unsigned",
+                reason: TicketRejection::Unsigned,
                 detail: "the ticket is not signed and says it was submitted after tickets.accept_unsigned ended".into(),
             });
         }
@@ -261,7 +259,7 @@ impl Ticket {
             metadata: self.metadata.as_deref(),
             correlation_id: self.correlation_id.as_deref(),
             reply_to: self.reply_to.as_deref(),
-            traceparent: self.traceparent.as_deref(),
+            traceparent: self.traceparent.as_ref(),
         }
     }
 
@@ -281,12 +279,6 @@ impl Ticket {
         if self.v != TICKET_VERSION {
             return Err(format!("version {} is not {TICKET_VERSION}", self.v));
         }
-        if !valid_task_id(&self.task_id) {
-            return Err("task_id is not 1 to 128 printable characters".into());
-        }
-        if crate::model::Model::parse(&self.model).is_none() {
-            return Err("model is not one this worker serves".into());
-        }
         if let Some(m) = &self.metadata {
             if !m.get().starts_with('{') || m.get().len() > request::MAX_METADATA_BYTES {
                 return Err("metadata is not an object of at most 16 KiB".into());
@@ -298,13 +290,6 @@ impl Ticket {
         if let Some(r) = &self.reply_to {
             request::check_reply_to(r, request_queue).map_err(|e| format!("reply_to: {e}"))?;
         }
-        if self
-            .traceparent
-            .as_deref()
-            .is_some_and(|t| !events::is_traceparent(t))
-        {
-            return Err("traceparent is malformed".into());
-        }
         let longest = chrono::Duration::days(31);
         if self.received_at > self.submitted_at
             || self.deadline < self.submitted_at
@@ -313,13 +298,8 @@ impl Ticket {
         {
             return Err("its times are out of order or span more than 31 days".into());
         }
-        if self
-            .last_status
-            .as_deref()
-            .is_some_and(|s| !matches!(s, "queued" | "processing"))
-            || self.last_progress.is_some_and(|p| p > 100)
-        {
-            return Err("last_status or last_progress is out of range".into());
+        if self.last_progress.is_some_and(|p| p > 100) {
+            return Err("last_progress is out of range".into());
         }
         Ok(())
     }
@@ -331,6 +311,10 @@ pub const MAX_TICKET_BYTES: usize = 64 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn task(id: &str) -> TaskId {
+        TaskId::parse(id).unwrap_or_else(|| panic!("{id} is a task id"))
+    }
     use crate::signing::{DEPLOYMENT_SIGNATURE_HEADER, SIGNATURE_HEADER};
 
     #[test]
@@ -343,7 +327,7 @@ mod tests {
         assert_eq!(t.metadata.as_ref().map(|m| m.get()), Some(r#"{"a":1}"#));
         let back: Ticket =
             serde_json::from_slice(&serde_json::to_vec(&t).expect("ser")).expect("de");
-        assert_eq!(back.task_id, "t-1");
+        assert_eq!(back.task_id.as_str(), "t-1");
     }
 
     fn request(body: &str) -> GenerationRequest {
@@ -392,13 +376,13 @@ mod tests {
                 reply_to: None,
                 traceparent: None,
             };
-            let t = Ticket::for_created_task(request(body), "t-9".into(), origin, at(0), &p);
+            let t = Ticket::for_created_task(request(body), task("t-9"), origin, at(0), &p);
             assert_eq!(t.deadline, at(hours * 3600), "{body}");
             assert_eq!(t.next_poll_at, at(3));
             assert_eq!((t.received_at, t.submitted_at), (at(-5), at(0)));
             assert_eq!((t.polls, t.errors, t.not_found), (0, 0, 0));
             assert_eq!(t.correlation_id.as_deref(), Some("c"));
-            assert_eq!(t.task_id, "t-9");
+            assert_eq!(t.task_id.as_str(), "t-9");
             assert!(t.validate("q").is_ok(), "{:?}", t.validate("q"));
             assert_eq!(t.remaining(at(1)), Duration::from_secs(2));
             assert_eq!(t.remaining(at(10)), Duration::ZERO);
@@ -433,7 +417,7 @@ mod tests {
         };
         let good = Ticket::for_created_task(
             request(r#"{"request_id":"r-1","input":{"images":["https://a/1.png"]}}"#),
-            "t-1".into(),
+            task("t-1"),
             origin,
             at(0),
             &p,
@@ -455,9 +439,14 @@ mod tests {
                 &body,
                 Some(other.sign(&body).legacy),
                 false,
-                Some(UNVERIFIED),
+                Some("unverified"),
             ),
-            (&body, Some(sig(b"something else")), true, Some(UNVERIFIED)),
+            (
+                &body,
+                Some(sig(b"something else")),
+                true,
+                Some("unverified"),
+            ),
             (&big, Some(sig(&big)), true, Some("oversized")),
             (b"not json", Some(sig(b"not json")), false, Some("invalid")),
             (&v99, Some(sig(&v99)), false, Some("invalid")),
@@ -468,7 +457,11 @@ mod tests {
                 deployment: None,
             };
             let got = Ticket::read(body, presented, &keys(accept));
-            assert_eq!(got.as_ref().err().map(|u| u.reason), expected, "{got:?}");
+            assert_eq!(
+                got.as_ref().err().map(|u| u.reason.as_str()),
+                expected,
+                "{got:?}"
+            );
         }
         // An unsigned ticket that says it was submitted after the
         // migration's end is refused even while it runs.
@@ -478,7 +471,7 @@ mod tests {
         late.next_poll_at = at(7200);
         let late = serde_json::to_vec(&late).unwrap_or_default();
         let got = Ticket::read(&late, Presented::default(), &keys(true));
-        assert_eq!(got.err().map(|u| u.reason), Some("unsigned"));
+        assert_eq!(got.err().map(|u| u.reason), Some(TicketRejection::Unsigned));
     }
 
     #[test]
@@ -510,7 +503,7 @@ mod tests {
         };
         assert_eq!(
             Ticket::read(&body, presented, &keys).map(|t| t.task_id),
-            Ok("t-1".to_owned())
+            Ok(task("t-1"))
         );
         // Without the deployment key, the other worker's API key is not
         // accepted: kept as unverified, not refused as forged.
@@ -533,7 +526,7 @@ mod tests {
         };
         Ticket::for_created_task(
             request(r#"{"request_id":"r-1","input":{"images":["https://a/1.png"]}}"#),
-            "t-1".into(),
+            task("t-1"),
             origin,
             at(0),
             &PollingSettings::default(),
@@ -550,27 +543,6 @@ mod tests {
         let cases: Vec<(&str, Edit, bool)> = vec![
             ("as built", Box::new(|_| {}), true),
             ("v 2", Box::new(|t| t.v = 2), false),
-            ("empty task id", Box::new(|t| t.task_id.clear()), false),
-            (
-                "128-char task id",
-                Box::new(|t| t.task_id = "t".repeat(128)),
-                true,
-            ),
-            (
-                "129-char task id",
-                Box::new(|t| t.task_id = "t".repeat(129)),
-                false,
-            ),
-            (
-                "another Q3 model",
-                Box::new(|t| t.model = "vidu-q3-turbo-f2v".into()),
-                true,
-            ),
-            (
-                "an unknown model",
-                Box::new(|t| t.model = "vidu-q2".into()),
-                false,
-            ),
             (
                 "object metadata",
                 Box::new(move |t| t.metadata = raw(r#"{"a":1}"#)),
@@ -622,19 +594,6 @@ mod tests {
                 false,
             ),
             (
-                "a traceparent",
-                Box::new(|t| {
-                    t.traceparent =
-                        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into())
-                }),
-                true,
-            ),
-            (
-                "a bad traceparent",
-                Box::new(|t| t.traceparent = Some("00-x".into())),
-                false,
-            ),
-            (
                 "received after submission",
                 Box::new(|t| t.received_at = t.submitted_at + chrono::Duration::seconds(1)),
                 false,
@@ -679,21 +638,6 @@ mod tests {
                 false,
             ),
             (
-                "status queued",
-                Box::new(|t| t.last_status = Some("queued".into())),
-                true,
-            ),
-            (
-                "status processing",
-                Box::new(|t| t.last_status = Some("processing".into())),
-                true,
-            ),
-            (
-                "status succeeded",
-                Box::new(|t| t.last_status = Some("succeeded".into())),
-                false,
-            ),
-            (
                 "progress 100",
                 Box::new(|t| t.last_progress = Some(100)),
                 true,
@@ -716,6 +660,38 @@ mod tests {
         }
     }
 
+    /// The typed fields, at their boundaries: a ticket whose task id,
+    /// model, running state or trace context is not one is not read.
+    #[test]
+    fn typed_ticket_fields_are_checked_when_read() {
+        let valid = serde_json::to_value(valid_ticket()).unwrap_or_default();
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        // (field, value, read)
+        let cases: Vec<(&str, serde_json::Value, bool)> = vec![
+            ("task_id", "".into(), false),
+            ("task_id", "t".repeat(128).into(), true),
+            ("task_id", "t".repeat(129).into(), false),
+            ("task_id", "t 1".into(), false),
+            ("task_id", 7.into(), false),
+            ("model", "vidu-q3-turbo-f2v".into(), true),
+            ("model", "vidu-q2".into(), false),
+            ("traceparent", tp.into(), true),
+            ("traceparent", "00-x".into(), false),
+            ("last_status", "queued".into(), true),
+            ("last_status", "processing".into(), true),
+            ("last_status", "succeeded".into(), false),
+            ("last_status", "QUEUED".into(), false),
+        ];
+        for (field, value, read) in cases {
+            let mut v = valid.clone();
+            v[field] = value.clone();
+            let got = serde_json::from_value::<Ticket>(v)
+                .map_err(|e| e.to_string())
+                .and_then(|t| t.validate("q"));
+            assert_eq!(got.is_ok(), read, "{field} = {value}: {got:?}");
+        }
+    }
+
     #[test]
     fn a_ticket_of_exactly_the_largest_size_is_read_and_its_properties_are_a_tickets() {
         let secret = secrecy::SecretString::from("s3cret");
@@ -729,7 +705,7 @@ mod tests {
         // Exactly the limit: not "oversized" (it is not a ticket either).
         let body = vec![b' '; MAX_TICKET_BYTES];
         let got = Ticket::read(&body, legacy(&signer.sign(&body).legacy), &keys);
-        assert_eq!(got.err().map(|u| u.reason), Some("invalid"));
+        assert_eq!(got.err().map(|u| u.reason), Some(TicketRejection::Invalid));
         let props = Ticket::properties(&Signatures {
             legacy: "sig".into(),
             deployment: None,

@@ -82,7 +82,7 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
 
     let answer = ctx
         .upstream
-        .task_result(&ticket.task_id, ticket.traceparent.as_deref())
+        .task_result(ticket.task_id.as_str(), ticket.traceparent.as_ref())
         .await;
     match &answer {
         Ok(r)
@@ -127,9 +127,10 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
 async fn reject(ctx: &Context, delivery: &Delivery, unreadable: &Unreadable) -> Disposition {
     let reason = unreadable.reason;
     ctx.metrics.ticket_rejected(reason);
-    tracing::warn!(reason, problem = %unreadable.detail, "dead-lettering a message on a tracking queue that is not one of this deployment's tickets");
+    tracing::warn!(reason = reason.as_str(), problem = %unreadable.detail, "dead-lettering a message on a tracking queue that is not one of this deployment's tickets");
     let why = format!(
-        "not a ticket of this deployment ({reason}): {}",
+        "not a ticket of this deployment ({}): {}",
+        reason.as_str(),
         unreadable.detail
     );
     match ctx.dead_letter(delivery, &why, None).await {
@@ -254,15 +255,15 @@ fn next_poll_at(ctx: &Context, next: NextPoll, now: DateTime<Utc>) -> DateTime<U
 /// out. Not worth holding the ticket for: the next poll tries again.
 async fn report_progress(ctx: &Context, ticket: &mut Ticket, progress: Progress) {
     let kind = EventKind::Progress {
-        task_id: &ticket.task_id,
-        status: progress.status,
+        task_id: ticket.task_id.as_str(),
+        status: progress.status.as_str(),
         progress_percent: progress.percent,
         eta_seconds: progress.eta_seconds,
     };
     let event = events::build(&ctx.settings.events.source, &ticket.context(), &kind);
     match ctx.publish_event(&event).await {
         Ok(()) => {
-            ticket.last_status = Some(progress.status.to_owned());
+            ticket.last_status = Some(progress.status);
             ticket.last_progress = progress.percent;
         }
         Err(e) => {
@@ -293,13 +294,13 @@ async fn finish(ctx: &Context, ticket: &Ticket, terminal: Terminal) -> Dispositi
     let now = Utc::now();
     let kind = match &terminal {
         Terminal::Succeeded(videos) => EventKind::Succeeded {
-            task_id: &ticket.task_id,
+            task_id: ticket.task_id.as_str(),
             videos,
             submitted_at: ticket.submitted_at,
             completed_at: now,
         },
         Terminal::Failed { code, message } => EventKind::Failed {
-            task_id: Some(&ticket.task_id),
+            task_id: Some(ticket.task_id.as_str()),
             code: *code,
             message,
         },

@@ -207,7 +207,7 @@ impl Budget {
     /// Waits out a pause.
     async fn wait_pause(&self, cancel: &CancellationToken) -> Result<(), SlotError> {
         while let Some(until) = self.paused_until() {
-            self.metrics.create_wait("pause");
+            self.metrics.create_wait(crate::metrics::WaitReason::Pause);
             let changed = self.changed.notified();
             tokio::select! {
                 () = cancel.cancelled() => return Err(SlotError::Cancelled),
@@ -242,7 +242,7 @@ impl Budget {
                     return Ok(Slot::now());
                 }
                 Err(PublishError::Nacked) => {
-                    self.metrics.create_wait("quota");
+                    self.metrics.create_wait(crate::metrics::WaitReason::Quota);
                     self.cap_bound(publisher).await;
                 }
                 Err(PublishError::Unroutable(_)) => {

@@ -1,4 +1,4 @@
-//! The Novita client: create a Vidu Q3 Pro task, read a task's result.
+//! The Novita client: create a task of one of the six Vidu Q3 models, read a task's result.
 //!
 //! One HTTP call per method, with the real JSON shapes, a Bearer key marked
 //! sensitive (never logged, never in an error) and per-call timeouts.
@@ -22,7 +22,7 @@ use reqwest::{
     StatusCode,
 };
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::{
     config::{ConfigError, UpstreamSettings},
@@ -30,7 +30,16 @@ use crate::{
     model::{Model, ViduInput},
     retry::{RetryHint, Transient},
     tls,
+    trace::{self, TraceParent},
 };
+
+mod answer;
+
+pub use answer::{
+    clean_text, valid_task_id, video_url_problem, RunningStatus, TaskId, TaskResult, TaskStatus,
+    Video, MAX_ANSWER_BYTES, MAX_TASK_ID_CHARS, MAX_VIDEOS, MAX_VIDEO_URL_BYTES,
+};
+use answer::{error_body, printable, truncate, truncate_to};
 
 /// Path of the task-result endpoint.
 pub const RESULT_PATH: &str = "/v3/async/task-result";
@@ -138,282 +147,9 @@ impl Transient for UpstreamError {
     }
 }
 
-/// Longest task id accepted from the upstream.
-pub const MAX_TASK_ID_CHARS: usize = 128;
-
-/// Whether `id` can be a task id: 1 to 128 printable ASCII characters (it
-/// goes into tickets, events and a query string).
-pub fn valid_task_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_TASK_ID_CHARS && id.bytes().all(|b| b.is_ascii_graphic())
-}
-
-/// Upstream task states.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TaskStatus {
-    /// Waiting to start.
-    Queued,
-    /// Generating.
-    Processing,
-    /// Done, videos ready.
-    Succeeded,
-    /// Ended in failure; see the reason.
-    Failed,
-    /// `TASK_STATUS_UNKNOWN`, a missing status, or a value we do not know:
-    /// treated as not finished.
-    Unknown,
-}
-
-/// One generated video.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Video {
-    /// Where to download it (expires).
-    pub url: String,
-    /// Seconds the URL stays valid; `None` when the upstream did not say
-    /// (a `0` is read as "not said": it has been seen on live URLs).
-    pub ttl_seconds: Option<u64>,
-    /// Container type, e.g. `mp4`.
-    pub kind: Option<String>,
-}
-
-/// A task-result answer.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaskResult {
-    /// Task state.
-    pub status: TaskStatus,
-    /// Failure reason, when failed.
-    pub reason: Option<String>,
-    /// Estimated time left.
-    pub eta: Option<Duration>,
-    /// Progress, 0..=100.
-    pub progress_percent: Option<u8>,
-    /// Videos, once succeeded (at most [`MAX_VIDEOS`], each URL checked).
-    pub videos: Vec<Video>,
-    /// What was wrong with a video the answer listed (a URL that is not
-    /// http(s), or too long), if anything: the task cannot be reported as a
-    /// success with it.
-    pub bad_video: Option<String>,
-}
-
-/// The W3C Trace Context HTTP header the worker passes its trace in.
-pub const TRACEPARENT_HTTP_HEADER: &str = "traceparent";
 /// The task id asked for to test the API key and the upstream without
 /// creating anything: any answer but a 401/403 or an outage means both work.
 pub const KEY_PROBE_TASK_ID: &str = "vidu-worker-key-probe";
-/// Most videos reported for one task (the rest are dropped).
-pub const MAX_VIDEOS: usize = 16;
-/// Longest video URL accepted.
-pub const MAX_VIDEO_URL_BYTES: usize = 2048;
-/// Largest answer read from the upstream; the rest is never read.
-pub const MAX_ANSWER_BYTES: usize = 256 * 1024;
-
-/// Why a video URL cannot be handed to consumers, if it cannot.
-pub fn video_url_problem(url: &str) -> Option<String> {
-    if url.len() > MAX_VIDEO_URL_BYTES {
-        return Some(format!(
-            "a video URL of {} bytes (at most {MAX_VIDEO_URL_BYTES})",
-            url.len()
-        ));
-    }
-    if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Some("a video URL with spaces or control characters".into());
-    }
-    match reqwest::Url::parse(url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => None,
-        Ok(u) => Some(format!(
-            "a video URL with the scheme {:?}, not http(s)",
-            clean_text(u.scheme(), 16)
-        )),
-        Err(_) => Some("a video URL that does not parse".into()),
-    }
-}
-
-/// Text from the network made fit for events and logs: control characters
-/// dropped, at most `max` characters (with an ellipsis).
-pub fn clean_text(text: &str, max: usize) -> String {
-    let kept: String = text
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(max + 1)
-        .collect();
-    truncate_to(kept.trim(), max)
-}
-
-impl TaskResult {
-    /// Parses a task-result body; `Err` only when it is not a JSON object.
-    pub fn parse(body: &[u8]) -> Result<Self, serde_json::Error> {
-        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            // serde would read a struct from an array too; only objects count.
-            return Err(serde::de::Error::custom("the answer is not a JSON object"));
-        }
-        let raw: RawResult = serde_json::from_slice(body)?;
-        let task = raw.task.unwrap_or_default();
-        let status = match task.status.as_deref().map(str::trim) {
-            Some("TASK_STATUS_QUEUED") => TaskStatus::Queued,
-            Some("TASK_STATUS_PROCESSING") => TaskStatus::Processing,
-            Some("TASK_STATUS_SUCCEED") | Some("TASK_STATUS_SUCCEEDED") => TaskStatus::Succeeded,
-            Some("TASK_STATUS_FAILED") => TaskStatus::Failed,
-            _ => TaskStatus::Unknown,
-        };
-        let mut bad_video = None;
-        let videos = raw
-            .videos
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|v| {
-                let url = v.video_url.filter(|u| !u.trim().is_empty())?;
-                if let Some(problem) = video_url_problem(&url) {
-                    bad_video.get_or_insert(problem);
-                    return None;
-                }
-                Some(Video {
-                    url,
-                    ttl_seconds: v
-                        .video_url_ttl
-                        .filter(|t| *t >= 1.0 && t.is_finite())
-                        .map(|t| t as u64),
-                    kind: v.video_type.filter(|t| {
-                        !t.is_empty() && t.len() <= 32 && t.bytes().all(|b| b.is_ascii_graphic())
-                    }),
-                })
-            })
-            .take(MAX_VIDEOS)
-            .collect();
-        Ok(Self {
-            status,
-            bad_video,
-            reason: task
-                .reason
-                .map(|r| clean_text(&r, MAX_MESSAGE_CHARS))
-                .filter(|r| !r.is_empty()),
-            eta: task
-                .eta
-                .filter(|e| e.is_finite() && *e >= 0.0)
-                .map(|e| Duration::from_secs_f64(e.min(7.0 * 86400.0))),
-            progress_percent: task
-                .progress_percent
-                .filter(|p| p.is_finite())
-                .map(|p| p.clamp(0.0, 100.0) as u8),
-            videos,
-        })
-    }
-}
-
-#[derive(Deserialize)]
-struct RawResult {
-    #[serde(default, deserialize_with = "lenient")]
-    task: Option<RawTask>,
-    #[serde(default, deserialize_with = "lenient")]
-    videos: Option<Vec<RawVideo>>,
-}
-
-#[derive(Deserialize, Default)]
-struct RawTask {
-    #[serde(default, deserialize_with = "lenient")]
-    status: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
-    reason: Option<String>,
-    #[serde(default, deserialize_with = "number")]
-    eta: Option<f64>,
-    #[serde(default, deserialize_with = "number")]
-    progress_percent: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct RawVideo {
-    #[serde(default, deserialize_with = "lenient")]
-    video_url: Option<String>,
-    #[serde(default, deserialize_with = "number")]
-    video_url_ttl: Option<f64>,
-    #[serde(default, deserialize_with = "lenient")]
-    video_type: Option<String>,
-}
-
-/// A field of the wrong shape reads as absent instead of failing the whole answer.
-fn lenient<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
-{
-    let value = serde_json::Value::deserialize(de)?;
-    Ok(serde_json::from_value(value).ok())
-}
-
-/// A number, or a string holding one; anything else reads as absent.
-fn number<'de, D>(de: D) -> Result<Option<f64>, D::Error>
-where
-    D: Deserializer<'de>,
-{
-    Ok(match serde_json::Value::deserialize(de)? {
-        serde_json::Value::Number(n) => n.as_f64(),
-        serde_json::Value::String(s) => s.trim().parse::<f64>().ok(),
-        _ => None,
-    })
-}
-
-/// An upstream error body: flat, nested, or neither.
-fn error_body(body: &[u8]) -> (String, String) {
-    #[derive(Deserialize)]
-    struct Flat {
-        #[serde(default, deserialize_with = "lenient")]
-        reason: Option<String>,
-        #[serde(default, deserialize_with = "lenient")]
-        message: Option<String>,
-        #[serde(default, deserialize_with = "lenient")]
-        error: Option<Nested>,
-    }
-    #[derive(Deserialize)]
-    struct Nested {
-        #[serde(default)]
-        code: serde_json::Value,
-        #[serde(default, deserialize_with = "lenient")]
-        message: Option<String>,
-    }
-    if let Ok(flat) = serde_json::from_slice::<Flat>(body) {
-        if flat.reason.is_some() || flat.message.is_some() {
-            return (
-                flat.reason.unwrap_or_default(),
-                flat.message.unwrap_or_default(),
-            );
-        }
-        if let Some(nested) = flat.error {
-            let code = match nested.code {
-                serde_json::Value::String(s) => s,
-                serde_json::Value::Null => String::new(),
-                other => other.to_string(),
-            };
-            return (code, nested.message.unwrap_or_default());
-        }
-    }
-    (
-        String::new(),
-        String::from_utf8_lossy(body).trim().to_owned(),
-    )
-}
-
-fn truncate(s: &str) -> String {
-    truncate_to(s, MAX_MESSAGE_CHARS)
-}
-
-fn truncate_to(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        s.to_owned()
-    } else {
-        let mut out: String = s.chars().take(max).collect();
-        out.push('…');
-        out
-    }
-}
-
-/// The start of a body as text without control characters, for messages.
-fn printable(body: &[u8]) -> String {
-    let head = &body[..body.len().min(4 * MAX_EXCERPT_CHARS)];
-    String::from_utf8_lossy(head)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect::<String>()
-        .trim()
-        .to_owned()
-}
 
 fn status_label(status: StatusCode) -> &'static str {
     match status.as_u16() {
@@ -539,13 +275,13 @@ impl UpstreamClient {
     pub async fn create(
         &self,
         input: &ViduInput,
-        traceparent: Option<&str>,
+        traceparent: Option<&TraceParent>,
         alive: &(dyn Fn() -> bool + Sync),
-    ) -> Result<String, UpstreamError> {
+    ) -> Result<TaskId, UpstreamError> {
         let create_url = &self.create_urls[input.model().index()];
         let mut req = self.http.post(create_url.clone()).json(input);
         if let Some(tp) = traceparent {
-            req = req.header(TRACEPARENT_HTTP_HEADER, tp);
+            req = req.header(trace::HEADER, tp.as_str());
         }
         if !alive() {
             return Err(UpstreamError::NotSent);
@@ -569,17 +305,19 @@ impl UpstreamClient {
                 });
             }
             return match serde_json::from_slice::<Created>(&body) {
-                Ok(c) if valid_task_id(&c.task_id) => Ok(c.task_id),
-                Ok(c) => {
-                    self.metrics.upstream_call("create", "garbage");
-                    Err(UpstreamError::Unconfirmed {
-                        status: status.as_u16(),
-                        excerpt: format!(
-                            "a task_id of {} bytes that is not 1 to {MAX_TASK_ID_CHARS} printable characters",
-                            c.task_id.len()
-                        ),
-                    })
-                }
+                Ok(c) => match TaskId::parse(&c.task_id) {
+                    Some(id) => Ok(id),
+                    None => {
+                        self.metrics.upstream_call("create", "garbage");
+                        Err(UpstreamError::Unconfirmed {
+                            status: status.as_u16(),
+                            excerpt: format!(
+                                "a task_id of {} bytes that is not 1 to {MAX_TASK_ID_CHARS} printable characters",
+                                c.task_id.len()
+                            ),
+                        })
+                    }
+                },
                 _ => {
                     self.metrics.upstream_call("create", "garbage");
                     Err(UpstreamError::Unconfirmed {
@@ -596,7 +334,7 @@ impl UpstreamClient {
     pub async fn task_result(
         &self,
         task_id: &str,
-        traceparent: Option<&str>,
+        traceparent: Option<&TraceParent>,
     ) -> Result<TaskResult, UpstreamError> {
         if let Some(limiter) = &self.poll_limiter {
             limiter.until_ready().await;
@@ -608,7 +346,7 @@ impl UpstreamClient {
             .get(self.result_url.clone())
             .query(&[("task_id", task_id)]);
         if let Some(tp) = traceparent {
-            req = req.header(TRACEPARENT_HTTP_HEADER, tp);
+            req = req.header(trace::HEADER, tp.as_str());
         }
         let Answer {
             status,
