@@ -2,7 +2,7 @@
 # Profiles one vidu-worker process during the instant-throughput scenario of
 # the pipeline benchmark and prints where its CPU time goes.
 #
-#   bench/profile.sh [OUTPUT.perf.data]
+#   benches/pipeline/profile.sh [OUTPUT.perf.data]
 #
 # Needs `perf` (Debian: apt-get install linux-perf). Builds the bench with
 # line-table debug info in its own target directory (target/profiling), so
@@ -10,7 +10,7 @@
 # BENCH_PERF_ARGS (default: -e cpu-clock -F 250 --call-graph dwarf,16384)
 # and any VIDU_WORKER__* variable, as for `cargo bench --bench pipeline`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 if ! command -v perf >/dev/null 2>&1; then
     echo "perf is not installed (Debian: apt-get install linux-perf)" >&2
