@@ -5,12 +5,12 @@
 
 use std::time::Duration;
 
-use crate::common::{node::BrokerNode, *};
+use crate::common::*;
 use vidu_worker::events::{SUBMITTED, SUCCEEDED};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_recovers_from_a_broker_restart_by_itself() {
-    let node = tokio::task::spawn_blocking(BrokerNode::start)
+    let node = tokio::task::spawn_blocking(private_node)
         .await
         .expect("private broker");
     let url = node.url();
@@ -37,7 +37,7 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
 
     let node = std::sync::Arc::new(node);
     let n2 = node.clone();
-    tokio::task::spawn_blocking(move || n2.stop_app())
+    tokio::task::spawn_blocking(move || n2.stop_app().expect("stop_app"))
         .await
         .expect("stop_app");
     let away = worker
@@ -46,7 +46,7 @@ async fn the_worker_recovers_from_a_broker_restart_by_itself() {
     eprintln!("while away: {}", away.trim());
     tokio::time::sleep(Duration::from_secs(3)).await; // the outage itself
     let n2 = node.clone();
-    tokio::task::spawn_blocking(move || n2.start_app())
+    tokio::task::spawn_blocking(move || n2.start_app(STARTUP).expect("start_app"))
         .await
         .expect("start_app");
     let back = tokio::time::Instant::now();

@@ -19,7 +19,7 @@ use lapin::{
 };
 use tokio::time::Instant;
 
-use crate::common::{node::BrokerNode, *};
+use crate::common::*;
 
 const REQUESTS: usize = 300;
 
@@ -74,15 +74,15 @@ async fn replicated_tap(env: &TestEnv) -> EventTap {
 }
 
 /// `rabbitmqctl list_queues COLUMNS` on `node`, one JSON object per queue.
-fn queue_rows(node: &BrokerNode, columns: &[&str]) -> Vec<serde_json::Value> {
+fn queue_rows(node: &LocalNode, columns: &[&str]) -> Vec<serde_json::Value> {
     let mut args = vec!["list_queues"];
     args.extend_from_slice(columns);
     args.extend_from_slice(&["--formatter", "json"]);
-    serde_json::from_str(&node.ctl_output(&args)).unwrap_or_default()
+    serde_json::from_str(&node.ctl_output(&args).unwrap_or_default()).unwrap_or_default()
 }
 
 /// The leader node (`rabbit@...` name) of each named queue.
-fn leaders(node: &BrokerNode, queues: &[&str]) -> Vec<String> {
+fn leaders(node: &LocalNode, queues: &[&str]) -> Vec<String> {
     let rows = queue_rows(node, &["name", "leader"]);
     queues
         .iter()
@@ -99,20 +99,22 @@ fn leaders(node: &BrokerNode, queues: &[&str]) -> Vec<String> {
 /// What a stalled run looks like from the broker and the workers: queue
 /// depths, consumers and leaders from a live node, each worker's readiness,
 /// events published and warnings, and the live nodes' warnings.
-async fn diagnose(nodes: &[BrokerNode], killed_port: u16, workers: &[&WorkerProcess]) -> String {
-    let alive: Vec<&BrokerNode> = nodes.iter().filter(|n| n.port != killed_port).collect();
+async fn diagnose(nodes: &[LocalNode], killed_port: u16, workers: &[&WorkerProcess]) -> String {
+    let alive: Vec<&LocalNode> = nodes.iter().filter(|n| n.port() != killed_port).collect();
     let mut out = tokio::task::block_in_place(|| {
-        alive[0].ctl_output(&[
-            "list_queues",
-            "name",
-            "messages",
-            "messages_ready",
-            "messages_unacknowledged",
-            "consumers",
-            "leader",
-            "members",
-            "online",
-        ])
+        alive[0]
+            .ctl_output(&[
+                "list_queues",
+                "name",
+                "messages",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+                "leader",
+                "members",
+                "online",
+            ])
+            .unwrap_or_else(|e| e)
     });
     for w in workers {
         let published = w.metric("vidu_worker_events_published_total", "").await;
@@ -128,7 +130,7 @@ async fn diagnose(nodes: &[BrokerNode], killed_port: u16, workers: &[&WorkerProc
         ));
     }
     for node in alive {
-        let log = node.dir().join("log").join(format!("{}.log", node.name));
+        let log = node.dir().join("log").join(format!("{}.log", node.name()));
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let lines: Vec<&str> = text
             .lines()
@@ -137,7 +139,7 @@ async fn diagnose(nodes: &[BrokerNode], killed_port: u16, workers: &[&WorkerProc
         let tail = &lines[lines.len().saturating_sub(40)..];
         out.push_str(&format!(
             "\nnode {} warnings:\n{}",
-            node.name,
+            node.name(),
             tail.join("\n")
         ));
     }
@@ -148,7 +150,7 @@ async fn diagnose(nodes: &[BrokerNode], killed_port: u16, workers: &[&WorkerProc
 /// moved to the tracking queue (`messages` beyond ready and unacknowledged:
 /// at-least-once dead-lettering keeps them in the source queue until the
 /// target confirms them).
-fn held_dead_letters(node: &BrokerNode, env: &TestEnv) -> u64 {
+fn held_dead_letters(node: &LocalNode, env: &TestEnv) -> u64 {
     let rows = queue_rows(
         node,
         &[
@@ -190,13 +192,13 @@ struct Outcome {
 /// nodes, `REQUESTS` requests, the node `victim` picks killed once a
 /// quarter of them have finished.
 async fn run(
-    nodes: &[BrokerNode],
+    nodes: &[LocalNode],
     label: &str,
     victim: impl Fn(&TestEnv, u16, u16) -> usize,
 ) -> (Outcome, usize) {
     let list = nodes
         .iter()
-        .map(BrokerNode::url)
+        .map(LocalNode::url)
         .collect::<Vec<_>>()
         .join(",");
     let env = TestEnv::with(label, sim(Duration::from_secs(4)), |s| {
@@ -224,7 +226,7 @@ async fn run(
     // Chosen before the requests flow (`rabbitmqctl` takes seconds), so the
     // kill comes mid-flight.
     let index = tokio::task::block_in_place(|| victim(&env, node_a, node_b));
-    let killed_port = nodes[index].port;
+    let killed_port = nodes[index].port();
     let subjects: Vec<String> = (0..REQUESTS).map(|i| format!("{label}-{i}")).collect();
     for id in &subjects {
         env.publish(&request(id, "[sim:gen=4s]")).await;
@@ -235,11 +237,11 @@ async fn run(
     let events_before = tap.all().len();
     let killed_at = Instant::now();
     let killed = &nodes[index];
-    tokio::task::block_in_place(|| killed.kill());
+    tokio::task::block_in_place(|| killed.kill().expect("kill"));
     let finished_at_kill = tap.finished_subjects().len();
     eprintln!(
         "{label}: killed {} (port {killed_port}; workers on {node_a} and {node_b}) with {} of {REQUESTS} finished",
-        killed.name, finished_at_kill
+        killed.name(), finished_at_kill
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     while tap.all().len() <= events_before && Instant::now() < deadline {
@@ -273,7 +275,7 @@ async fn run(
     // or Kubernetes would, and every request must still end once.
     let alive = nodes
         .iter()
-        .find(|n| n.port != killed_port)
+        .find(|n| n.port() != killed_port)
         .expect("a live node");
     let mut held_until_node_back: Option<(u64, Duration, Instant)> = None;
     let deadline = Instant::now() + Duration::from_secs(420);
@@ -290,10 +292,10 @@ async fn run(
                 let at = killed_at.elapsed();
                 eprintln!(
                     "{label}: no progress for 30 s with {count} finished and {held} tickets held as dead letters; restarting {}",
-                    killed.name
+                    killed.name()
                 );
                 let restarted = Instant::now();
-                tokio::task::block_in_place(|| killed.restart());
+                tokio::task::block_in_place(|| killed.restart(STARTUP).expect("restart"));
                 held_until_node_back = Some((held, at, restarted));
             }
         }
@@ -401,7 +403,7 @@ async fn run(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cluster_loses_a_node_and_every_request_ends_once() {
-    let nodes = tokio::task::spawn_blocking(|| BrokerNode::start_cluster(3))
+    let nodes = tokio::task::spawn_blocking(|| private_cluster(3))
         .await
         .expect("a three-node cluster");
 
@@ -416,7 +418,7 @@ async fn a_cluster_loses_a_node_and_every_request_ends_once() {
         let worker_nodes = [node_a, node_b];
         nodes
             .iter()
-            .position(|n| worker_nodes.contains(&n.port) && !lead.contains(&n.name))
+            .position(|n| worker_nodes.contains(&n.port()) && !lead.iter().any(|l| l == n.name()))
             .expect("a worker on a node without leaders")
     })
     .await;
@@ -426,7 +428,7 @@ async fn a_cluster_loses_a_node_and_every_request_ends_once() {
     );
     assert!(first.killed_mid_flight, "the node was lost mid-flight");
     let restarted = &nodes[killed];
-    tokio::task::block_in_place(|| restarted.restart());
+    tokio::task::block_in_place(|| restarted.restart(STARTUP).expect("restart"));
 
     // Run 2: the node holding the leaders of the request and tracking
     // queues.
@@ -438,7 +440,7 @@ async fn a_cluster_loses_a_node_and_every_request_ends_once() {
         assert_eq!(lead[0], lead[1], "one node leads both queues");
         nodes
             .iter()
-            .position(|n| n.name == lead[0])
+            .position(|n| n.name() == lead[0])
             .expect("the leader is a node of the cluster")
     })
     .await;

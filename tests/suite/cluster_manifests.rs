@@ -573,7 +573,7 @@ fn the_cluster_has_three_nodes_and_the_brokers_settings() {
         .expect("advancedConfig");
     let wanted = format!(
         "{{dead_letter_worker_publisher_confirm_timeout, {}}}",
-        crate::common::node::DEAD_LETTER_CONFIRM_TIMEOUT_MS
+        vidu_worker::local_broker::DEAD_LETTER_CONFIRM_TIMEOUT_MS
     );
     assert!(advanced.contains(&wanted), "advancedConfig lacks {wanted}");
 

@@ -8,7 +8,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::common::{node::BrokerNode, *};
+use crate::common::*;
 use lapin::{
     options::QueueDeleteOptions,
     types::{AMQPValue, FieldTable},
@@ -70,7 +70,7 @@ async fn extra_and_on_the_wire(env: &TestEnv, n: usize, workers: &[&WorkerProces
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_while_creates_are_rate_limited_creates_nothing_twice() {
     let node = Arc::new(
-        tokio::task::spawn_blocking(BrokerNode::start)
+        tokio::task::spawn_blocking(private_node)
             .await
             .expect("private broker"),
     );
@@ -90,14 +90,14 @@ async fn a_broker_restart_while_creates_are_rate_limited_creates_nothing_twice()
     .await;
     let at_stop = env.sim.stats().tasks_created;
     let n2 = node.clone();
-    tokio::task::spawn_blocking(move || n2.stop_app())
+    tokio::task::spawn_blocking(move || n2.stop_app().expect("stop_app"))
         .await
         .expect("stop_app");
     worker
         .wait_not_ready("broker", Duration::from_secs(30))
         .await;
     let n2 = node.clone();
-    tokio::task::spawn_blocking(move || n2.start_app())
+    tokio::task::spawn_blocking(move || n2.start_app(STARTUP).expect("start_app"))
         .await
         .expect("start_app");
     tap.wait_finished(n, Duration::from_secs(240)).await;
@@ -180,12 +180,14 @@ async fn forced_connection_closes_while_creates_are_rate_limited_create_nothing_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_with_user_id_and_expiration_is_dead_lettered_without_them() {
     let node = Arc::new(
-        tokio::task::spawn_blocking(BrokerNode::start)
+        tokio::task::spawn_blocking(private_node)
             .await
             .expect("private broker"),
     );
-    node.add_user("producer", "producer-pw");
-    node.set_permissions("/", "producer", [".*", ".*", ".*"]);
+    node.add_user("producer", "producer-pw")
+        .expect("rabbitmqctl");
+    node.set_permissions("/", "producer", [".*", ".*", ".*"])
+        .expect("rabbitmqctl");
     let url = node.url();
     let env = TestEnv::with("userid", sim(Duration::from_millis(300)), |s| {
         s.amqp.url = url.clone().into();

@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{node::*, *};
+use crate::common::*;
 use lapin::{
     options::{ExchangeDeleteOptions, QueueDeleteOptions},
     types::AMQPValue,
@@ -173,14 +173,14 @@ fn set(env: &mut Vec<(String, String)>, key: &str, value: &str) {
 }
 
 /// Runs a blocking `rabbitmqctl` call from an async test.
-fn ctl(node: &BrokerNode, args: &[&str]) -> String {
-    tokio::task::block_in_place(|| node.ctl_output(args))
+fn ctl(node: &LocalNode, args: &[&str]) -> String {
+    tokio::task::block_in_place(|| node.ctl_output(args)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The `rabbitmqctl list_connections` line of a worker process (found by
 /// the pid in its connection name): the `columns` asked for, then its
 /// client properties.
-fn worker_connection(node: &BrokerNode, pid: u32, columns: &[&str]) -> String {
+fn worker_connection(node: &LocalNode, pid: u32, columns: &[&str]) -> String {
     let mut args = vec!["list_connections"];
     args.extend_from_slice(columns);
     args.extend_from_slice(&["client_properties", "-q", "--no-table-headers"]);
@@ -194,9 +194,9 @@ fn worker_connection(node: &BrokerNode, pid: u32, columns: &[&str]) -> String {
 }
 
 /// Starts a private node off the async threads.
-async fn private_node(options: NodeOptions) -> Arc<BrokerNode> {
+async fn private_node(options: NodeOptions) -> Arc<LocalNode> {
     Arc::new(
-        tokio::task::spawn_blocking(move || BrokerNode::start_with(options))
+        tokio::task::spawn_blocking(move || private_node_with(options))
             .await
             .expect("private broker starts"),
     )
@@ -357,7 +357,10 @@ async fn tls_with_a_private_ca_and_a_client_certificate_runs_the_happy_path() {
     .await;
     let files = Files::new();
     let tls_env = owned(&[
-        ("VIDU_WORKER__AMQP__URL", &node.tls_url("localhost")),
+        (
+            "VIDU_WORKER__AMQP__URL",
+            &node.tls_url("localhost").expect("a TLS listener"),
+        ),
         (
             "VIDU_WORKER__AMQP__TLS__CA_FILE",
             &files.write("ca.pem", &pki.ca.pem()),
@@ -430,7 +433,7 @@ async fn tls_fails_closed_with_an_error_naming_the_problem() {
         }
         e
     };
-    let tls_url = node.tls_url("localhost");
+    let tls_url = node.tls_url("localhost").expect("a TLS listener");
 
     // A broker certificate signed by a CA the worker does not trust: the
     // worker never connects, says why, and is not ready.
@@ -478,7 +481,7 @@ async fn tls_fails_closed_with_an_error_naming_the_problem() {
     // `check` names each problem: exit 1 for a broker it cannot trust or
     // reach, 2 for a configuration error, 0 when all is well.
     let url = ("VIDU_WORKER__AMQP__URL", tls_url.as_str());
-    let other_host = node.tls_url("127.0.0.1");
+    let other_host = node.tls_url("127.0.0.1").expect("a TLS listener");
     let ca_file = ("VIDU_WORKER__AMQP__TLS__CA_FILE", ca.as_str());
     let cert_file = ("VIDU_WORKER__AMQP__TLS__CERT_FILE", cert.as_str());
     let key_file = ("VIDU_WORKER__AMQP__TLS__KEY_FILE", key.as_str());
@@ -552,7 +555,8 @@ async fn a_least_privilege_user_on_its_own_vhost_declares_and_runs_with_its_pass
         "vhosts": [{"name": vhost}],
         "permissions": [{"user": "guest", "vhost": vhost,
                          "configure": ".*", "write": ".*", "read": ".*"}],
-    }));
+    }))
+    .expect("import definitions");
     let url = node.url_for("guest", "guest", encoded);
     let env = TestEnv::with("leastdecl", sim(Duration::from_millis(300)), |s| {
         s.amqp.url = url.clone().into()
@@ -567,7 +571,8 @@ async fn a_least_privilege_user_on_its_own_vhost_declares_and_runs_with_its_pass
     node.import_definitions_json(&users_json(
         vhost,
         &[("vidu-worker", password.as_str(), perms)],
-    ));
+    ))
+    .expect("import definitions");
     // The worker must create everything itself.
     delete_topology(&env).await;
 
@@ -577,7 +582,7 @@ async fn a_least_privilege_user_on_its_own_vhost_declares_and_runs_with_its_pass
         // No credentials in the URL: they come from the settings.
         (
             "VIDU_WORKER__AMQP__URL",
-            &format!("amqp://127.0.0.1:{}/{encoded}", node.port),
+            &format!("amqp://127.0.0.1:{}/{encoded}", node.port()),
         ),
         ("VIDU_WORKER__AMQP__USERNAME", "vidu-worker"),
         ("VIDU_WORKER__AMQP__PASSWORD_FILE", &password_file),
@@ -632,7 +637,8 @@ async fn managed_topology_from_the_shipped_definitions_runs_with_least_privilege
     let definitions = node.dir().join("vidu-definitions.json");
     std::fs::copy(shipped_definitions_path(), &definitions).expect("copy definitions");
     set_readable(&definitions);
-    tokio::task::block_in_place(|| node.import_definitions(&definitions));
+    tokio::task::block_in_place(|| node.import_definitions(&definitions))
+        .expect("import_definitions");
 
     let worker_password = format!("w-{}", uuid::Uuid::new_v4().simple());
     let producer_password = format!("p-{}", uuid::Uuid::new_v4().simple());
@@ -654,7 +660,8 @@ async fn managed_topology_from_the_shipped_definitions_runs_with_least_privilege
                 regexps(&submit_wait_permissions("vidu.events")),
             ),
         ],
-    ));
+    ))
+    .expect("import definitions");
     let url = node.url();
     let env = TestEnv::with("managed", sim(Duration::from_millis(300)), |s| {
         s.amqp.url = url.clone().into();
@@ -879,7 +886,8 @@ async fn every_documented_permission_is_needed() {
         .iter()
         .map(|c| (c.user.as_str(), "pw", c.perms.clone()))
         .collect();
-    node.import_definitions_json(&users_json("/", &users));
+    node.import_definitions_json(&users_json("/", &users))
+        .expect("import definitions");
 
     let node = &node;
     let runs = cases.iter().map(|case| async move {
@@ -1522,7 +1530,8 @@ async fn a_producer_with_only_an_ingress_exchange_cannot_reach_internal_queues()
             password.as_str(),
             ["^$".into(), format!("^{}$", escape(&ingress)), "^$".into()],
         )],
-    ));
+    ))
+    .expect("import definitions");
     let tap = env.tap().await;
     let _worker = env.start_worker().await;
     let producer = Arc::new(

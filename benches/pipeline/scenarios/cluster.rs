@@ -12,10 +12,10 @@ use std::{
 
 use serde_json::Value;
 use tokio::sync::watch;
-use vidu_worker::simulator::EtaMode;
+use vidu_worker::{local_broker::LocalNode, simulator::EtaMode};
 
 use crate::{
-    cluster_node::{leaders, node_names, private_target, BrokerNode},
+    cluster_node::{leaders, node_names, private_target, start_cluster, start_node},
     config::BenchConfig,
     harness::{simulator, Deployment, Sink, Target},
     machine::wait_quiet,
@@ -70,7 +70,7 @@ struct LossRun {
 /// tasks, and the node of one worker (not the leaders' node) killed.
 async fn loss_run(
     cfg: &BenchConfig,
-    nodes: &[BrokerNode],
+    nodes: &[LocalNode],
     target: &Target,
     n: usize,
 ) -> BenchResult<LossRun> {
@@ -81,7 +81,7 @@ async fn loss_run(
     let index_of = |port: u16| {
         nodes
             .iter()
-            .position(|node| node.port == port)
+            .position(|node| node.port() == port)
             .ok_or_else(|| format!("a worker names port {port}, no node of the cluster"))
     };
     let a = Worker::spawn(&dep, &sim, &[]).await?;
@@ -106,12 +106,12 @@ async fn loss_run(
     // there; kill a worker's node that leads none of the run's queues.
     let mut queues = dep.topology.queue_names();
     queues.push(dep.sink_queue.clone());
-    let lead = leaders(&nodes[0], &queues).await?;
+    let lead = leaders(&nodes[0], &queues)?;
     let killed = worker_nodes
         .into_iter()
-        .find(|i| *i != 0 && !lead.contains(&nodes[*i].name))
+        .find(|i| *i != 0 && !lead.iter().any(|l| l == nodes[*i].name()))
         .ok_or_else(|| format!("both workers' nodes lead a queue ({lead:?})"))?;
-    let moved = if nodes[killed].port == port_a { &a } else { &b };
+    let moved = if nodes[killed].port() == port_a { &a } else { &b };
     progress!(
         cfg,
         "  workers on nodes {} and {}; queue leaders on node(s) {:?}; node {killed} goes",
@@ -120,7 +120,7 @@ async fn loss_run(
         nodes
             .iter()
             .enumerate()
-            .filter(|(_, node)| lead.contains(&node.name))
+            .filter(|(_, node)| lead.iter().any(|l| l == node.name()))
             .map(|(i, _)| i)
             .collect::<Vec<_>>()
     );
@@ -152,9 +152,9 @@ async fn loss_run(
         let finished_at_kill = sink.seen();
         let killed_wall = SystemTime::now();
         let killed_at = Instant::now();
-        nodes[killed].kill().await?;
+        tokio::task::block_in_place(|| nodes[killed].kill())?;
         let moved_to = moved
-            .wait_broker_node(Some(nodes[killed].port), Duration::from_secs(120))
+            .wait_broker_node(Some(nodes[killed].port()), Duration::from_secs(120))
             .await?;
         let moved_ready_after = killed_at.elapsed();
         progress!(
@@ -182,11 +182,10 @@ async fn loss_run(
     // Back to three nodes before the run's queues are deleted: deleting a
     // quorum queue with a member down waits for that member.
     let restarted_at = Instant::now();
-    let restart = nodes[killed]
-        .restart()
-        .await
-        .map(|()| restarted_at.elapsed())
-        .map_err(|e| e.to_string());
+    let restart = tokio::task::block_in_place(|| {
+        nodes[killed].restart(vidu_worker::local_broker::STARTUP_TIMEOUT)
+    })
+    .map(|()| restarted_at.elapsed());
     let s = sink.lock();
     let first_event_after = s
         .kept
@@ -267,8 +266,7 @@ pub(crate) async fn scenario_cluster(cfg: &BenchConfig) -> Vec<Row> {
         "cluster: reference, 1 worker on a private single node, {n} instant tasks"
     );
     let single = async {
-        let node = [BrokerNode::launch().await?];
-        node[0].await_startup().await?;
+        let node = [start_node().await?];
         let target = private_target(&node, None);
         cluster_instant(cfg, &target, 1, n, "single node").await
     }
@@ -294,7 +292,7 @@ pub(crate) async fn scenario_cluster(cfg: &BenchConfig) -> Vec<Row> {
     };
 
     progress!(cfg, "cluster: starting {CLUSTER_NODES} nodes");
-    let nodes = match BrokerNode::start_cluster(CLUSTER_NODES).await {
+    let nodes = match start_cluster(CLUSTER_NODES).await {
         Ok(nodes) => nodes,
         Err(e) => {
             rows.push(Row::failed(

@@ -7,7 +7,6 @@
 //! ([`shared_broker`]).
 
 pub mod files;
-pub mod node;
 
 use std::{
     collections::HashMap,
@@ -36,11 +35,46 @@ use vidu_worker::{
     broker::{Publisher, Topology},
     config::{env_vars, Settings, API_KEY_ENV},
     events::{FAILED, SUCCEEDED},
-    local_broker::{self, Installation, LocalNode},
+    local_broker::{self, Installation},
     simulator::{RunningSimulator, Simulator, SimulatorConfig},
 };
 
+pub use vidu_worker::local_broker::{LocalNode, NodeOptions, NodeTls};
+
 pub const API_KEY: &str = "sk-test-0123456789";
+
+/// How long a private node may take to start (or start again).
+pub const STARTUP: Duration = local_broker::STARTUP_TIMEOUT;
+
+/// The machine's RabbitMQ installation; panics saying how to install one.
+fn installation() -> Installation {
+    Installation::find().unwrap_or_else(|| panic!("{}", local_broker::INSTALL_HINT))
+}
+
+/// A private node for a test that needs a broker of its own (restarts,
+/// TLS, users and vhosts), stopped and removed on drop. Blocks: call it
+/// from `spawn_blocking`.
+pub fn private_node() -> LocalNode {
+    private_node_with(NodeOptions::default())
+}
+
+/// [`private_node`] with options.
+pub fn private_node_with(options: NodeOptions) -> LocalNode {
+    LocalNode::start_with(&installation(), "vidu-test", &options, STARTUP)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `n` private nodes joined into one cluster. Blocks.
+pub fn private_cluster(n: usize) -> Vec<LocalNode> {
+    local_broker::start_cluster(
+        &installation(),
+        "vidu-test",
+        n,
+        &NodeOptions::default(),
+        STARTUP,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
 
 /// The broker the tests share: the machine's on 127.0.0.1:5672, or a
 /// private node started for this run when nothing answers there.
@@ -84,8 +118,7 @@ pub fn shared_broker() -> &'static SharedBroker {
                 node: None,
             };
         }
-        let tools =
-            Installation::find().unwrap_or_else(|| panic!("{}", local_broker::INSTALL_HINT));
+        let tools = installation();
         let node = LocalNode::start(&tools, "vidu-suite", local_broker::STARTUP_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}"));
         node.stop_when_process_exits(std::process::id())
@@ -772,10 +805,10 @@ impl WorkerProcess {
 /// cut or a load balancer reset would (`rabbitmqctl close_connection`), on
 /// the shared broker (`node` none) or a private one. Returns whether a
 /// connection was found and closed.
-pub fn close_worker_connection(node: Option<&node::BrokerNode>, pid: u32) -> bool {
+pub fn close_worker_connection(node: Option<&LocalNode>, pid: u32) -> bool {
     let run = |args: &[&str]| -> Option<String> {
         match node {
-            Some(n) => Some(n.ctl_output(args)),
+            Some(n) => n.ctl_output(args).ok(),
             None => {
                 let out = shared_broker().rabbitmqctl().args(args).output().ok()?;
                 out.status
