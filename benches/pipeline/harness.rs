@@ -13,15 +13,15 @@ use std::{
 use futures_util::{stream::FuturesUnordered, StreamExt};
 use lapin::{
     options::{
-        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
-        QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+        QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable, ShortString},
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
 };
 use tokio::sync::watch;
+use vidu_test_kit as kit;
 use vidu_worker::{
-    broker::Topology,
     config::Settings,
     simulator::{EtaMode, RunningSimulator, Simulator, SimulatorConfig},
 };
@@ -69,20 +69,29 @@ impl Target {
     }
 }
 
-/// Unique queue and exchange names for one run, declared like the worker
-/// declares them, plus a durable quorum "sink" queue bound to the terminal
-/// event types. Everything is deleted on drop.
+/// One run's deployment: the test kit's [`kit::Deployment`] (unique names,
+/// the worker's topology, everything deleted on drop) declared with the
+/// shipped settings, plus what only the benchmark needs: a durable quorum
+/// "sink" queue bound to the terminal event types, a confirm-mode producer
+/// channel for pipelined publishing, and the `amqp.url` the workers get.
 pub(crate) struct Deployment {
-    pub(crate) topology: Topology,
-    pub(crate) settings: Settings,
+    kit: kit::Deployment,
     pub(crate) sink_queue: String,
-    /// The node the bench uses (and cleans up through).
+    /// The node the bench uses.
     pub(crate) amqp_url: String,
     /// What the workers get as `amqp.url`.
     worker_url: String,
-    /// The producer's and the sink's connections (closed on drop).
-    conns: Vec<Connection>,
+    /// A channel on the sink's own connection (closed with the deployment).
+    sink_channel: Channel,
     pub(crate) producer: Channel,
+}
+
+impl std::ops::Deref for Deployment {
+    type Target = kit::Deployment;
+
+    fn deref(&self) -> &kit::Deployment {
+        &self.kit
+    }
 }
 
 impl Deployment {
@@ -91,22 +100,18 @@ impl Deployment {
     }
 
     pub(crate) async fn on(target: &Target, label: &str) -> BenchResult<Self> {
-        let unique = uuid::Uuid::new_v4().simple().to_string();
-        let name = format!("bench.{label}.{}", &unique[..8]);
+        let name = kit::Deployment::unique_name(&format!("bench.{label}"));
         let mut settings = Settings::load(None).map_err(|e| format!("worker settings: {e}"))?;
-        settings.amqp.request_queue = format!("{name}.requests");
-        settings.amqp.events_exchange = format!("{name}.events");
+        kit::Deployment::name_settings(&mut settings, &name);
         if target.group_size.is_some() {
             settings.amqp.quorum_initial_group_size = target.group_size;
         }
-        let topology = Topology::new(&settings);
-        let producer_conn = connect(&target.bench_url, "bench producer").await?;
-        topology.declare(&producer_conn).await?;
-        let producer = producer_conn.create_channel().await?;
+        let kit = kit::Deployment::declare(name, settings, &target.bench_url).await?;
+        let producer = kit.conn.create_channel().await?;
         producer
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let sink_queue = format!("{name}.sink");
+        let sink_queue = format!("{}.sink", kit.name);
         let mut args = FieldTable::default();
         args.insert(
             "x-queue-type".into(),
@@ -122,11 +127,12 @@ impl Deployment {
                 args,
             )
             .await?;
+        kit.delete_on_drop(&sink_queue);
         for key in TERMINAL_KEYS {
             producer
                 .queue_bind(
                     sink_queue.as_str().into(),
-                    topology.events_exchange.as_str().into(),
+                    kit.topology.events_exchange.as_str().into(),
                     key.into(),
                     QueueBindOptions::default(),
                     FieldTable::default(),
@@ -134,13 +140,14 @@ impl Deployment {
                 .await?;
         }
         let sink_conn = connect(&target.bench_url, "bench sink").await?;
+        let sink_channel = sink_conn.create_channel().await?;
+        kit.close_on_drop(sink_conn);
         Ok(Self {
-            topology,
-            settings,
+            kit,
             sink_queue,
             amqp_url: target.bench_url.clone(),
             worker_url: target.worker_url.clone(),
-            conns: vec![producer_conn, sink_conn],
+            sink_channel,
             producer,
         })
     }
@@ -159,10 +166,6 @@ impl Deployment {
             .await
             .ok()
             .map(|q| q.message_count())
-    }
-
-    fn sink_conn(&self) -> &Connection {
-        &self.conns[1]
     }
 
     /// Publishes `n` valid requests (persistent, mandatory, confirmed, with
@@ -255,48 +258,6 @@ impl Deployment {
     }
 }
 
-impl Drop for Deployment {
-    fn drop(&mut self) {
-        let mut queues = self.topology.queue_names();
-        queues.push(self.sink_queue.clone());
-        let exchange = self.topology.events_exchange.clone();
-        let url = self.amqp_url.clone();
-        let conns = std::mem::take(&mut self.conns);
-        // Drop runs inside the runtime: clean up from a fresh thread.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                for conn in conns {
-                    let _ = conn.close(200, "bench run over".into()).await;
-                }
-                let Ok(conn) = Connection::connect(&url, ConnectionProperties::default()).await
-                else {
-                    eprintln!("bench clean-up: cannot reach the broker; queues {queues:?} remain");
-                    return;
-                };
-                let Ok(ch) = conn.create_channel().await else {
-                    return;
-                };
-                for q in queues {
-                    let _ = ch
-                        .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                        .await;
-                }
-                let _ = ch
-                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                    .await;
-                let _ = conn.close(200, "bench clean-up".into()).await;
-            });
-        })
-        .join();
-    }
-}
-
 pub(crate) async fn connect(url: &str, name: &str) -> BenchResult<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
     Ok(Connection::connect(url, props).await?)
@@ -341,7 +302,7 @@ pub(crate) struct Sink {
 
 impl Sink {
     pub(crate) async fn start(dep: &Deployment, keep_bodies: bool) -> BenchResult<Self> {
-        let channel = dep.sink_conn().create_channel().await?;
+        let channel = dep.sink_channel.clone();
         let mut consumer = channel
             .basic_consume(
                 dep.sink_queue.as_str().into(),

@@ -1,33 +1,25 @@
-//! Worker processes: a `vidu-worker run` child per `Worker` (its operations
-//! endpoint, readiness, broker node, metrics and memory; stopped with
-//! SIGTERM, killed on drop), starting and stopping several, reading their
-//! output, and sending a signal to a process.
+//! Worker processes: the test kit's worker child per `Worker`, with what
+//! the benchmark reads of it (readiness, broker node, metrics and memory;
+//! stopped with SIGTERM, killed on drop), starting and stopping several,
+//! and sending a signal to a process.
 
 use std::{
-    collections::VecDeque,
     process::Stdio,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
     time::{Duration, Instant},
 };
 
-use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, BufReader},
-    process::{Child, Command},
-};
+use tokio::process::Command;
+use vidu_test_kit::{worker_binary, WorkerProcess};
 use vidu_worker::simulator::RunningSimulator;
 
 use crate::{harness::Deployment, machine::proc_status_mib, BenchResult};
 
-/// A `vidu-worker run` child; killed on drop if still running.
+/// A `vidu-worker run` child (the test kit's [`WorkerProcess`]) with its
+/// operations endpoint on a port given up front, so that nothing depends on
+/// the worker's log level; killed on drop if still running.
 pub(crate) struct Worker {
-    child: Child,
+    process: WorkerProcess,
     pub(crate) pid: u32,
-    ops: String,
-    pub(crate) log_lines: Arc<AtomicU64>,
-    tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 impl Worker {
@@ -36,12 +28,7 @@ impl Worker {
         sim: &RunningSimulator,
         extra_env: &[(&str, String)],
     ) -> BenchResult<Self> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vidu-worker"));
-        cmd.arg("run")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut cmd = Command::new(worker_binary());
         // The bench sets the key its own way.
         cmd.env_remove("VIDU_WORKER__UPSTREAM__API_KEY");
         cmd.env("VIDU_WORKER__UPSTREAM__MAX_REQUESTS_PER_SECOND", "0");
@@ -51,41 +38,27 @@ impl Worker {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        // A free port for the operations endpoint, so that nothing depends
-        // on the worker's log level.
         let ops = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("no free port: {e}"))?
             .to_string();
         cmd.env("VIDU_WORKER__HTTP__LISTEN", &ops);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start vidu-worker: {e}"))?;
-        let pid = child.id().ok_or("the worker exited at once")?;
-        let log_lines = Arc::new(AtomicU64::new(0));
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        if let Some(out) = child.stdout.take() {
-            drain(out, log_lines.clone(), tail.clone());
-        }
-        if let Some(err) = child.stderr.take() {
-            drain(err, log_lines.clone(), tail.clone());
-        }
-        let worker = Self {
-            child,
-            pid,
-            ops,
-            log_lines,
-            tail,
-        };
+        let process =
+            WorkerProcess::spawn(cmd).map_err(|e| format!("cannot start vidu-worker: {e}"))?;
+        let pid = process.child.id().ok_or("the worker exited at once")?;
+        let worker = Self { process, pid };
         worker.wait_ready(Duration::from_secs(60)).await?;
         Ok(worker)
     }
 
+    /// Output lines the worker wrote so far.
+    pub(crate) fn log_lines(&self) -> u64 {
+        self.process.log_lines()
+    }
+
     async fn wait_ready(&self, timeout: Duration) -> BenchResult<()> {
-        let url = format!("http://{}/readyz", self.ops);
         self.wait_for(timeout, "was not ready", || async {
-            let resp = reqwest::get(&url).await.ok()?;
-            resp.status().is_success().then_some(())
+            matches!(self.process.get("/readyz").await, Some((200, _))).then_some(())
         })
         .await
     }
@@ -110,7 +83,7 @@ impl Worker {
             if Instant::now() >= deadline {
                 return Err(format!(
                     "the worker {what} within {timeout:?}; last lines: {:?}",
-                    self.tail.lock().expect("tail")
+                    self.process.tail(20)
                 )
                 .into());
             }
@@ -121,13 +94,9 @@ impl Worker {
     /// The port of the broker node the worker is ready on: `/readyz`
     /// answers `ready (broker node HOST:PORT)`. `None` while not ready.
     pub(crate) async fn broker_node(&self) -> Option<u16> {
-        let resp = reqwest::get(format!("http://{}/readyz", self.ops))
-            .await
-            .ok()?;
-        if !resp.status().is_success() {
+        let (200, body) = self.process.get("/readyz").await? else {
             return None;
-        }
-        let body = resp.text().await.ok()?;
+        };
         body.trim()
             .strip_suffix(')')?
             .rsplit(':')
@@ -150,21 +119,7 @@ impl Worker {
 
     /// Sum of every sample of a metric family (`vidu_worker_..._total`).
     pub(crate) async fn metric(&self, name: &str) -> Option<f64> {
-        let text = reqwest::get(format!("http://{}/metrics", self.ops))
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        Some(
-            text.lines()
-                .filter(|l| {
-                    l.strip_prefix(name)
-                        .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                })
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        self.process.try_metric(name, "").await
     }
 
     pub(crate) fn rss_mib(&self) -> Option<f64> {
@@ -176,15 +131,8 @@ impl Worker {
     }
 
     /// SIGTERM, then SIGKILL if it has not exited within 40 s.
-    pub(crate) async fn stop(mut self) {
-        signal(self.pid, "TERM");
-        if tokio::time::timeout(Duration::from_secs(40), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
-        }
+    pub(crate) async fn stop(self) {
+        self.process.stop(Duration::from_secs(40)).await;
     }
 }
 
@@ -194,25 +142,6 @@ pub(crate) fn signal(pid: u32, sig: &str) {
         .arg(pid.to_string())
         .stderr(Stdio::null())
         .status();
-}
-
-/// Reads a child's output: counts lines and keeps the last few.
-fn drain(
-    pipe: impl AsyncRead + Unpin + Send + 'static,
-    lines_seen: Arc<AtomicU64>,
-    tail: Arc<Mutex<VecDeque<String>>>,
-) {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            lines_seen.fetch_add(1, Ordering::Relaxed);
-            let mut t = tail.lock().expect("tail");
-            if t.len() >= 20 {
-                t.pop_front();
-            }
-            t.push_back(line);
-        }
-    });
 }
 
 pub(crate) async fn start_workers(

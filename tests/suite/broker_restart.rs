@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::common::*;
+use vidu_test_kit::*;
 use vidu_worker::events::{SUBMITTED, SUCCEEDED};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,9 +5,9 @@
 
 use std::{ffi::OsString, process::Stdio, time::Duration};
 
-use crate::common::*;
 use serde_json::Value;
 use tokio::process::Command;
+use vidu_test_kit::*;
 use vidu_worker::{
     cli::demo::PRIVATE_NODE_LINE,
     config::{API_KEY_ENV, ENV_PREFIX},

@@ -19,7 +19,7 @@ use lapin::{
 };
 use tokio::time::Instant;
 
-use crate::common::*;
+use vidu_test_kit::*;
 
 const REQUESTS: usize = 300;
 

@@ -19,11 +19,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::common::files::{load_json, read, repo_path};
 use crate::deploy_files::{
     load_settings, manifests_in, option_value, schema_file_for, strings, the, validate_manifest,
     Manifest, KUBERNETES_DIR, RABBITMQ_SCHEMA_DIR,
 };
+use crate::files::{load_json, read, repo_path};
 use crate::infrastructure::{
     amqp_json, regexps, shipped_definitions_path, worker_permissions, Mode,
 };

@@ -8,7 +8,6 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::common::*;
 use lapin::{
     options::QueueDeleteOptions,
     types::{AMQPValue, FieldTable},
@@ -16,6 +15,7 @@ use lapin::{
 };
 use serde_json::json;
 use tokio::time::Instant;
+use vidu_test_kit::*;
 use vidu_worker::{
     broker::{ERROR_HEADER, ORIGINAL_QUEUE_HEADER},
     config::CreateQuota,

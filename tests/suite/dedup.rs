@@ -17,7 +17,7 @@ use vidu_worker::{
     simulator::SimulatorConfig,
 };
 
-use crate::common::*;
+use vidu_test_kit::*;
 
 const SECRET: &str = "a ticket secret for the dedup tests";
 

@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::files::{load_json, read, repo_path, violations};
+use crate::files::{load_json, read, repo_path, violations};
 use jsonschema::{Draft, Resource, Validator};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -913,7 +913,7 @@ fn run_healthcheck(argv: &[String]) -> bool {
 #[tokio::test]
 async fn the_healthchecks_work_against_a_real_worker() {
     let env =
-        crate::common::TestEnv::new("deploy", crate::common::sim(Duration::from_secs(1))).await;
+        vidu_test_kit::TestEnv::new("deploy", vidu_test_kit::sim(Duration::from_secs(1))).await;
     let worker = env.start_worker().await;
     let ops = worker.ops_addr().await;
     let port = ops.rsplit(':').next().expect("port").to_owned();
@@ -1032,6 +1032,23 @@ fn the_build_context_has_what_the_build_needs_and_nothing_else() {
                     "Cargo.toml names {path}, which .dockerignore drops"
                 );
             }
+        }
+    }
+    // Every member of the workspace must load, or cargo refuses to build.
+    let members = manifest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("members"))
+        .unwrap_or_default();
+    for member in members.split('"').skip(1).step_by(2) {
+        if member == "." {
+            continue;
+        }
+        for file in ["Cargo.toml", "src/lib.rs"] {
+            let path = format!("{member}/{file}");
+            assert!(
+                !ignored(&patterns, &path),
+                "{path} belongs to a workspace member, and .dockerignore drops it"
+            );
         }
     }
     for section in ["[[test]]", "[[example]]"] {

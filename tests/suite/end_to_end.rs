@@ -4,12 +4,12 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use crate::common::*;
 use lapin::{
     options::{BasicGetOptions, BasicNackOptions, QueueDeleteOptions},
     BasicProperties,
 };
 use serde_json::{json, Value};
+use vidu_test_kit::*;
 use vidu_worker::{
     broker::ERROR_HEADER,
     events::{CONTENT_TYPE, FAILED, PROGRESS, SUBMITTED, SUCCEEDED},

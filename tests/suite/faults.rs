@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use serde_json::json;
+use vidu_test_kit::*;
 use vidu_worker::{
     broker::ERROR_HEADER,
     events::{FAILED, SUBMITTED, SUCCEEDED},

@@ -8,13 +8,13 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use lapin::{
     options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable, LongString},
     BasicProperties,
 };
 use serde_json::{json, Value};
+use vidu_test_kit::*;
 use vidu_worker::{
     broker::ERROR_HEADER,
     events::{FAILED, SUBMITTED, SUCCEEDED},

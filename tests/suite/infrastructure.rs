@@ -6,7 +6,7 @@
 //!
 //! Tests that need a broker configured differently (TLS listener, users,
 //! vhosts, permissions) start a private node of their own on free ports
-//! (`common::node`); the others use the shared broker with unique names.
+//! (`vidu_test_kit::private_node`); the others use the shared broker with unique names.
 //! Certificates are generated per test with rcgen. Every wait is on a
 //! condition with a deadline.
 
@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::*;
+use crate::files;
 use lapin::{
     options::{ExchangeDeleteOptions, QueueDeleteOptions},
     types::AMQPValue,
@@ -35,6 +35,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{TcpListener, TcpStream},
 };
+use vidu_test_kit::*;
 use vidu_worker::{
     broker::{self, Topology},
     config::{QueueType, Settings, API_KEY_ENV},

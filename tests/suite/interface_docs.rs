@@ -19,11 +19,7 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{
-    eventually,
-    files::{load_json, read, repo_path, violations},
-    request, sim, SeenEvent, TestEnv,
-};
+use crate::files::{load_json, read, repo_path, violations};
 use jsonschema::{Draft, Validator};
 use lapin::{
     types::{AMQPValue, FieldTable},
@@ -31,6 +27,7 @@ use lapin::{
 };
 use proptest::{prelude::*, strategy::ValueTree, test_runner::TestRunner};
 use serde_json::{json, Value};
+use vidu_test_kit::{eventually, request, sim, SeenEvent, TestEnv};
 use vidu_worker::{
     broker::{Topology, ERROR_HEADER, TRACEPARENT_HEADER},
     config::Settings,

@@ -1,8 +1,9 @@
 //! The integration test suite: one test binary, one module per area, all
-//! sharing the helpers in [`common`] (a per-test deployment on the real
-//! RabbitMQ at 127.0.0.1:5672, or on one private node for the whole run
-//! when nothing answers there, the simulator over real HTTP, worker child
-//! processes, private broker nodes).
+//! sharing the project's test kit, `vidu_test_kit` in `tests/kit/` (a
+//! per-test deployment on the real RabbitMQ at 127.0.0.1:5672, or on one
+//! private node for the whole run when nothing answers there, the simulator
+//! over real HTTP, worker child processes, private broker nodes), and
+//! [`files`] for reading the repository's own files.
 //!
 //! `cargo test --locked` runs it together with the library's unit tests.
 //! One module, or one test, by its path:
@@ -17,7 +18,7 @@
 //! subscriber): what a worker needs goes to its child process explicitly,
 //! and every deployment has its own queue and exchange names.
 
-mod common;
+mod files;
 
 mod broker_restart;
 mod cli;

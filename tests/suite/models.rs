@@ -14,7 +14,7 @@ use vidu_worker::{
     simulator::{create_path, Simulator, SimulatorConfig},
 };
 
-use crate::common::*;
+use vidu_test_kit::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 const IMG: &str = "https://example.com/start.png";

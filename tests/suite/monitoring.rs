@@ -23,13 +23,11 @@ use std::{
     time::Duration,
 };
 
-use crate::common::{
-    files::{load_json, read, repo_path, violations},
-    sim, TestEnv,
-};
+use crate::files::{load_json, read, repo_path, violations};
 use jsonschema::{Draft, Resource, Validator};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use vidu_test_kit::{sim, TestEnv};
 
 const DASHBOARD: &str = "deploy/grafana/vidu-worker.json";
 const RULES: &str = "deploy/prometheus/vidu-worker.rules.yaml";
@@ -1076,4 +1074,55 @@ fn promtool_accepts_the_rules_and_every_dashboard_query() {
     );
     run_promtool(&promtool, &["check", "rules", &dashboard_rules]);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The README's metrics table lists every value each label can take.
+#[test]
+fn the_readme_lists_every_label_value() {
+    use vidu_worker::metrics::{
+        CreateOutcome, PollResult, RequestOutcome, TicketRejection, WaitReason,
+    };
+    let readme = read("README.md");
+    let row = |metric: &str| {
+        readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `vidu_worker_{metric}")))
+            .unwrap_or_else(|| panic!("no README row for {metric}"))
+            .to_owned()
+    };
+    let rejected: Vec<&str> = TicketRejection::ALL
+        .iter()
+        // Kept for a worker holding the key, never rejected: counted in
+        // tickets_unverified_total.
+        .filter(|r| **r != TicketRejection::Unverified)
+        .map(|r| r.as_str())
+        .collect();
+    let labels: [(&str, Vec<&str>); 5] = [
+        (
+            "requests_received_total",
+            RequestOutcome::ALL.iter().map(|v| v.as_str()).collect(),
+        ),
+        (
+            "creates_total",
+            CreateOutcome::ALL.iter().map(|v| v.as_str()).collect(),
+        ),
+        (
+            "polls_total",
+            PollResult::ALL.iter().map(|v| v.as_str()).collect(),
+        ),
+        (
+            "create_waits_total",
+            WaitReason::ALL.iter().map(|v| v.as_str()).collect(),
+        ),
+        ("tickets_rejected_total", rejected),
+    ];
+    for (metric, values) in labels {
+        let row = row(metric);
+        for value in values {
+            assert!(
+                row.contains(&format!("`{value}`")),
+                "the README's row for vidu_worker_{metric} does not list `{value}`"
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::common::*;
+use vidu_test_kit::*;
 use vidu_worker::{
     config::CreateQuota,
     simulator::{AccountQuota, EndpointFaults, Fault, FaultPlan, SimulatorConfig},

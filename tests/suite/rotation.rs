@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use lapin::{
     types::{AMQPValue, FieldTable, LongString},
     BasicProperties,
 };
 use serde_json::json;
+use vidu_test_kit::*;
 use vidu_worker::{
     broker::ERROR_HEADER,
     events::{SUBMITTED, SUCCEEDED},

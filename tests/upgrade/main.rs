@@ -14,13 +14,9 @@
 //! reads). Not part of `cargo test` (building another release takes
 //! minutes); run alone without them, it fails saying so.
 
-#[path = "../suite/common/mod.rs"]
-#[allow(dead_code)]
-mod common;
-
 use std::{path::PathBuf, time::Duration};
 
-use common::*;
+use vidu_test_kit::*;
 use vidu_worker::events::{SUBMITTED, SUCCEEDED};
 
 /// Settings this release added: the previous one's configuration is strict

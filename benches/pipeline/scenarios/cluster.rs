@@ -111,7 +111,11 @@ async fn loss_run(
         .into_iter()
         .find(|i| *i != 0 && !lead.iter().any(|l| l == nodes[*i].name()))
         .ok_or_else(|| format!("both workers' nodes lead a queue ({lead:?})"))?;
-    let moved = if nodes[killed].port() == port_a { &a } else { &b };
+    let moved = if nodes[killed].port() == port_a {
+        &a
+    } else {
+        &b
+    };
     progress!(
         cfg,
         "  workers on nodes {} and {}; queue leaders on node(s) {:?}; node {killed} goes",

@@ -4,10 +4,7 @@
 //! and cluster scenarios reuse (and the memory scenario sizes its
 //! generation time by).
 
-use std::{
-    sync::atomic::Ordering,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use vidu_worker::simulator::EtaMode;
 
@@ -115,10 +112,7 @@ pub(super) async fn instant_run_on(
     let hops = procs[0].metric("vidu_worker_ticket_hops_total").await;
     let requests = procs[0].metric("vidu_worker_requests_received_total").await;
     let per_task = |v: Option<f64>| Some(v? / requests.filter(|r| *r > 0.0)?);
-    let log_lines: u64 = procs
-        .iter()
-        .map(|w| w.log_lines.load(Ordering::Relaxed))
-        .sum();
+    let log_lines: u64 = procs.iter().map(Worker::log_lines).sum();
     let peak_rss = procs
         .iter()
         .filter_map(Worker::peak_rss_mib)

@@ -1,18 +1,13 @@
-//! Shared helpers for the integration tests: a per-test deployment (unique
-//! queue and exchange names on the real local RabbitMQ), the built-in
-//! simulator over real HTTP, worker child processes, an event tap, and
-//! clean-up of everything on drop. Tests wait on conditions with deadlines,
-//! never on fixed sleeps. The shared broker is the one on 127.0.0.1:5672
-//! when it answers, else one private node for the whole run
-//! ([`shared_broker`]).
-
-pub mod files;
+//! A private deployment for one test: unique names declared on the shared
+//! broker (or one given), a fresh simulator, a publisher, worker children
+//! configured for it, taps on its events; everything deleted and killed on
+//! drop.
 
 use std::{
     collections::HashMap,
     path::Path,
     process::Stdio,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -23,270 +18,128 @@ use lapin::{
         QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable},
-    BasicProperties, Channel, Connection, ConnectionProperties,
+    BasicProperties, Channel, Connection,
 };
 use serde_json::Value;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-    time::Instant,
-};
+use tokio::{process::Command, time::Instant};
 use vidu_worker::{
     broker::{Publisher, Topology},
     config::{env_vars, Settings, API_KEY_ENV},
-    events::{FAILED, SUCCEEDED},
-    local_broker::{self, Installation},
     simulator::{RunningSimulator, Simulator, SimulatorConfig},
 };
 
-pub use vidu_worker::local_broker::{LocalNode, NodeOptions, NodeTls};
+use crate::{
+    broker::{connect_any, shared_broker},
+    eventually, request,
+    tap::{header_strings, seen, EventTap},
+    worker::{worker_binary, WorkerProcess},
+    API_KEY,
+};
 
-pub const API_KEY: &str = "sk-test-0123456789";
-
-/// How long a private node may take to start (or start again).
-pub const STARTUP: Duration = local_broker::STARTUP_TIMEOUT;
-
-/// The machine's RabbitMQ installation; panics saying how to install one.
-fn installation() -> Installation {
-    Installation::find().unwrap_or_else(|| panic!("{}", local_broker::INSTALL_HINT))
-}
-
-/// A private node for a test that needs a broker of its own (restarts,
-/// TLS, users and vhosts), stopped and removed on drop. Blocks: call it
-/// from `spawn_blocking`.
-pub fn private_node() -> LocalNode {
-    private_node_with(NodeOptions::default())
-}
-
-/// [`private_node`] with options.
-pub fn private_node_with(options: NodeOptions) -> LocalNode {
-    LocalNode::start_with(&installation(), "vidu-test", &options, STARTUP)
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// `n` private nodes joined into one cluster. Blocks.
-pub fn private_cluster(n: usize) -> Vec<LocalNode> {
-    local_broker::start_cluster(
-        &installation(),
-        "vidu-test",
-        n,
-        &NodeOptions::default(),
-        STARTUP,
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The broker the tests share: the machine's on 127.0.0.1:5672, or a
-/// private node started for this run when nothing answers there.
-pub struct SharedBroker {
-    url: String,
-    node: Option<LocalNode>,
-}
-
-impl SharedBroker {
-    /// Its AMQP URL.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The private node, when the run has one.
-    pub fn private_node(&self) -> Option<&LocalNode> {
-        self.node.as_ref()
-    }
-
-    /// `rabbitmqctl` for this broker.
-    pub fn rabbitmqctl(&self) -> std::process::Command {
-        match &self.node {
-            Some(node) => node.ctl_command(),
-            None => std::process::Command::new("rabbitmqctl"),
-        }
-    }
-}
-
-static SHARED_BROKER: OnceLock<SharedBroker> = OnceLock::new();
-
-/// The shared broker, found on first use: the machine's when 127.0.0.1:5672
-/// answers (as on CI), else one private node for the whole run, which a
-/// watcher process stops and removes when the test process exits (a
-/// static's drop never runs).
-pub fn shared_broker() -> &'static SharedBroker {
-    SHARED_BROKER.get_or_init(|| {
-        if local_broker::default_broker_answers() {
-            let url = Settings::default().amqp.url;
-            return SharedBroker {
-                url: secrecy::ExposeSecret::expose_secret(&url).to_owned(),
-                node: None,
-            };
-        }
-        let tools = installation();
-        let node = LocalNode::start(&tools, "vidu-suite", local_broker::STARTUP_TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
-        node.stop_when_process_exits(std::process::id())
-            .unwrap_or_else(|e| panic!("{e}"));
-        eprintln!(
-            "no broker answers on 127.0.0.1:5672: the tests share a private RabbitMQ node, \
-             {} (stopped and removed when they end)",
-            node.name()
-        );
-        SharedBroker {
-            url: node.url(),
-            node: Some(node),
-        }
-    })
-}
-
-/// Waits until `f` returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// One event as a consumer sees it.
-#[derive(Debug, Clone)]
-pub struct SeenEvent {
-    pub routing_key: String,
-    pub message_id: Option<String>,
-    pub correlation_id: Option<String>,
-    pub content_type: Option<String>,
-    pub delivery_mode: Option<u8>,
-    pub headers: HashMap<String, String>,
-    pub body: Value,
-}
-
-impl SeenEvent {
-    pub fn kind(&self) -> &str {
-        self.body["type"].as_str().unwrap_or_default()
-    }
-    pub fn subject(&self) -> &str {
-        self.body["subject"].as_str().unwrap_or_default()
-    }
-    pub fn id(&self) -> &str {
-        self.body["id"].as_str().unwrap_or_default()
-    }
-    pub fn is_terminal(&self) -> bool {
-        matches!(self.kind(), SUCCEEDED | FAILED)
-    }
-}
-
-fn header_strings(props: &BasicProperties) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    if let Some(h) = props.headers() {
-        for (k, v) in h.inner() {
-            let s = match v {
-                AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                AMQPValue::ShortString(s) => s.to_string(),
-                other => format!("{other:?}"),
-            };
-            out.insert(k.to_string(), s);
-        }
-    }
-    out
-}
-
-fn seen(routing_key: &str, props: &BasicProperties, data: &[u8]) -> SeenEvent {
-    SeenEvent {
-        routing_key: routing_key.to_owned(),
-        message_id: props.message_id().as_ref().map(|s| s.to_string()),
-        correlation_id: props.correlation_id().as_ref().map(|s| s.to_string()),
-        content_type: props.content_type().as_ref().map(|s| s.to_string()),
-        delivery_mode: *props.delivery_mode(),
-        headers: header_strings(props),
-        body: serde_json::from_slice(data).unwrap_or(Value::Null),
-    }
-}
-
-/// Collects every event published to a deployment's exchange.
-#[derive(Clone, Default)]
-pub struct EventTap {
-    events: Arc<Mutex<Vec<SeenEvent>>>,
-}
-
-impl EventTap {
-    pub fn all(&self) -> Vec<SeenEvent> {
-        self.events.lock().expect("tap lock").clone()
-    }
-
-    pub fn for_subject(&self, subject: &str) -> Vec<SeenEvent> {
-        self.all()
-            .into_iter()
-            .filter(|e| e.subject() == subject)
-            .collect()
-    }
-
-    pub fn terminal(&self) -> Vec<SeenEvent> {
-        self.all()
-            .into_iter()
-            .filter(SeenEvent::is_terminal)
-            .collect()
-    }
-
-    /// Asserts that every terminal event seen so far is `succeeded`, naming
-    /// the ones that are not.
-    pub fn assert_all_succeeded(&self) {
-        let failed: Vec<String> = self
-            .terminal()
-            .iter()
-            .filter(|e| e.kind() != SUCCEEDED)
-            .map(|e| format!("{} {}: {}", e.subject(), e.kind(), e.body["data"]))
-            .collect();
-        assert!(failed.is_empty(), "requests did not succeed: {failed:?}");
-    }
-
-    /// Distinct subjects that have a terminal event.
-    pub fn finished_subjects(&self) -> std::collections::HashSet<String> {
-        self.terminal()
-            .iter()
-            .map(|e| e.subject().to_owned())
-            .collect()
-    }
-
-    /// Waits for the terminal event of `subject`.
-    pub async fn wait_terminal(&self, subject: &str, timeout: Duration) -> SeenEvent {
-        eventually(
-            timeout,
-            &format!("a terminal event for {subject}"),
-            || async {
-                self.for_subject(subject)
-                    .into_iter()
-                    .find(SeenEvent::is_terminal)
-            },
-        )
-        .await
-    }
-
-    /// Waits until `n` distinct subjects have terminal events.
-    pub async fn wait_finished(&self, n: usize, timeout: Duration) {
-        eventually(timeout, &format!("{n} finished requests"), || async {
-            (self.finished_subjects().len() >= n).then_some(())
-        })
-        .await;
-    }
-}
-
-/// A private deployment for one test.
-pub struct TestEnv {
+/// A deployment's names declared on a broker: unique queue and exchange
+/// names (`<label>.<8 hex>`), the topology the worker declares, a channel
+/// and a confirmed publisher; queues declared through it, worker processes
+/// it started, background tasks and connections handed to it; all deleted,
+/// killed, aborted and closed on drop. The tests' [`TestEnv`] and the
+/// benchmark's runs are each one of these.
+pub struct Deployment {
     pub name: String,
-    pub api_key: String,
     pub settings: Settings,
     pub topology: Topology,
-    pub sim: RunningSimulator,
     pub channel: Channel,
     pub publisher: Publisher,
+    /// The connection `channel` and `publisher` are on.
+    pub conn: Arc<Connection>,
+    /// The URL cleaning up connects to.
+    url: String,
     extra_queues: Mutex<Vec<String>>,
     workers: Mutex<Vec<u32>>,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    held: Mutex<Vec<Connection>>,
+}
+
+impl Deployment {
+    /// A unique deployment name: `<label>.<8 hex>`.
+    pub fn unique_name(label: &str) -> String {
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        format!("{label}.{}", &unique[..8])
+    }
+
+    /// Names `settings`' request queue and events exchange after `name`.
+    pub fn name_settings(settings: &mut Settings, name: &str) {
+        settings.amqp.request_queue = format!("{name}.requests");
+        settings.amqp.events_exchange = format!("{name}.events");
+    }
+
+    /// Declares the topology `settings` names through `url` (the first
+    /// node of a comma-separated list that answers).
+    pub async fn declare(name: String, settings: Settings, url: &str) -> Result<Self, String> {
+        let topology = Topology::new(&settings);
+        let conn = Arc::new(
+            connect_any(url)
+                .await
+                .ok_or_else(|| "no broker node answers".to_owned())?,
+        );
+        topology
+            .declare(&conn)
+            .await
+            .map_err(|e| format!("topology: {e}"))?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| format!("channel: {e}"))?;
+        let publisher = Publisher::open(conn.clone())
+            .await
+            .map_err(|e| format!("publisher: {e}"))?;
+        Ok(Self {
+            name,
+            settings,
+            topology,
+            channel,
+            publisher,
+            conn,
+            url: url.to_owned(),
+            extra_queues: Mutex::new(Vec::new()),
+            workers: Mutex::new(Vec::new()),
+            background: Mutex::new(Vec::new()),
+            held: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Kills the process `pid` (SIGKILL) when the deployment goes.
+    pub fn kill_on_drop(&self, pid: u32) {
+        self.workers.lock().expect("lock").push(pid);
+    }
+
+    /// Closes `conn` when the deployment goes.
+    pub fn close_on_drop(&self, conn: Connection) {
+        self.held.lock().expect("lock").push(conn);
+    }
+
+    /// Deletes queue `name` when the deployment goes.
+    pub fn delete_on_drop(&self, name: &str) {
+        self.extra_queues
+            .lock()
+            .expect("lock")
+            .push(name.to_owned());
+    }
+}
+
+/// A private deployment for one test: a [`Deployment`] on the shared broker
+/// with a fresh simulator, settings for quick tests, and worker children
+/// configured for both.
+pub struct TestEnv {
+    pub deployment: Deployment,
+    pub api_key: String,
+    pub sim: RunningSimulator,
+}
+
+impl std::ops::Deref for TestEnv {
+    type Target = Deployment;
+
+    fn deref(&self) -> &Deployment {
+        &self.deployment
+    }
 }
 
 impl TestEnv {
@@ -310,12 +163,10 @@ impl TestEnv {
         })
         .await
         .expect("simulator starts");
-        let unique = uuid::Uuid::new_v4().simple().to_string();
-        let name = format!("t.{test}.{}", &unique[..8]);
+        let name = Deployment::unique_name(&format!("t.{test}"));
         let mut settings = Settings::default();
         settings.amqp.url = shared_broker().url().into();
-        settings.amqp.request_queue = format!("{name}.requests");
-        settings.amqp.events_exchange = format!("{name}.events");
+        Deployment::name_settings(&mut settings, &name);
         settings.amqp.prefetch = 16;
         settings.upstream.base_url = sim.base_url();
         settings.upstream.api_key = Some(api_key.clone().into());
@@ -326,23 +177,14 @@ impl TestEnv {
         settings.polling.max_interval = Duration::from_secs(5);
         settings.shutdown.grace_period = Duration::from_secs(10);
         tweak(&mut settings);
-        let topology = Topology::new(&settings);
         let url = secrecy::ExposeSecret::expose_secret(&settings.amqp.url).to_owned();
-        let conn = Arc::new(connect_any(&url).await.expect("RabbitMQ reachable"));
-        topology.declare(&conn).await.expect("topology");
-        let channel = conn.create_channel().await.expect("channel");
-        let publisher = Publisher::open(conn).await.expect("publisher");
+        let deployment = Deployment::declare(name, settings, &url)
+            .await
+            .unwrap_or_else(|e| panic!("RabbitMQ reachable and the topology declared: {e}"));
         Self {
-            name,
+            deployment,
             api_key,
-            settings,
-            topology,
             sim,
-            channel,
-            publisher,
-            extra_queues: Mutex::new(Vec::new()),
-            workers: Mutex::new(Vec::new()),
-            background: Mutex::new(Vec::new()),
         }
     }
 
@@ -371,19 +213,13 @@ impl TestEnv {
 
     /// Starts a worker child process without waiting.
     pub fn spawn_worker(&self, extra_env: &[(&str, &str)]) -> WorkerProcess {
-        self.spawn(
-            Path::new(env!("CARGO_BIN_EXE_vidu-worker")),
-            None,
-            extra_env,
-            &[],
-        )
+        self.spawn(&worker_binary(), None, extra_env, &[])
     }
 
     /// Starts another build of the worker (an earlier release, say) in
     /// `dir` (where it finds its own `config/default.toml`), without the
     /// variables named in `unknown` (settings it does not have). Used by
-    /// `tests/upgrade`, which shares these helpers.
-    #[allow(dead_code)]
+    /// `tests/upgrade`.
     pub fn spawn_program(&self, program: &Path, dir: &Path, unknown: &[&str]) -> WorkerProcess {
         self.spawn(program, Some(dir), &[], unknown)
     }
@@ -399,16 +235,10 @@ impl TestEnv {
         if let Some(dir) = dir {
             cmd.current_dir(dir);
         }
-        cmd.arg("run")
-            .env_remove("RUST_LOG")
-            .env(
-                "RUST_LOG",
-                std::env::var("VIDU_TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        cmd.env_remove("RUST_LOG").env(
+            "RUST_LOG",
+            std::env::var("VIDU_TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+        );
         for (k, v) in self.worker_env() {
             if !unknown.contains(&k.as_str()) {
                 cmd.env(k, v);
@@ -417,35 +247,13 @@ impl TestEnv {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn vidu-worker");
-        if let Some(pid) = child.id() {
-            self.workers.lock().expect("lock").push(pid);
-        }
-        let logs = Arc::new(Mutex::new(Vec::<String>::new()));
-        for pipe in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let logs = logs.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    logs.lock().expect("log lock").push(line);
-                }
-            });
-        }
-        WorkerProcess { child, logs }
+        let worker = WorkerProcess::spawn(cmd).expect("spawn vidu-worker");
+        self.kill_on_drop(worker.pid());
+        worker
     }
+}
 
+impl Deployment {
     /// Publishes a raw request body with the given properties.
     pub async fn publish_raw(&self, body: &[u8], props: BasicProperties) {
         self.publisher
@@ -649,7 +457,7 @@ impl TestEnv {
     }
 }
 
-impl Drop for TestEnv {
+impl Drop for Deployment {
     fn drop(&mut self) {
         for task in self
             .background
@@ -659,7 +467,12 @@ impl Drop for TestEnv {
         {
             task.abort();
         }
-        let url = self.amqp_url();
+        let url = self.url.clone();
+        let held = self
+            .held
+            .lock()
+            .map(|mut h| std::mem::take(&mut *h))
+            .unwrap_or_default();
         for pid in self.workers.lock().map(|w| w.clone()).unwrap_or_default() {
             let _ = std::process::Command::new("kill")
                 .arg("-9")
@@ -684,6 +497,9 @@ impl Drop for TestEnv {
                 return;
             };
             rt.block_on(async move {
+                for conn in held {
+                    let _ = conn.close(200, "deployment over".into()).await;
+                }
                 let Some(conn) = connect_any(&url).await else {
                     return;
                 };
@@ -703,144 +519,6 @@ impl Drop for TestEnv {
         })
         .join();
     }
-}
-
-/// A worker child process; killed on drop.
-pub struct WorkerProcess {
-    pub child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl WorkerProcess {
-    pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().expect("log lock").clone()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id().unwrap_or(0)
-    }
-
-    /// The operations address, read from the start-up log line.
-    pub async fn ops_addr(&self) -> String {
-        eventually(
-            Duration::from_secs(30),
-            "the worker's start-up log line",
-            || async {
-                self.logs().iter().find_map(|l| {
-                    let v: Value = serde_json::from_str(l).ok()?;
-                    (v["message"] == "vidu-worker starting")
-                        .then(|| v["ops"].as_str().map(str::to_owned))?
-                })
-            },
-        )
-        .await
-    }
-
-    /// GET on the operations endpoint: (status, body).
-    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let addr = self.ops_addr().await;
-        let resp = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
-        let status = resp.status().as_u16();
-        Some((status, resp.text().await.ok()?))
-    }
-
-    /// Waits until `/readyz` answers 503 with `needle` in its reason, and
-    /// returns that reason.
-    pub async fn wait_not_ready(&self, needle: &str, timeout: Duration) -> String {
-        eventually(
-            timeout,
-            &format!("/readyz 503 mentioning {needle:?}"),
-            || async {
-                match self.get("/readyz").await {
-                    Some((503, body)) if body.contains(needle) => Some(body),
-                    _ => None,
-                }
-            },
-        )
-        .await
-    }
-
-    pub async fn wait_ready(&self, timeout: Duration) {
-        eventually(timeout, "the worker to be ready", || async {
-            matches!(self.get("/readyz").await, Some((200, _))).then_some(())
-        })
-        .await;
-    }
-
-    /// One metric's value (summed over label sets matching `labels`).
-    pub async fn metric(&self, name: &str, labels: &str) -> f64 {
-        let Some((_, text)) = self.get("/metrics").await else {
-            return 0.0;
-        };
-        text.lines()
-            .filter(|l| l.starts_with(name) && l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let _ = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .stderr(Stdio::null())
-            .status();
-    }
-
-    pub async fn kill9(mut self) {
-        self.signal("KILL");
-        let _ = self.child.wait().await;
-    }
-
-    /// Waits for exit; returns the status code.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .ok()?
-            .ok()?
-            .code()
-    }
-}
-
-/// Closes a worker's broker connection from the broker's side, as a network
-/// cut or a load balancer reset would (`rabbitmqctl close_connection`), on
-/// the shared broker (`node` none) or a private one. Returns whether a
-/// connection was found and closed.
-pub fn close_worker_connection(node: Option<&LocalNode>, pid: u32) -> bool {
-    let run = |args: &[&str]| -> Option<String> {
-        match node {
-            Some(n) => n.ctl_output(args).ok(),
-            None => {
-                let out = shared_broker().rabbitmqctl().args(args).output().ok()?;
-                out.status
-                    .success()
-                    .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-            }
-        }
-    };
-    let Some(list) = run(&[
-        "-q",
-        "list_connections",
-        "pid",
-        "client_properties",
-        "--no-table-headers",
-    ]) else {
-        return false;
-    };
-    let needle = format!("#{pid} ");
-    let Some(conn) = list
-        .lines()
-        .find(|l| l.contains("vidu-worker worker") && l.contains(&needle))
-        .and_then(|l| l.split('\t').next())
-        .map(str::to_owned)
-    else {
-        return false;
-    };
-    run(&[
-        "close_connection",
-        &conn,
-        "closed by the test (a network cut)",
-    ])
-    .is_some()
 }
 
 /// Declares a quorum queue bound to the events exchange that refuses every
@@ -942,36 +620,5 @@ pub async fn publish_through(url: &str, env: &TestEnv, ids: &[String], prompt: &
             )
             .await
             .expect("a request published");
-    }
-}
-
-/// Connects to the first node of a broker URL (or comma-separated list of
-/// node URLs, as `amqp.url` takes them) that answers.
-pub async fn connect_any(urls: &str) -> Option<Connection> {
-    for url in vidu_worker::config::split_urls(urls) {
-        if let Ok(conn) = Connection::connect(url, ConnectionProperties::default()).await {
-            return Some(conn);
-        }
-    }
-    None
-}
-
-/// A valid request body.
-pub fn request(id: &str, prompt: &str) -> Value {
-    serde_json::json!({
-        "request_id": id,
-        "input": {
-            "images": ["https://example.com/cat.png"],
-            "prompt": format!("{prompt} {id}"),
-            "duration": 5
-        }
-    })
-}
-
-/// Simulator settings with a short generation time.
-pub fn sim(generation: Duration) -> SimulatorConfig {
-    SimulatorConfig {
-        generation_time: generation,
-        ..SimulatorConfig::default()
     }
 }
