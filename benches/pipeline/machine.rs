@@ -12,7 +12,7 @@ use std::{
 
 use tokio::process::{Child, Command};
 
-use crate::{config::BenchConfig, workers::signal, BenchResult};
+use crate::{config::BenchConfig, BenchResult};
 
 pub(crate) async fn machine_line(cfg: &BenchConfig) -> String {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -276,4 +276,13 @@ pub(crate) async fn stop_perf(cfg: &BenchConfig, child: &mut Child) {
             progress!(cfg, "  perf did not stop in time; killed");
         }
     }
+}
+
+/// Sends `sig` (`TERM`, `KILL`, `INT`, ...) to process `pid`.
+pub(crate) fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
 }

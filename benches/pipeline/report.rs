@@ -5,7 +5,9 @@
 
 use std::fmt::Write as _;
 
-use crate::{config::BenchConfig, scenarios::throughput::InstantRun};
+use std::time::Duration;
+
+use crate::{config::BenchConfig, machine::CpuSplit};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Verdict {
@@ -60,6 +62,31 @@ impl Row {
     ) -> Self {
         Self::info(id, measure, format!("did not complete: {error}"))
     }
+}
+
+/// One run of instant tasks through the workers (the throughput
+/// scenario's, reused by scale-out, memory and the cluster reference).
+#[derive(Clone)]
+pub(crate) struct InstantRun {
+    pub(crate) workers: usize,
+    pub(crate) n: usize,
+    pub(crate) rate: f64,
+    /// Requests per second until the request queue had none ready.
+    pub(crate) intake: Option<f64>,
+    pub(crate) publish: Duration,
+    pub(crate) failed: usize,
+    pub(crate) duplicates: usize,
+    pub(crate) cpu: CpuSplit,
+    pub(crate) creates: u64,
+    pub(crate) polls: u64,
+    /// Per task, from the first worker's metrics: events confirmed, ticket
+    /// publishes (hops), upstream calls.
+    pub(crate) events_per_task: Option<f64>,
+    pub(crate) hops_per_task: Option<f64>,
+    pub(crate) log_lines_per_task: f64,
+    pub(crate) peak_rss: Option<f64>,
+    /// The broker node (port) each worker named in `/readyz` at the start.
+    pub(crate) nodes: Vec<Option<u16>>,
 }
 
 /// What later scenarios reuse from earlier ones.

@@ -3,10 +3,7 @@
 //! stopped with SIGTERM, killed on drop), starting and stopping several,
 //! and sending a signal to a process.
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 use vidu_test_kit::{worker_binary, WorkerProcess};
@@ -134,14 +131,6 @@ impl Worker {
     pub(crate) async fn stop(self) {
         self.process.stop(Duration::from_secs(40)).await;
     }
-}
-
-pub(crate) fn signal(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(Stdio::null())
-        .status();
 }
 
 pub(crate) async fn start_workers(

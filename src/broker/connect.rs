@@ -11,7 +11,7 @@ use lapin::{
     Connection, ConnectionProperties,
 };
 
-use super::{broker_words, BrokerError};
+use super::error::{broker_words, BrokerError};
 use crate::{
     config::{AmqpSettings, ConfigError, Settings},
     tls,

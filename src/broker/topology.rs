@@ -12,7 +12,7 @@ use lapin::{
     Channel, Connection, ExchangeKind,
 };
 
-use super::{broker_words, reply_code, BrokerError};
+use super::error::{broker_words, reply_code, BrokerError};
 use crate::config::{QueueArgument, QueueType, Settings};
 
 /// The delays of the wait queues the topology declares, shortest first. A

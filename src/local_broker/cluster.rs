@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use super::{Installation, LocalNode, NodeOptions};
+use super::{
+    node::{LocalNode, NodeOptions},
+    setup::Installation,
+};
 
 /// How long RabbitMQ's at-least-once dead-letter process waits for a
 /// target queue's confirm before it sends again (3.10's default is

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{
+use super::setup::{
     alive, create_node_dir, free_port, hand_over_node_dir, node_config, node_env, quiet,
     verified_vm_pid, write_node_file, Installation, NodeUser,
 };

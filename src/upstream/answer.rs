@@ -8,7 +8,10 @@ use std::{fmt, time::Duration};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{MAX_EXCERPT_CHARS, MAX_MESSAGE_CHARS};
+/// Longest upstream message kept in errors and events.
+pub(super) const MAX_MESSAGE_CHARS: usize = 500;
+/// Longest excerpt of an unreadable answer kept in errors and events.
+pub(super) const MAX_EXCERPT_CHARS: usize = 200;
 
 /// Longest task id accepted from the upstream.
 pub const MAX_TASK_ID_CHARS: usize = 128;

@@ -39,14 +39,10 @@ pub use answer::{
     clean_text, valid_task_id, video_url_problem, RunningStatus, TaskId, TaskResult, TaskStatus,
     Video, MAX_ANSWER_BYTES, MAX_TASK_ID_CHARS, MAX_VIDEOS, MAX_VIDEO_URL_BYTES,
 };
-use answer::{error_body, printable, truncate, truncate_to};
+use answer::{error_body, printable, truncate, truncate_to, MAX_EXCERPT_CHARS};
 
 /// Path of the task-result endpoint.
 pub const RESULT_PATH: &str = "/v3/async/task-result";
-/// Longest upstream message kept in errors and events.
-const MAX_MESSAGE_CHARS: usize = 500;
-/// Longest excerpt of an unreadable answer kept in errors and events.
-const MAX_EXCERPT_CHARS: usize = 200;
 
 /// What went wrong talking to the upstream, by what the caller can do.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -522,6 +518,7 @@ fn rate_limiter(per_second: f64) -> Option<Arc<DefaultDirectRateLimiter>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use answer::MAX_MESSAGE_CHARS;
 
     fn parse(s: &str) -> TaskResult {
         TaskResult::parse(s.as_bytes()).expect("parses")

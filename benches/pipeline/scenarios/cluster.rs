@@ -25,7 +25,8 @@ use crate::{
     BenchResult,
 };
 
-use super::throughput::{instant_run_on, InstantRun};
+use super::throughput::instant_run_on;
+use crate::report::InstantRun;
 
 /// Requests of each instant run in the cluster scenario.
 const CLUSTER_TASKS: usize = 3_000;

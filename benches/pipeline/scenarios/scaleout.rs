@@ -9,7 +9,8 @@ use crate::{
     INSTANT_TASKS,
 };
 
-use super::throughput::{instant_run, InstantRun};
+use super::throughput::instant_run;
+use crate::report::InstantRun;
 
 /// Worker counts of the scale-out runs (1 is the throughput run).
 const SCALE_OUT: [usize; 2] = [2, 3];

@@ -12,7 +12,7 @@ use crate::{
     config::BenchConfig,
     harness::{simulator, Deployment, Sink, Target},
     machine::{start_perf, stop_perf, wait_quiet, CpuSplit},
-    report::{fmt_opt, ratio_cell, Findings, Row},
+    report::{fmt_opt, ratio_cell, Findings, InstantRun, Row},
     stats::{median_of, spread, stats_delta, Measured},
     workers::{start_workers, stop_workers, Worker},
     BenchResult, CEILING_WIDE_PREFETCH, INSTANT_TASKS,
@@ -20,29 +20,6 @@ use crate::{
 
 /// A target from the issue.
 const TARGET_RATIO: f64 = 0.5;
-
-#[derive(Clone)]
-pub(crate) struct InstantRun {
-    pub(super) workers: usize,
-    pub(super) n: usize,
-    pub(super) rate: f64,
-    /// Requests per second until the request queue had none ready.
-    intake: Option<f64>,
-    publish: Duration,
-    failed: usize,
-    duplicates: usize,
-    pub(super) cpu: CpuSplit,
-    creates: u64,
-    polls: u64,
-    /// Per task, from the first worker's metrics: events confirmed, ticket
-    /// publishes (hops), upstream calls.
-    events_per_task: Option<f64>,
-    hops_per_task: Option<f64>,
-    log_lines_per_task: f64,
-    peak_rss: Option<f64>,
-    /// The broker node (port) each worker named in `/readyz` at the start.
-    pub(super) nodes: Vec<Option<u16>>,
-}
 
 pub(super) async fn instant_run(
     cfg: &BenchConfig,
