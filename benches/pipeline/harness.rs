@@ -111,23 +111,12 @@ impl Deployment {
         producer
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let sink_queue = format!("{}.sink", kit.name);
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        producer
-            .queue_declare(
-                sink_queue.as_str().into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
+        let sink_queue = kit
+            .declare_queue_with(
+                "sink",
+                kit::queue_args(&[("x-queue-type", AMQPValue::LongString("quorum".into()))]),
             )
             .await?;
-        kit.delete_on_drop(&sink_queue);
         for key in TERMINAL_KEYS {
             producer
                 .queue_bind(

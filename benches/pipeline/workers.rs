@@ -3,10 +3,10 @@
 //! stopped with SIGTERM, killed on drop), starting and stopping several,
 //! and sending a signal to a process.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::process::Command;
-use vidu_test_kit::{worker_binary, WorkerProcess};
+use vidu_test_kit::{try_eventually, worker_binary, WorkerProcess};
 use vidu_worker::simulator::RunningSimulator;
 
 use crate::{harness::Deployment, machine::proc_status_mib, BenchResult};
@@ -60,32 +60,25 @@ impl Worker {
         .await
     }
 
-    /// Asks `probe` every 100 ms until it answers; after `timeout`, fails
-    /// saying the worker `what`, with its last log lines.
+    /// Asks `probe` until it answers; after `timeout`, fails saying the
+    /// worker `what`, with its last log lines.
     pub(crate) async fn wait_for<T, F, Fut>(
         &self,
         timeout: Duration,
         what: &str,
-        mut probe: F,
+        probe: F,
     ) -> BenchResult<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(answer) = probe().await {
-                return Ok(answer);
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the worker {what} within {timeout:?}; last lines: {:?}",
-                    self.process.tail(20)
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        try_eventually(timeout, probe).await.ok_or_else(|| {
+            format!(
+                "the worker {what} within {timeout:?}; last lines: {:?}",
+                self.process.tail(20)
+            )
+            .into()
+        })
     }
 
     /// The port of the broker node the worker is ready on: `/readyz`

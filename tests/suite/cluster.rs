@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use lapin::{
-    options::{QueueBindOptions, QueueDeclareOptions},
+    options::QueueBindOptions,
     types::{AMQPValue, FieldTable},
 };
 use tokio::time::Instant;
@@ -43,20 +43,10 @@ async fn wait_node_of(worker: &WorkerProcess, timeout: Duration) -> u16 {
 /// A tap on a replicated (quorum) queue, so that it survives the loss of
 /// any one node; its consumer reconnects through the node list.
 async fn replicated_tap(env: &TestEnv) -> EventTap {
-    let queue = format!("{}.clustertap", env.name);
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    env.channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
+    let queue = env
+        .declare_queue_with(
+            "clustertap",
+            queue_args(&[("x-queue-type", AMQPValue::LongString("quorum".into()))]),
         )
         .await
         .expect("declare the tap");

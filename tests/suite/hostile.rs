@@ -9,7 +9,6 @@
 use std::time::Duration;
 
 use lapin::{
-    options::QueueDeclareOptions,
     types::{AMQPValue, FieldTable, LongString},
     BasicProperties,
 };
@@ -413,21 +412,13 @@ async fn hostile_request_properties_and_bodies_are_refused_by_name() {
 async fn a_refusing_reply_queue_ends_the_request_once() {
     let env = TestEnv::new("replyrefuse", sim(Duration::from_millis(500))).await;
     // A classic queue full at zero messages refuses every publish.
-    let reply = format!("{}.full.replies", env.name);
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    env.channel
-        .queue_declare(
-            reply.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
+    let reply = env
+        .declare_queue_with(
+            "full.replies",
+            queue_args(&[
+                ("x-max-length", AMQPValue::LongInt(0)),
+                ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+            ]),
         )
         .await
         .expect("declare");

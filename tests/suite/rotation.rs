@@ -43,29 +43,7 @@ async fn all_submitted(tap: &EventTap, n: usize) {
 
 /// Every request succeeded once, with one create each and no dead letter.
 async fn nothing_lost_nothing_paid_twice(env: &TestEnv, tap: &EventTap, subjects: &[String]) {
-    tap.wait_finished(subjects.len(), Duration::from_secs(120))
-        .await;
-    one_terminal_id_each(tap, subjects);
-    for s in subjects {
-        let done: Vec<_> = tap
-            .for_subject(s)
-            .into_iter()
-            .filter(SeenEvent::is_terminal)
-            .collect();
-        assert_eq!(done[0].kind(), SUCCEEDED, "{s}: {:?}", done[0].body);
-    }
-    let stats = env.sim.stats();
-    assert_eq!(
-        stats.tasks_created,
-        subjects.len() as u64,
-        "one create per request"
-    );
-    let dead = env.drain_dead().await;
-    assert!(
-        dead.is_empty(),
-        "nothing dead-lettered: {:?}",
-        dead.iter().map(|(h, _, _)| h).collect::<Vec<_>>()
-    );
+    assert_succeeded_once(env, tap, subjects, Duration::from_secs(120)).await;
 }
 
 async fn publish_all(env: &TestEnv, prefix: &str, n: usize) -> Vec<String> {

@@ -84,34 +84,12 @@ async fn publish(env: &TestEnv, prefix: &str, n: usize) -> Vec<String> {
 /// Every request of `subjects` ended once, succeeded, with one create
 /// each; nothing was dead-lettered.
 async fn all_done_once(env: &TestEnv, tap: &EventTap, subjects: &[String]) {
-    tap.wait_finished(subjects.len(), Duration::from_secs(180))
-        .await;
-    one_terminal_id_each(tap, subjects);
-    for s in subjects {
-        let terminal: Vec<_> = tap
-            .for_subject(s)
-            .into_iter()
-            .filter(SeenEvent::is_terminal)
-            .collect();
-        assert_eq!(terminal[0].kind(), SUCCEEDED, "{s}: {:?}", terminal[0].body);
-    }
-    let stats = env.sim.stats();
+    let stats = assert_succeeded_once(env, tap, subjects, Duration::from_secs(180)).await;
     eprintln!(
         "{} requests: {} creates, {} duplicate creates",
         subjects.len(),
         stats.tasks_created,
         stats.duplicate_creates
-    );
-    assert_eq!(
-        stats.tasks_created,
-        subjects.len() as u64,
-        "one create each"
-    );
-    let dead = env.drain_dead().await;
-    assert!(
-        dead.is_empty(),
-        "nothing dead-lettered: {:?}",
-        dead.iter().map(|(h, _, _)| h).collect::<Vec<_>>()
     );
 }
 

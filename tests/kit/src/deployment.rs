@@ -279,8 +279,21 @@ impl Deployment {
             .await;
     }
 
-    /// Declares a queue that is deleted with the deployment.
+    /// Declares a durable queue `<name>.<suffix>`, deleted with the
+    /// deployment.
     pub async fn declare_queue(&self, suffix: &str) -> String {
+        self.declare_queue_with(suffix, FieldTable::default())
+            .await
+            .expect("declare queue")
+    }
+
+    /// Declares a durable queue `<name>.<suffix>` with `args` (see
+    /// [`queue_args`]), deleted with the deployment.
+    pub async fn declare_queue_with(
+        &self,
+        suffix: &str,
+        args: FieldTable,
+    ) -> Result<String, lapin::Error> {
         let name = format!("{}.{suffix}", self.name);
         self.channel
             .queue_declare(
@@ -289,12 +302,11 @@ impl Deployment {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                FieldTable::default(),
+                args,
             )
-            .await
-            .expect("declare queue");
-        self.extra_queues.lock().expect("lock").push(name.clone());
-        name
+            .await?;
+        self.delete_on_drop(&name);
+        Ok(name)
     }
 
     /// Starts collecting every event of this deployment.
@@ -525,25 +537,14 @@ impl Drop for Deployment {
 /// publish (full at one message, `reject-publish`): each event's confirm is
 /// then a nack.
 pub async fn refuse_events(env: &TestEnv) -> String {
-    let name = format!("{}.refuse-events", env.name);
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args.insert(
-        "x-overflow".into(),
-        AMQPValue::LongString("reject-publish".into()),
-    );
-    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
-    env.channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
+    let name = env
+        .declare_queue_with(
+            "refuse-events",
+            queue_args(&[
+                ("x-queue-type", AMQPValue::LongString("quorum".into())),
+                ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+                ("x-max-length", AMQPValue::LongInt(0)),
+            ]),
         )
         .await
         .expect("declare the refusing queue");
@@ -581,6 +582,54 @@ pub async fn refuse_events(env: &TestEnv) -> String {
     )
     .await;
     name
+}
+
+/// Queue arguments, e.g. `[("x-queue-type", AMQPValue::LongString("quorum".into()))]`.
+pub fn queue_args(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut args = FieldTable::default();
+    for (key, value) in pairs {
+        args.insert((*key).into(), value.clone());
+    }
+    args
+}
+
+/// Every request of `subjects` ended once (within `timeout`) and
+/// succeeded, with one create each (the simulator's count) and nothing
+/// dead-lettered; returns the simulator's counts.
+pub async fn assert_succeeded_once(
+    env: &TestEnv,
+    tap: &EventTap,
+    subjects: &[String],
+    timeout: Duration,
+) -> vidu_worker::simulator::SimStats {
+    tap.wait_finished(subjects.len(), timeout).await;
+    one_terminal_id_each(tap, subjects);
+    for s in subjects {
+        let terminal: Vec<_> = tap
+            .for_subject(s)
+            .into_iter()
+            .filter(crate::SeenEvent::is_terminal)
+            .collect();
+        assert_eq!(
+            terminal[0].kind(),
+            vidu_worker::events::SUCCEEDED,
+            "{s}: {:?}",
+            terminal[0].body
+        );
+    }
+    let stats = env.sim.stats();
+    assert_eq!(
+        stats.tasks_created,
+        subjects.len() as u64,
+        "one create per request"
+    );
+    let dead = env.drain_dead().await;
+    assert!(
+        dead.is_empty(),
+        "nothing dead-lettered: {:?}",
+        dead.iter().map(|(h, _, _)| h).collect::<Vec<_>>()
+    );
+    stats
 }
 
 /// Asserts every subject has exactly one distinct terminal event id, and

@@ -23,7 +23,10 @@ pub use broker::{
     close_worker_connection, connect_any, private_cluster, private_node, private_node_with,
     shared_broker, SharedBroker, STARTUP,
 };
-pub use deployment::{one_terminal_id_each, publish_through, refuse_events, Deployment, TestEnv};
+pub use deployment::{
+    assert_succeeded_once, one_terminal_id_each, publish_through, queue_args, refuse_events,
+    Deployment, TestEnv,
+};
 pub use tap::{EventTap, SeenEvent};
 pub use vidu_worker::local_broker::{LocalNode, NodeOptions, NodeTls};
 pub use worker::{worker_binary, WorkerProcess};
@@ -32,7 +35,19 @@ pub use worker::{worker_binary, WorkerProcess};
 pub const API_KEY: &str = "sk-test-0123456789";
 
 /// Waits until `f` returns `Some`, or panics with `what` after `timeout`.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match try_eventually(timeout, f).await {
+        Some(v) => v,
+        None => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// Asks `f` every 50 ms until it returns `Some`; `None` after `timeout`.
+pub async fn try_eventually<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -40,10 +55,10 @@ where
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f().await {
-            return v;
+            return Some(v);
         }
         if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
