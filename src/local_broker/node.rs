@@ -70,6 +70,9 @@ pub struct LocalNode {
     /// The user the node runs as (its files' owner).
     owner: NodeUser,
     stopped: AtomicBool,
+    /// The VM [`LocalNode::kill`] ended, whose pid the pid file still
+    /// names until the node runs again.
+    killed_pid: std::sync::Mutex<Option<u32>>,
 }
 
 impl LocalNode {
@@ -132,6 +135,7 @@ impl LocalNode {
             vm_pid: std::sync::Mutex::new(None),
             owner,
             stopped: AtomicBool::new(false),
+            killed_pid: std::sync::Mutex::new(None),
         };
         let mut conf = node_config(port);
         if let (Some(tls), Some(tls_port)) = (&options.tls, tls_port) {
@@ -187,7 +191,16 @@ impl LocalNode {
                 *self.vm_pid.lock().unwrap_or_else(PoisonError::into_inner) = Some(pid);
                 return Ok(());
             }
-            if self.pid().is_some_and(|pid| !alive(pid)) {
+            // A pid file left by a killed VM says nothing about this start.
+            let killed = *self
+                .killed_pid
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if self
+                .pid()
+                .filter(|pid| Some(*pid) != killed)
+                .is_some_and(|pid| !alive(pid))
+            {
                 return Err(format!(
                     "the private RabbitMQ node {} stopped while starting{}",
                     self.name,
@@ -348,6 +361,10 @@ impl LocalNode {
         quiet(Command::new("kill").args(["-9", &pid.to_string()]))
             .status()
             .map_err(|e| format!("cannot run kill: {e}"))?;
+        *self
+            .killed_pid
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(pid);
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
         for _ in 0..100 {
             if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {

@@ -233,9 +233,37 @@ async fn run(
         "{label}: killed {} (port {killed_port}; workers on {node_a} and {node_b}) with {} of {REQUESTS} finished",
         killed.name(), finished_at_kill
     );
+    // RabbitMQ 3.10's at-least-once dead-lettering can keep the address of
+    // the tracking queue's lost leader and hold the wait queues' expired
+    // tickets until that node is back (README, "Clusters"). When progress
+    // stops and tickets are held so, the node is restarted, as an operator
+    // or Kubernetes would, and every request must still end once. When
+    // every unfinished ticket was waiting at the loss, not even a first
+    // event comes until then.
+    let alive = nodes
+        .iter()
+        .find(|n| n.port() != killed_port)
+        .expect("a live node");
+    let mut held_until_node_back: Option<(u64, Duration, Instant)> = None;
+    let restart_if_held = |count: usize| {
+        let held = tokio::task::block_in_place(|| held_dead_letters(alive, &env));
+        (held > 0).then(|| {
+            let at = killed_at.elapsed();
+            eprintln!(
+                "{label}: no progress for 30 s with {count} finished and {held} tickets held as dead letters; restarting {}",
+                killed.name()
+            );
+            let restarted = Instant::now();
+            tokio::task::block_in_place(|| killed.restart(STARTUP).expect("restart"));
+            (held, at, restarted)
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     while tap.all().len() <= events_before && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
+        if killed_at.elapsed() > Duration::from_secs(30) && held_until_node_back.is_none() {
+            held_until_node_back = restart_if_held(tap.finished_subjects().len());
+        }
     }
     if tap.all().len() <= events_before {
         let dump = diagnose(nodes, killed_port, &[&a, &b]).await;
@@ -258,16 +286,6 @@ async fn run(
         eprintln!("{label}: the worker on the lost node now uses port {now_on}");
     }
 
-    // RabbitMQ 3.10's at-least-once dead-lettering can keep the address of
-    // the tracking queue's lost leader and hold the wait queues' expired
-    // tickets until that node is back (README, "Clusters"). When progress
-    // stops and tickets are held so, the node is restarted, as an operator
-    // or Kubernetes would, and every request must still end once.
-    let alive = nodes
-        .iter()
-        .find(|n| n.port() != killed_port)
-        .expect("a live node");
-    let mut held_until_node_back: Option<(u64, Duration, Instant)> = None;
     let deadline = Instant::now() + Duration::from_secs(420);
     let (mut last_count, mut last_progress) = (0, Instant::now());
     while tap.finished_subjects().len() < REQUESTS && Instant::now() < deadline {
@@ -277,17 +295,7 @@ async fn run(
             (last_count, last_progress) = (count, Instant::now());
         }
         if held_until_node_back.is_none() && last_progress.elapsed() > Duration::from_secs(30) {
-            let held = tokio::task::block_in_place(|| held_dead_letters(alive, &env));
-            if held > 0 {
-                let at = killed_at.elapsed();
-                eprintln!(
-                    "{label}: no progress for 30 s with {count} finished and {held} tickets held as dead letters; restarting {}",
-                    killed.name()
-                );
-                let restarted = Instant::now();
-                tokio::task::block_in_place(|| killed.restart(STARTUP).expect("restart"));
-                held_until_node_back = Some((held, at, restarted));
-            }
+            held_until_node_back = restart_if_held(count);
         }
     }
     let held_until_node_back =
