@@ -426,7 +426,8 @@ mod tests {
         let mut v99: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         v99["v"] = 99.into();
         let v99 = serde_json::to_vec(&v99).unwrap_or_default();
-        let big = vec![b' '; MAX_TICKET_BYTES + 1];
+        // One byte over 64 KiB.
+        let big = vec![b' '; 65_537];
         let sig = |b: &[u8]| signer.sign(b).legacy;
         // (body, signature, accept_unsigned, expected reason or None for read)
         type Case<'a> = (&'a [u8], Option<String>, bool, Option<&'static str>);
@@ -462,6 +463,11 @@ mod tests {
                 expected,
                 "{got:?}"
             );
+            assert_eq!(
+                got.as_ref().err().map(Unreadable::is_unverified),
+                expected.map(|e| e == "unverified"),
+                "{got:?}"
+            );
         }
         // An unsigned ticket that says it was submitted after the
         // migration's end is refused even while it runs.
@@ -472,6 +478,31 @@ mod tests {
         let late = serde_json::to_vec(&late).unwrap_or_default();
         let got = Ticket::read(&late, Presented::default(), &keys(true));
         assert_eq!(got.err().map(|u| u.reason), Some(TicketRejection::Unsigned));
+    }
+
+    /// From the end instant of `tickets.accept_unsigned` on, an unsigned
+    /// ticket is refused even when it says it was submitted before it.
+    #[test]
+    fn unsigned_tickets_are_refused_from_the_end_instant_on() {
+        let secret = secrecy::SecretString::from("s3cret");
+        let signer = Signer::new(&secret, &[], "q", true);
+        let mut early = valid_ticket();
+        early.received_at = at(-200);
+        early.submitted_at = at(-100);
+        early.next_poll_at = at(-100);
+        early.deadline = at(3000);
+        let body = serde_json::to_vec(&early).unwrap_or_default();
+        // (now, read)
+        for (now, read) in [(-10, true), (0, false), (10, false)] {
+            let keys = TicketKeys {
+                signer: &signer,
+                accept_unsigned_until: Some(at(0)),
+                now: at(now),
+                request_queue: "q",
+            };
+            let got = Ticket::read(&body, Presented::default(), &keys);
+            assert_eq!(got.is_ok(), read, "read at {now}: {got:?}");
+        }
     }
 
     #[test]
@@ -702,8 +733,9 @@ mod tests {
             now: at(0),
             request_queue: "q",
         };
-        // Exactly the limit: not "oversized" (it is not a ticket either).
-        let body = vec![b' '; MAX_TICKET_BYTES];
+        // Exactly the limit, 64 KiB: not "oversized" (it is not a ticket
+        // either).
+        let body = vec![b' '; 65_536];
         let got = Ticket::read(&body, legacy(&signer.sign(&body).legacy), &keys);
         assert_eq!(got.err().map(|u| u.reason), Some(TicketRejection::Invalid));
         let props = Ticket::properties(&Signatures {
