@@ -12,10 +12,7 @@ use std::{
 
 use futures_util::{stream::FuturesUnordered, StreamExt};
 use lapin::{
-    options::{
-        BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions},
     types::{AMQPValue, FieldTable, ShortString},
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
 };
@@ -143,18 +140,9 @@ impl Deployment {
 
     /// Requests ready in the request queue (not yet delivered to a worker).
     pub(crate) async fn ready_requests(&self) -> Option<u32> {
-        self.producer
-            .queue_declare(
-                self.topology.request_queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        vidu_worker::broker::ready_messages(&self.producer, &self.topology.request_queue)
             .await
             .ok()
-            .map(|q| q.message_count())
     }
 
     /// Publishes `n` valid requests (persistent, mandatory, confirmed, with

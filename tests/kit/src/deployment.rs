@@ -454,17 +454,8 @@ impl Deployment {
 
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> u32 {
-        self.channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+        vidu_worker::broker::ready_messages(&self.channel, queue)
             .await
-            .map(|q| q.message_count())
             .unwrap_or(0)
     }
 }
