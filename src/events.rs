@@ -14,7 +14,7 @@ use lapin::{
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::{request::RequestId, trace::TraceParent, upstream::Video};
+use crate::{request::RequestId, storage::StoredCopy, trace::TraceParent, upstream::Video};
 
 /// `type` of the event sent when the upstream accepted the task.
 pub const SUBMITTED: &str = "video.generation.submitted";
@@ -47,6 +47,9 @@ pub enum FailureCode {
     UpstreamUnconfirmed,
     /// The task outlived `polling.max_task_age` (or the off-peak age).
     TimedOut,
+    /// The task succeeded upstream but its video could not be stored (the
+    /// event carries the upstream's videos).
+    StorageFailed,
 }
 
 impl FailureCode {
@@ -58,6 +61,7 @@ impl FailureCode {
             Self::UpstreamFailed => "upstream_failed",
             Self::UpstreamUnconfirmed => "upstream_unconfirmed",
             Self::TimedOut => "timed_out",
+            Self::StorageFailed => "storage_failed",
         }
     }
 }
@@ -108,6 +112,8 @@ pub enum EventKind<'a> {
         submitted_at: DateTime<Utc>,
         /// When the worker saw it finished.
         completed_at: DateTime<Utc>,
+        /// The copies in the bucket (empty without `storage.bucket`).
+        stored: &'a [StoredCopy],
     },
     /// Terminal: the request failed.
     Failed {
@@ -117,6 +123,8 @@ pub enum EventKind<'a> {
         code: FailureCode,
         /// Human explanation naming the field or the upstream's reason.
         message: &'a str,
+        /// The upstream's videos, when they could not be stored.
+        videos: &'a [Video],
     },
 }
 
@@ -213,12 +221,16 @@ enum Data<'a> {
         videos: Vec<VideoOut<'a>>,
         submitted_at: String,
         completed_at: String,
+        #[serde(skip_serializing_if = "<[_]>::is_empty")]
+        stored: &'a [StoredCopy],
         metadata: Option<&'a RawValue>,
     },
     Failed {
         request_id: &'a str,
         task_id: Option<&'a str>,
         error: ErrorOut<'a>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        videos: Vec<VideoOut<'a>>,
         metadata: Option<&'a RawValue>,
     },
 }
@@ -235,6 +247,17 @@ struct VideoOut<'a> {
 struct ErrorOut<'a> {
     code: &'static str,
     message: &'a str,
+}
+
+fn videos_out(videos: &[Video]) -> Vec<VideoOut<'_>> {
+    videos
+        .iter()
+        .map(|v| VideoOut {
+            url: &v.url,
+            ttl_seconds: v.ttl_seconds,
+            kind: v.kind.as_deref(),
+        })
+        .collect()
 }
 
 fn rfc3339(t: DateTime<Utc>) -> String {
@@ -271,26 +294,22 @@ pub fn build(source: &str, ctx: &RequestContext<'_>, kind: &EventKind<'_>) -> Ev
             videos,
             submitted_at,
             completed_at,
+            stored,
         } => Data::Succeeded {
             request_id,
             task_id,
             video_url: videos.first().map_or("", |v| v.url.as_str()),
-            videos: videos
-                .iter()
-                .map(|v| VideoOut {
-                    url: &v.url,
-                    ttl_seconds: v.ttl_seconds,
-                    kind: v.kind.as_deref(),
-                })
-                .collect(),
+            videos: videos_out(videos),
             submitted_at: rfc3339(*submitted_at),
             completed_at: rfc3339(*completed_at),
+            stored,
             metadata,
         },
         EventKind::Failed {
             task_id,
             code,
             message,
+            videos,
         } => Data::Failed {
             request_id,
             task_id: *task_id,
@@ -298,6 +317,7 @@ pub fn build(source: &str, ctx: &RequestContext<'_>, kind: &EventKind<'_>) -> Ev
                 code: code.as_str(),
                 message,
             },
+            videos: videos_out(videos),
             metadata,
         },
     };
@@ -360,11 +380,13 @@ mod tests {
             videos: &[],
             submitted_at: Utc::now(),
             completed_at: Utc::now(),
+            stored: &[],
         };
         let failed = EventKind::Failed {
             task_id: None,
             code: FailureCode::TimedOut,
             message: "late",
+            videos: &[],
         };
         let submitted = EventKind::Submitted {
             task_id: "t",
@@ -400,9 +422,11 @@ mod tests {
                 videos: &videos,
                 submitted_at: Utc::now(),
                 completed_at: Utc::now(),
+                stored: &[],
             },
         );
         let v: serde_json::Value = serde_json::from_slice(&ev.body).expect("json");
+        assert!(v["data"].get("stored").is_none(), "no bucket, no stored");
         assert_eq!(v["specversion"], "1.0");
         assert_eq!(v["id"], ev.id.as_str());
         assert_eq!(v["source"], "vidu-worker");
@@ -424,6 +448,71 @@ mod tests {
             Some(ev.id.as_str())
         );
         assert_eq!(ev.properties.delivery_mode(), &Some(2));
+    }
+
+    #[test]
+    fn a_stored_copy_and_a_storage_failure_carry_the_contract_s_fields() {
+        let r = rid("order-1");
+        let ctx = RequestContext {
+            request_id: &r,
+            metadata: None,
+            correlation_id: None,
+            reply_to: None,
+            traceparent: None,
+        };
+        let videos = [Video {
+            url: "https://v/1.mp4".into(),
+            ttl_seconds: Some(3600),
+            kind: Some("mp4".into()),
+        }];
+        let stored = [StoredCopy {
+            bucket: "videos".into(),
+            key: "order-1/task-1-0.mp4".into(),
+            size: 42,
+            sha256: "ab".repeat(32),
+            etag: "e1".into(),
+            url: Some("https://store/videos/order-1/task-1-0.mp4?X-Amz-Signature=s".into()),
+            url_expires_at: Some(Utc::now()),
+        }];
+        let ok = build(
+            "s",
+            &ctx,
+            &EventKind::Succeeded {
+                task_id: "task-1",
+                videos: &videos,
+                submitted_at: Utc::now(),
+                completed_at: Utc::now(),
+                stored: &stored,
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(&ok.body).expect("json");
+        let copy = &v["data"]["stored"][0];
+        for field in [
+            "bucket",
+            "key",
+            "size",
+            "sha256",
+            "etag",
+            "url",
+            "url_expires_at",
+        ] {
+            assert!(copy.get(field).is_some(), "{field}");
+        }
+        assert_eq!(copy["size"], 42);
+        let failed = build(
+            "s",
+            &ctx,
+            &EventKind::Failed {
+                task_id: Some("task-1"),
+                code: FailureCode::StorageFailed,
+                message: "expired",
+                videos: &videos,
+            },
+        );
+        let v: serde_json::Value = serde_json::from_slice(&failed.body).expect("json");
+        assert_eq!(v["data"]["error"]["code"], "storage_failed");
+        assert_eq!(v["data"]["videos"][0]["url"], "https://v/1.mp4");
+        assert_eq!(failed.id, ok.id, "one terminal id");
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub enum Refusal {
     /// (a changed schema, a mangling proxy): each may be a billed task, so
     /// no more are sent until one is confirmed.
     Unconfirmed,
+    /// The video storage refuses the credentials or has no such bucket:
+    /// paid videos could not be kept, so no more are paid for until it
+    /// accepts again (probed by writing a small object).
+    Storage,
 }
 
 impl Refusal {
@@ -49,6 +53,7 @@ impl Refusal {
             Self::Unconfirmed => {
                 "unconfirmed creates: the upstream answers creates without a readable task id (each may be a billed task)"
             }
+            Self::Storage => "the video storage refuses us",
         }
     }
 
@@ -61,7 +66,7 @@ impl Refusal {
 
     /// Whether an operator must act (key or balance).
     pub fn is_operator_problem(self) -> bool {
-        matches!(self, Self::Key | Self::Billing)
+        matches!(self, Self::Key | Self::Billing | Self::Storage)
     }
 }
 
@@ -243,9 +248,7 @@ impl Gate {
                 reason.clone_into(why);
             }
         });
-        self.metrics
-            .set_upstream_refusing_key(refusal.is_operator_problem());
-        self.metrics.set_upstream_paused(true);
+        self.report(refusal);
         if opened_now {
             tracing::error!(
                 refusal = ?refusal,
@@ -266,10 +269,8 @@ impl Gate {
             reason: reason.to_owned(),
             retry_at: Instant::now() + delay,
         });
-        self.metrics
-            .set_upstream_refusing_key(refusal.is_operator_problem());
-        self.metrics.set_upstream_paused(true);
-        tracing::debug!(reason, next_probe_in = ?delay, "the upstream is still not serving");
+        self.report(refusal);
+        tracing::debug!(reason, next_probe_in = ?delay, "still refused");
         drop(claim);
     }
 
@@ -289,21 +290,42 @@ impl Gate {
         }
     }
 
-    /// Records an accepted call. Logs only when the gate was closed.
+    fn report(&self, refusal: Refusal) {
+        let storage = refusal == Refusal::Storage;
+        self.metrics
+            .set_upstream_refusing_key(refusal.is_operator_problem() && !storage);
+        self.metrics.set_storage_refused(storage);
+        self.metrics.set_upstream_paused(true);
+    }
+
+    /// Records an accepted upstream call. Logs only when the gate was
+    /// closed. A gate closed for the storage stays closed: only the
+    /// storage reopens it ([`Gate::storage_accepts`]).
     pub fn open(&self) {
         self.unconfirmed.store(0, Ordering::Release);
+        self.reopen(|refusal| refusal != Refusal::Storage);
+    }
+
+    /// Records that the storage accepted a write: reopens a gate closed
+    /// for the storage.
+    pub fn storage_accepts(&self) {
+        self.reopen(|refusal| refusal == Refusal::Storage);
+    }
+
+    fn reopen(&self, this_side: impl Fn(Refusal) -> bool) {
         let was = match &*self.state.borrow() {
             GateState::Open => return,
             GateState::Closed { refusal, .. } => *refusal,
         };
+        if !this_side(was) {
+            return;
+        }
         self.strikes.store(0, Ordering::Release);
         self.state.send_replace(GateState::Open);
         self.metrics.set_upstream_refusing_key(false);
+        self.metrics.set_storage_refused(false);
         self.metrics.set_upstream_paused(false);
-        tracing::info!(
-            was = was.describe(),
-            "the upstream accepts requests again; resuming intake"
-        );
+        tracing::info!(was = was.describe(), "accepted again; resuming intake");
     }
 
     /// Claims the probe if the gate is closed and a probe is due.

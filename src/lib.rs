@@ -1,6 +1,6 @@
 //! vidu-worker: turns video requests on a RabbitMQ queue into Novita Vidu
 //! Q3 tasks (six models), tracks them durably in the broker, and publishes
-//! CloudEvents with the video URL.
+//! CloudEvents with the video URL (and, with a bucket, the stored copy).
 //!
 //! # Layout
 //!
@@ -19,8 +19,9 @@
 //!   ids, the learned quota), [`events`] (CloudEvents), [`ops`] (health and
 //!   metrics endpoint).
 //! - [`broker`] (topology, connecting, confirmed publishing, headers),
-//!   [`upstream`] (the Novita client), [`gate`] (stops creates while the
-//!   key, balance or upstream is refused), [`telemetry`] (logs).
+//!   [`upstream`] (the Novita client), [`storage`] (videos copied into the
+//!   user's bucket), [`gate`] (stops creates while the key, balance,
+//!   upstream or storage is refused), [`telemetry`] (logs).
 //! - [`request`] (parsing hostile requests), [`config`] (settings),
 //!   [`metrics`] (counters and their label values).
 //! - [`model`] (the six models' bodies), [`signing`], [`trace`] (W3C trace
@@ -46,6 +47,7 @@ pub mod request;
 pub mod retry;
 pub mod signing;
 pub mod simulator;
+pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;

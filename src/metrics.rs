@@ -125,6 +125,34 @@ label_values! {
     }
 }
 
+label_values! {
+    /// What a copy of a video into the bucket came to
+    /// (`storage_copies_total{outcome}`).
+    CopyOutcome {
+        /// Stored and checked.
+        Stored = "stored",
+        /// The store or the source failed for now: tried again later.
+        Transient = "transient",
+        /// The source URL no longer serves the video (expired).
+        SourceGone = "source_gone",
+        /// The store refuses the credentials, or has no such bucket.
+        StoreRefused = "store_refused",
+        /// Larger than `storage.max_video_bytes`.
+        TooLarge = "too_large",
+        /// The source does not serve a video.
+        NotAVideo = "not_a_video",
+        /// A source URL never fetched (not https, not public), or refused.
+        Rejected = "rejected",
+    }
+}
+
+/// Labels of `storage_copies_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CopyLabels {
+    /// [`CopyOutcome::as_str`].
+    pub outcome: &'static str,
+}
+
 /// Labels of `requests_received_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -198,6 +226,11 @@ struct Inner {
     broker_connected: Gauge,
     upstream_refusing_key: Gauge,
     upstream_paused: Gauge,
+    copies: Family<CopyLabels, Counter>,
+    copy_bytes: Counter,
+    copy_seconds: Histogram,
+    copies_in_flight: Gauge,
+    storage_refused: Gauge,
     untracked_tasks: Counter,
     creates: Family<CreateLabels, Counter>,
     create_waits: Family<WaitLabels, Counter>,
@@ -364,9 +397,46 @@ impl Metrics {
             "Create slots (pacing and, with a quota, a claim in the deployment's window) taken for a request that was not there or needed no create, and not used by another request in time",
             quota_slots_unused.clone(),
         );
+        let copies = Family::<CopyLabels, Counter>::default();
+        registry.register(
+            "storage_copies",
+            "Copies of videos into the bucket, by outcome",
+            copies.clone(),
+        );
+        let copy_bytes = Counter::default();
+        registry.register(
+            "storage_copied_bytes",
+            "Bytes of videos stored in the bucket",
+            copy_bytes.clone(),
+        );
+        let copy_seconds = Histogram::new([
+            0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0,
+        ]);
+        registry.register(
+            "storage_copy_seconds",
+            "Seconds one copy of a video took, download and upload, whatever its outcome",
+            copy_seconds.clone(),
+        );
+        let copies_in_flight = Gauge::default();
+        registry.register(
+            "storage_copies_in_flight",
+            "Copies of videos this worker is making right now",
+            copies_in_flight.clone(),
+        );
+        let storage_refused = Gauge::default();
+        registry.register(
+            "storage_refused",
+            "1 while the video storage refuses the credentials or has no such bucket (intake paused), else 0",
+            storage_refused.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
+                storage_refused,
+                copies,
+                copy_bytes,
+                copy_seconds,
+                copies_in_flight,
                 requests,
                 upstream_calls,
                 events,
@@ -426,6 +496,29 @@ impl Metrics {
             .events
             .get_or_create(&TypeLabels { r#type })
             .inc();
+    }
+
+    /// Whether the storage refuses us.
+    pub fn set_storage_refused(&self, refused: bool) {
+        self.inner.storage_refused.set(i64::from(refused));
+    }
+
+    /// A copy starts.
+    pub fn copy_started(&self) {
+        self.inner.copies_in_flight.inc();
+    }
+
+    /// A copy ended: its outcome, the bytes stored and how long it took.
+    pub fn copy_finished(&self, outcome: CopyOutcome, bytes: u64, seconds: f64) {
+        self.inner.copies_in_flight.dec();
+        self.inner
+            .copies
+            .get_or_create(&CopyLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+        self.inner.copy_bytes.inc_by(bytes);
+        self.inner.copy_seconds.observe(seconds);
     }
 
     /// Counts a poll result.

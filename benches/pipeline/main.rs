@@ -78,7 +78,7 @@ use machine::machine_line;
 use report::{render, Findings, Row};
 use scenarios::{
     ceiling, cluster, dedup, latency, memory, noisy, polling, quota, quota_change, ratelimit,
-    scaleout, throughput,
+    scaleout, storage, throughput,
 };
 
 pub(crate) type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
@@ -165,6 +165,11 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         about:
             "remembered request ids: a joining worker's catch-up and memory, no create for copies",
         run: |cfg, _| Box::pin(dedup::scenario_dedup(cfg)),
+    },
+    Scenario {
+        name: "storage",
+        about: "videos kept: copy throughput into an S3-compatible server against a plain read, peak RSS",
+        run: |cfg, _| Box::pin(storage::scenario_storage(cfg)),
     },
     Scenario {
         name: "cluster",

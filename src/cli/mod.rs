@@ -230,10 +230,44 @@ async fn check(settings: Settings) -> ExitCode {
             }
         }
     }
+    ok &= check_storage(&settings).await;
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Writes, reads back and deletes a small object in `storage.bucket`.
+async fn check_storage(settings: &Settings) -> bool {
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let storage = match crate::storage::Storage::from_settings(
+        &settings.storage,
+        &env,
+        crate::metrics::Metrics::new(),
+    ) {
+        Ok(None) => {
+            println!("skip storage: no storage.bucket set (videos are not copied)");
+            return true;
+        }
+        Ok(Some(storage)) => storage,
+        Err(e) => {
+            println!("FAIL storage: {e}");
+            return false;
+        }
+    };
+    match storage.check().await {
+        Ok(()) => {
+            println!(
+                "ok   storage bucket {} accepts a write, a read and a delete",
+                storage.bucket()
+            );
+            true
+        }
+        Err(e) => {
+            println!("FAIL storage bucket {}: {e}", storage.bucket());
+            false
+        }
     }
 }
 

@@ -36,8 +36,8 @@ pub use env::env_vars;
 pub use schema::{
     AcceptUnsigned, AmqpSettings, AmqpTlsSettings, CreateQuota, DurationLimit, EventSettings,
     HttpSettings, LogFormat, LogSettings, PollingSettings, QueueArgument, QueueType,
-    ShutdownSettings, TicketSettings, UpstreamSettings, DEFAULT_REPLY_TO_ALLOWED, DURATION_LIMITS,
-    MANAGED_QUEUE_ARGUMENTS,
+    ShutdownSettings, StorageSettings, TicketSettings, UpstreamSettings, DEFAULT_REPLY_TO_ALLOWED,
+    DURATION_LIMITS, MANAGED_QUEUE_ARGUMENTS, MIB,
 };
 pub use uri::{redact_url, split_urls, NodeUri, MAX_NODES};
 
@@ -100,6 +100,8 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// Tracking-ticket signatures.
     pub tickets: TicketSettings,
+    /// Where every paid video is copied.
+    pub storage: StorageSettings,
 }
 
 impl Settings {
@@ -223,6 +225,17 @@ impl Settings {
         path(&mut amqp.tls.cert_file);
         path(&mut amqp.tls.key_file);
         path(&mut self.upstream.ca_file);
+        path(&mut self.storage.secret_access_key_file);
+        let storage = &mut self.storage;
+        for value in [
+            &mut storage.bucket,
+            &mut storage.endpoint,
+            &mut storage.access_key_id,
+        ] {
+            if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
+                *value = None;
+            }
+        }
     }
 
     /// Checks the values that types alone cannot.
@@ -261,6 +274,7 @@ impl Settings {
             ));
         }
         self.amqp.validate_nodes()?;
+        self.storage.validate()?;
         self.validate_quorum_group_size()?;
         self.validate_broker_access()?;
         self.validate_queue_arguments()?;
@@ -906,6 +920,25 @@ mod tests {
                     .expect("instant")
                     .with_timezone(&chrono::Utc),
             ),
+        };
+        let secret = dir.join("s3-secret");
+        std::fs::write(&secret, "s3-secret-value").expect("write the storage secret");
+        s.storage = StorageSettings {
+            bucket: Some("team-videos".into()),
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            region: "eu-west-1".into(),
+            path_style: true,
+            prefix: "vidu/".into(),
+            access_key_id: Some("AKIAROUNDTRIP".into()),
+            secret_access_key_file: Some(secret),
+            presign: Some(Duration::from_secs(3600)),
+            max_video_bytes: 1 << 30,
+            allow_private_sources: true,
+            max_concurrent_copies: 3,
+            part_size: 6 * MIB,
+            connect_timeout: Duration::from_secs(7),
+            copy_timeout: Duration::from_secs(9 * 60),
+            request_timeout: Duration::from_secs(45),
         };
         (s, dir)
     }

@@ -147,6 +147,9 @@ duration_limits! {
     polling.max_task_age <= Duration::from_secs(30 * 24 * 3600);
     polling.max_off_peak_task_age <= Duration::from_secs(30 * 24 * 3600);
     shutdown.grace_period <= Duration::from_secs(3600);
+    storage.connect_timeout <= Duration::from_secs(5 * 60);
+    storage.copy_timeout <= Duration::from_secs(20 * 60);
+    storage.request_timeout <= Duration::from_secs(10 * 60);
 }
 
 /// Queue types the worker can declare.
@@ -613,6 +616,241 @@ impl Default for ShutdownSettings {
     fn default() -> Self {
         Self {
             grace_period: Duration::from_secs(25),
+        }
+    }
+}
+
+/// `[storage]`: where every paid video is copied (none: no copies).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// The S3 bucket; `None`: no copies are made.
+    pub bucket: Option<String>,
+    /// An S3-compatible service's URL; `None`: AWS S3 in `region`.
+    pub endpoint: Option<String>,
+    /// The bucket's region.
+    pub region: String,
+    /// Path-style addressing (`https://host/bucket/key`), which most
+    /// self-hosted stores need.
+    pub path_style: bool,
+    /// Put before every object key.
+    pub prefix: String,
+    /// With `secret_access_key_file`, the credentials (otherwise the
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`
+    /// variables).
+    pub access_key_id: Option<String>,
+    /// The file holding the secret access key (read again when the store
+    /// refuses the credentials, so a rotated file is picked up).
+    pub secret_access_key_file: Option<PathBuf>,
+    /// How long a presigned GET URL of each copy stays valid (at most 7
+    /// days); `None`: no URL in the event.
+    #[serde(with = "humantime_serde::option")]
+    pub presign: Option<Duration>,
+    /// The largest video copied; a larger one ends `storage_failed`.
+    pub max_video_bytes: u64,
+    /// Fetch video URLs that are not `https` or resolve to loopback,
+    /// private, link-local or other non-public addresses (tests, the demo).
+    pub allow_private_sources: bool,
+    /// Copies at once per worker.
+    pub max_concurrent_copies: u32,
+    /// Multipart part size in bytes (memory per copy is a few parts);
+    /// 5 MiB (the default, S3's smallest) to 64 MiB.
+    pub part_size: u64,
+    /// Connecting to a video's source.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// One whole copy: the download and the upload together.
+    #[serde(with = "humantime_serde")]
+    pub copy_timeout: Duration,
+    /// One request to the store.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// 1 MiB.
+pub const MIB: u64 = 1024 * 1024;
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            bucket: None,
+            endpoint: None,
+            region: "us-east-1".into(),
+            path_style: false,
+            prefix: String::new(),
+            access_key_id: None,
+            secret_access_key_file: None,
+            presign: None,
+            max_video_bytes: 2 * 1024 * MIB,
+            allow_private_sources: false,
+            max_concurrent_copies: 2,
+            part_size: 5 * MIB,
+            connect_timeout: Duration::from_secs(10),
+            copy_timeout: Duration::from_secs(15 * 60),
+            request_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The longest a presigned URL can be valid (S3's limit).
+pub const MAX_PRESIGN: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl StorageSettings {
+    /// Checks what types alone cannot.
+    pub fn validate(&self) -> Result<(), super::ConfigError> {
+        use super::ConfigError;
+        let Some(bucket) = &self.bucket else {
+            return Ok(());
+        };
+        let valid_bucket = (3..=63).contains(&bucket.len())
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+            && !bucket.starts_with(['.', '-'])
+            && !bucket.ends_with(['.', '-']);
+        if !valid_bucket {
+            return Err(ConfigError::new(
+                "storage.bucket",
+                "is not a bucket name (3 to 63 lowercase letters, digits, dots and hyphens)",
+            ));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            match url::Url::parse(endpoint) {
+                Ok(u)
+                    if matches!(u.scheme(), "http" | "https")
+                        && u.host().is_some()
+                        && u.username().is_empty()
+                        && u.password().is_none()
+                        && u.query().is_none() => {}
+                _ => {
+                    return Err(ConfigError::new(
+                        "storage.endpoint",
+                        "is not an http(s) URL of an S3-compatible service (without credentials or a query)",
+                    ))
+                }
+            }
+        }
+        if self.region.is_empty()
+            || self.region.len() > 64
+            || !self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::new(
+                "storage.region",
+                "is not a region name like us-east-1",
+            ));
+        }
+        if self.prefix.len() > 512
+            || self.prefix.starts_with('/')
+            || self.prefix.chars().any(|c| c.is_control() || c == '\\')
+            || self.prefix.split('/').any(|part| part == "..")
+        {
+            return Err(ConfigError::new(
+                "storage.prefix",
+                "must be at most 512 characters, without a leading /, control characters, backslashes or .. parts",
+            ));
+        }
+        if let Some(presign) = self.presign {
+            if presign.is_zero() || presign > MAX_PRESIGN {
+                return Err(ConfigError::new(
+                    "storage.presign",
+                    "must be between 1s and 7d (S3's limit for a presigned URL)",
+                ));
+            }
+        }
+        if self.max_video_bytes == 0 {
+            return Err(ConfigError::new(
+                "storage.max_video_bytes",
+                "must be at least 1",
+            ));
+        }
+        if self.max_concurrent_copies == 0 {
+            return Err(ConfigError::new(
+                "storage.max_concurrent_copies",
+                "must be at least 1",
+            ));
+        }
+        if !(5 * MIB..=64 * MIB).contains(&self.part_size) {
+            return Err(ConfigError::new(
+                "storage.part_size",
+                "must be between 5 MiB (S3's smallest part) and 64 MiB (5242880 to 67108864)",
+            ));
+        }
+        if self.access_key_id.is_some() != self.secret_access_key_file.is_some() {
+            return Err(ConfigError::new(
+                "storage.access_key_id",
+                "and storage.secret_access_key_file go together (or leave both out for AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
+            ));
+        }
+        if let Some(file) = &self.secret_access_key_file {
+            if !file.is_file() {
+                return Err(ConfigError::new(
+                    "storage.secret_access_key_file",
+                    format!("{} is not a readable file", file.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod storage_tests {
+    use super::*;
+
+    #[test]
+    fn storage_settings_are_checked_naming_the_key() {
+        let with = |f: fn(&mut StorageSettings)| {
+            let mut s = StorageSettings {
+                bucket: Some("team-videos".into()),
+                ..StorageSettings::default()
+            };
+            f(&mut s);
+            s.validate().err().map(|e| e.key)
+        };
+        // (change, key named, or None when valid)
+        type Case = (fn(&mut StorageSettings), Option<&'static str>);
+        let cases: [Case; 14] = [
+            (|_| {}, None),
+            (|s| s.bucket = None, None),
+            (
+                |s| s.bucket = Some("Team_Videos".into()),
+                Some("storage.bucket"),
+            ),
+            (|s| s.bucket = Some("ab".into()), Some("storage.bucket")),
+            (
+                |s| s.bucket = Some("-videos".into()),
+                Some("storage.bucket"),
+            ),
+            (|s| s.endpoint = Some("http://minio:9000".into()), None),
+            (
+                |s| s.endpoint = Some("ftp://minio".into()),
+                Some("storage.endpoint"),
+            ),
+            (
+                |s| s.endpoint = Some("https://key:secret@minio".into()),
+                Some("storage.endpoint"),
+            ),
+            (|s| s.region = "eu west".into(), Some("storage.region")),
+            (|s| s.prefix = "a/../b/".into(), Some("storage.prefix")),
+            (
+                |s| s.presign = Some(Duration::from_secs(8 * 24 * 3600)),
+                Some("storage.presign"),
+            ),
+            (|s| s.part_size = 4 * MIB, Some("storage.part_size")),
+            (
+                |s| s.max_concurrent_copies = 0,
+                Some("storage.max_concurrent_copies"),
+            ),
+            (
+                |s| s.access_key_id = Some("AKIA".into()),
+                Some("storage.access_key_id"),
+            ),
+        ];
+        for (i, (change, key)) in cases.into_iter().enumerate() {
+            assert_eq!(with(change).as_deref(), key, "case {i}");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The handler context: what every delivery handler of the pipeline works
 //! with, and the publishing it does.
 //!
-//! [`Context`] holds the settings and broker names, the upstream client, the
+//! [`Context`] holds the settings and broker names, the upstream client and
+//! the video storage, the
 //! waits in front of a create (gate, create budget), the memory of
 //! recent creates, the ticket signer, and the current session's publisher,
 //! which the session above swaps at each reconnect. Its methods are the
@@ -32,6 +33,7 @@ use crate::{
     request,
     retry::RetryPolicy,
     signing::Signer,
+    storage::Storage,
     trace::TraceParent,
     upstream::UpstreamClient,
 };
@@ -44,6 +46,8 @@ pub(crate) struct Context {
     pub(crate) settings: Settings,
     pub(crate) topology: Topology,
     pub(crate) upstream: UpstreamClient,
+    /// Where paid videos are copied (`storage.bucket`), if anywhere.
+    pub(crate) storage: Option<Arc<Storage>>,
     pub(crate) metrics: Metrics,
     pub(crate) gate: Gate,
     pub(crate) health: Health,

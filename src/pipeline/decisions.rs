@@ -7,8 +7,9 @@
 //! refused does to it ([`after_failed_terminal`]); what a poll answer or a
 //! poll error does to a ticket ([`after_poll`]) and to one no key verifies
 //! ([`after_unverified`]); what the gate's state does to a request about to
-//! be created ([`at_gate`]), and what a failed create does to its request
-//! ([`after_create`]). Each takes values and returns a value that says what
+//! be created ([`at_gate`]), what a failed create does to its request
+//! ([`after_create`]), and what a copy of a succeeded task's videos into
+//! the bucket does to its ticket ([`at_copy`], [`after_copy`]). Each takes values and returns a value that says what
 //! happens next (park with this delay, publish this terminal event, hand
 //! back, dead-letter with this reason); the handlers in `intake` and
 //! `tracking` carry it out. Nothing here waits, publishes or calls the
@@ -25,6 +26,7 @@ use crate::{
     gate::{GateState, Refusal},
     metrics::{PollResult, RequestOutcome},
     retry::{self, RetryError, RetryPolicy},
+    storage::{CopyError, StoredCopy},
     upstream::{RunningStatus, TaskResult, TaskStatus, UpstreamError, Video},
 };
 
@@ -201,6 +203,85 @@ pub fn at_poll(gate: &GateState, now: tokio::time::Instant) -> AtPoll {
                 .clamp(KEY_REFUSED_DEFER.0, KEY_REFUSED_DEFER.1),
         ),
         _ => AtPoll::Poll,
+    }
+}
+
+/// What the gate's state does to a succeeded task's copy that is due:
+/// while the storage refuses us, trying only adds noise, so the ticket
+/// parks until about the gate's next probe (1 to 60 s), keeping its place
+/// and counting no error.
+pub fn at_copy(gate: &GateState, now: tokio::time::Instant) -> AtPoll {
+    match gate {
+        GateState::Closed {
+            refusal: Refusal::Storage,
+            retry_at,
+            ..
+        } => AtPoll::Defer(
+            retry_at
+                .saturating_duration_since(now)
+                .clamp(KEY_REFUSED_DEFER.0, KEY_REFUSED_DEFER.1),
+        ),
+        _ => AtPoll::Poll,
+    }
+}
+
+/// What happens to a succeeded task's ticket after copying its videos.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyStep {
+    /// Publish `succeeded` with these copies.
+    Succeed(Vec<StoredCopy>),
+    /// End `failed`/`storage_failed` with this message (the event carries
+    /// the upstream's videos).
+    Fail(String),
+    /// Look at the task again then (a poll, which may give a fresh URL,
+    /// then the copy again).
+    Again(NextPoll),
+    /// The storage refuses us: close the gate with this reason; the ticket
+    /// keeps its place (no error counted) and is looked at again once the
+    /// gate says ([`at_copy`]).
+    Pause(String),
+}
+
+/// Decides what a copy's result does to a succeeded task's ticket: stored
+/// → `succeeded`; a failure for now → again after the copy error's backoff
+/// until the task's deadline; a source that stopped serving the video →
+/// looked up once more at once (a fresh poll may give a fresh URL), then
+/// `storage_failed`; refused credentials or a missing bucket → pause; too
+/// large, not a video, or a URL never to be fetched → `storage_failed`.
+pub fn after_copy(
+    ticket: &mut Ticket,
+    result: Result<Vec<StoredCopy>, CopyError>,
+    now: DateTime<Utc>,
+) -> CopyStep {
+    match result {
+        Ok(stored) => {
+            ticket.copy_errors = 0;
+            CopyStep::Succeed(stored)
+        }
+        Err(CopyError::Transient(why)) => {
+            if now >= ticket.deadline {
+                return CopyStep::Fail(format!(
+                    "the video could not be stored before the task's deadline: {why}"
+                ));
+            }
+            let attempt = ticket.copy_errors;
+            ticket.copy_errors = ticket.copy_errors.saturating_add(1);
+            CopyStep::Again(NextPoll::Backoff {
+                attempt,
+                retry_after: None,
+            })
+        }
+        Err(CopyError::SourceGone(_)) if !ticket.source_looked_up => {
+            ticket.source_looked_up = true;
+            CopyStep::Again(NextPoll::At(now))
+        }
+        Err(CopyError::SourceGone(why)) => CopyStep::Fail(format!(
+            "the video's URL stopped serving it before it could be stored ({why}), also after the task was looked up again"
+        )),
+        Err(CopyError::StoreRefused(why)) => CopyStep::Pause(why),
+        Err(e @ (CopyError::TooLarge { .. } | CopyError::NotAVideo | CopyError::Rejected(_))) => {
+            CopyStep::Fail(e.to_string())
+        }
     }
 }
 
@@ -663,6 +744,8 @@ mod tests {
             not_found: 0,
             last_status: None,
             last_progress: None,
+            copy_errors: 0,
+            source_looked_up: false,
         }
     }
 
@@ -815,9 +898,94 @@ mod tests {
             (closed(Refusal::Billing, s(30)), AtPoll::Poll),
             (closed(Refusal::Unavailable, s(30)), AtPoll::Poll),
             (closed(Refusal::Unconfirmed, s(30)), AtPoll::Poll),
+            (closed(Refusal::Storage, s(30)), AtPoll::Poll),
         ];
         for (gate, want) in cases {
             assert_eq!(at_poll(&gate, now), want, "{gate:?}");
+        }
+        // A copy waits only for the storage.
+        let cases = [
+            (GateState::Open, AtPoll::Poll),
+            (closed(Refusal::Storage, s(30)), AtPoll::Defer(s(30))),
+            (
+                closed(Refusal::Storage, Duration::ZERO),
+                AtPoll::Defer(s(1)),
+            ),
+            (closed(Refusal::Storage, s(3600)), AtPoll::Defer(s(60))),
+            (closed(Refusal::Key, s(30)), AtPoll::Poll),
+            (closed(Refusal::Billing, s(30)), AtPoll::Poll),
+        ];
+        for (gate, want) in cases {
+            assert_eq!(at_copy(&gate, now), want, "{gate:?}");
+        }
+    }
+
+    #[test]
+    fn a_copy_s_result_decides_the_ticket_s_next_step() {
+        let stored = vec![StoredCopy {
+            bucket: "b".into(),
+            key: "r-1/t-1-0.mp4".into(),
+            size: 3,
+            sha256: "00".repeat(32),
+            etag: "e".into(),
+            url: None,
+            url_expires_at: None,
+        }];
+        let transient = || Err(CopyError::Transient("503".into()));
+        let gone = || Err(CopyError::SourceGone("403".into()));
+        // Stored: succeeded, and the error count starts over.
+        let mut t = ticket();
+        t.copy_errors = 2;
+        assert_eq!(
+            after_copy(&mut t, Ok(stored.clone()), at(10)),
+            CopyStep::Succeed(stored)
+        );
+        assert_eq!(t.copy_errors, 0);
+        // Failures for now: backoff by the copy errors so far, until the
+        // deadline.
+        let mut t = ticket();
+        for attempt in 0..3 {
+            assert_eq!(
+                after_copy(&mut t, transient(), at(10)),
+                CopyStep::Again(NextPoll::Backoff {
+                    attempt,
+                    retry_after: None
+                })
+            );
+        }
+        assert_eq!(t.copy_errors, 3);
+        assert!(matches!(
+            after_copy(&mut t, transient(), at(3600)),
+            CopyStep::Fail(m) if m.contains("deadline")
+        ));
+        // An expired source: looked up once more at once, then the end.
+        let mut t = ticket();
+        assert_eq!(
+            after_copy(&mut t, gone(), at(10)),
+            CopyStep::Again(NextPoll::At(at(10)))
+        );
+        assert!(t.source_looked_up);
+        assert!(
+            matches!(after_copy(&mut t, gone(), at(11)), CopyStep::Fail(m) if m.contains("looked up again"))
+        );
+        // Refused storage: a pause, nothing counted.
+        let mut t = ticket();
+        assert_eq!(
+            after_copy(&mut t, Err(CopyError::StoreRefused("403".into())), at(10)),
+            CopyStep::Pause("403".into())
+        );
+        assert_eq!((t.copy_errors, t.source_looked_up), (0, false));
+        // The end at once: too large, not a video, never to be fetched.
+        for e in [
+            CopyError::TooLarge { max_bytes: 10 },
+            CopyError::NotAVideo,
+            CopyError::Rejected("the video URL's host is not a public address".into()),
+        ] {
+            let mut t = ticket();
+            assert_eq!(
+                after_copy(&mut t, Err(e.clone()), at(10)),
+                CopyStep::Fail(e.to_string())
+            );
         }
     }
 

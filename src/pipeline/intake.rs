@@ -129,6 +129,7 @@ async fn refuse(ctx: &Context, delivery: &Delivery, r: Refused<'_>) -> Dispositi
             task_id: None,
             code: r.code,
             message: r.message,
+            videos: &[],
         },
     );
     let why = format!("{}: {}", r.code.as_str(), r.message);

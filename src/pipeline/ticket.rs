@@ -151,6 +151,18 @@ pub struct Ticket {
     /// Last reported progress.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_progress: Option<u8>,
+    /// Consecutive copies into the bucket that failed for now.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copy_errors: u32,
+    /// Whether the task was looked up again after its video URL no longer
+    /// served the video (once: then the request ends `storage_failed`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub source_looked_up: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if takes a reference
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Ticket {
@@ -183,6 +195,8 @@ impl Ticket {
             not_found: 0,
             last_status: None,
             last_progress: None,
+            copy_errors: 0,
+            source_looked_up: false,
         }
     }
 

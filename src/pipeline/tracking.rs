@@ -7,7 +7,9 @@
 //! that is not this deployment's ticket is dead-lettered and never acted
 //! on), polls the task once, and carries out what
 //! [`decisions::after_poll`] says: publish the terminal event, or park the
-//! ticket again (after a progress event when the state changed). A killed
+//! ticket again (after a progress event when the state changed). With a
+//! bucket, a succeeded task's videos are copied into it first
+//! ([`decisions::after_copy`] says what a failed copy does). A killed
 //! worker loses nothing: its unacknowledged tickets are redelivered. This
 //! module never creates upstream tasks.
 
@@ -25,7 +27,7 @@ use lapin::{
 use super::{
     context::Context,
     decisions::{
-        self, AtPoll, BeforePoll, GateEffect, NextPoll, PollStep, Progress, Terminal,
+        self, AtPoll, BeforePoll, CopyStep, GateEffect, NextPoll, PollStep, Progress, Terminal,
         UnverifiedStep,
     },
     disposition::Disposition,
@@ -40,7 +42,8 @@ use crate::{
     events::{self, EventKind, FailureCode},
     gate::Refusal,
     signing::{Presented, DEPLOYMENT_SIGNATURE_HEADER, SIGNATURE_HEADER},
-    upstream::TaskStatus,
+    storage::{self, StoredCopy},
+    upstream::{TaskStatus, Video},
 };
 
 /// How long a ticket is held while the broker refuses its next copy or its
@@ -111,7 +114,10 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
     }
     let mut ticket = decision.ticket;
     match decision.step {
-        PollStep::Finish(terminal) => finish(ctx, &ticket, terminal).await,
+        PollStep::Finish(Terminal::Succeeded(videos)) if ctx.storage.is_some() => {
+            keep_videos(ctx, ticket, videos).await
+        }
+        PollStep::Finish(terminal) => finish(ctx, &ticket, terminal, &[], &[]).await,
         PollStep::Again { next, progress } => {
             if let Some(progress) = progress {
                 report_progress(ctx, &mut ticket, progress).await;
@@ -272,6 +278,75 @@ async fn report_progress(ctx: &Context, ticket: &mut Ticket, progress: Progress)
     }
 }
 
+/// Copies a succeeded task's videos into the bucket, then does what
+/// [`decisions::after_copy`] says: `succeeded` with the copies, look again
+/// later, pause for the storage, or `storage_failed` with the videos.
+/// While the storage refuses us the copy is not even tried
+/// ([`decisions::at_copy`]).
+async fn keep_videos(ctx: &Context, mut ticket: Ticket, videos: Vec<Video>) -> Disposition {
+    let Some(storage) = ctx.storage.as_ref() else {
+        return finish(ctx, &ticket, Terminal::Succeeded(videos), &[], &[]).await;
+    };
+    if let AtPoll::Defer(wait) = decisions::at_copy(&ctx.gate.state(), tokio::time::Instant::now())
+    {
+        ticket.next_poll_at = Utc::now() + to_chrono(wait);
+        return park_patiently(ctx, &ticket).await;
+    }
+    let mut stored = Vec::with_capacity(videos.len());
+    let mut failure = None;
+    for (n, video) in videos.iter().enumerate() {
+        let key = storage::object_key(
+            &storage.settings().prefix,
+            ticket.request_id.as_str(),
+            ticket.task_id.as_str(),
+            n,
+            video.kind.as_deref(),
+        );
+        let copied = tokio::select! {
+            () = ctx.shutdown.cancelled() => return Disposition::Abandon,
+            copied = storage.copy(video, &key) => copied,
+        };
+        match copied {
+            Ok(copy) => stored.push(copy),
+            Err(e) => {
+                tracing::warn!(error = %e, video = n, "could not store the video");
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let result = match failure {
+        None => Ok(stored),
+        Some(e) => Err(e),
+    };
+    let now = Utc::now();
+    match decisions::after_copy(&mut ticket, result, now) {
+        CopyStep::Succeed(stored) => {
+            finish(ctx, &ticket, Terminal::Succeeded(videos), &stored, &[]).await
+        }
+        CopyStep::Fail(message) => {
+            let terminal = Terminal::Failed {
+                code: FailureCode::StorageFailed,
+                message,
+            };
+            finish(ctx, &ticket, terminal, &[], &videos).await
+        }
+        CopyStep::Again(next) => {
+            ticket.next_poll_at = next_poll_at(ctx, next, now);
+            park_patiently(ctx, &ticket).await
+        }
+        CopyStep::Pause(reason) => {
+            ctx.gate.close(Refusal::Storage, &reason);
+            if let AtPoll::Defer(wait) =
+                decisions::at_copy(&ctx.gate.state(), tokio::time::Instant::now())
+            {
+                ticket.next_poll_at = now + to_chrono(wait);
+            }
+            park_patiently(ctx, &ticket).await
+        }
+    }
+}
+
 /// Parks the ticket's next copy, retrying while the broker refuses it (the
 /// ticket stays held meanwhile, so the task is not polled again); hands it
 /// back only when that lasts longer than [`PUBLISH_PATIENCE`].
@@ -290,7 +365,16 @@ async fn park_patiently(ctx: &Context, ticket: &Ticket) -> Disposition {
 /// than [`PUBLISH_PATIENCE`], the ticket is parked again to be polled later
 /// (and the event tried again then) rather than handed back at once, which
 /// would poll the task again immediately.
-async fn finish(ctx: &Context, ticket: &Ticket, terminal: Terminal) -> Disposition {
+///
+/// `stored` is the copies a `succeeded` event names; `not_kept` the
+/// upstream's videos a `storage_failed` one carries.
+async fn finish(
+    ctx: &Context,
+    ticket: &Ticket,
+    terminal: Terminal,
+    stored: &[StoredCopy],
+    not_kept: &[Video],
+) -> Disposition {
     let now = Utc::now();
     let kind = match &terminal {
         Terminal::Succeeded(videos) => EventKind::Succeeded {
@@ -298,11 +382,13 @@ async fn finish(ctx: &Context, ticket: &Ticket, terminal: Terminal) -> Dispositi
             videos,
             submitted_at: ticket.submitted_at,
             completed_at: now,
+            stored,
         },
         Terminal::Failed { code, message } => EventKind::Failed {
             task_id: Some(ticket.task_id.as_str()),
             code: *code,
             message,
+            videos: not_kept,
         },
     };
     let event = events::build(&ctx.settings.events.source, &ticket.context(), &kind);
@@ -352,5 +438,5 @@ async fn poisoned(ctx: &Context, delivery: &Delivery, ticket: &Ticket, count: i6
         code: FailureCode::UpstreamFailed,
         message,
     };
-    finish(ctx, ticket, terminal).await
+    finish(ctx, ticket, terminal, &[], &[]).await
 }

@@ -3,13 +3,15 @@
 //!
 //! A slot is a message in a classic, non-durable queue that holds at most
 //! `creates` of them (`x-max-length`, `x-overflow: reject-publish`) and
-//! drops each after the window (`x-message-ttl`): publishing one claims a
+//! drops each after the window and a margin (`x-message-ttl`; the upstream
+//! counts a create when it arrives, a moment after its claim): publishing one claims a
 //! slot, and the broker's nack means the window is full. A classic queue
 //! refuses exactly (a quorum queue admits a few publishes past its limit
 //! when they arrive together), and the ledger holds nothing worth keeping.
 //! Its name carries a tag derived from the deployment's secret, so that
 //! producers, who may publish into any queue they can name, cannot fill it.
-//! A configured quota has one ledger; a learned quota gets one per value
+//! A configured quota has one ledger (and claims in the one earlier
+//! releases used too, for rolling updates); a learned quota gets one per value
 //! learned (queue arguments cannot change), each expiring (`x-expires`)
 //! once no worker has declared it for a while, and pre-filled, when it is
 //! created, with one slot per create the fleet made in the current window,
@@ -50,11 +52,39 @@ pub struct Ledger {
     pub expires: Option<Duration>,
     /// How long a slot stays (`x-message-ttl`).
     pub slot_ttl: Duration,
+    /// The configured quota's ledger of earlier releases.
+    pub legacy: bool,
 }
 
 impl Ledger {
-    /// The ledger of a configured quota: `<rq>.quota.<tag>.<N>-per-<S>s`.
+    /// The ledger of a configured quota:
+    /// `<rq>.quota.<tag>.set.<N>-per-<ms>ms`. Its slots outlast the window
+    /// by [`claim_margin`]: the upstream counts a create when it arrives,
+    /// a moment after its claim, and that moment varies. The workers
+    /// declare it (like a learned one) and it expires once unused.
     pub fn configured(request_queue: &str, tag: &str, quota: CreateQuota) -> Self {
+        Self {
+            name: format!(
+                "{request_queue}.quota.{tag}.set.{}-per-{}ms",
+                quota.creates,
+                quota.window.as_millis()
+            ),
+            quota,
+            expires: Some(learned_expiry(quota.window)),
+            slot_ttl: quota.window + claim_margin(quota.window),
+            legacy: false,
+        }
+    }
+
+    /// The configured quota's ledger of earlier releases:
+    /// `<rq>.quota.<tag>.<N>-per-<S>s`, slots of exactly the window. A
+    /// worker claims a slot in it too after each claim in
+    /// [`Ledger::configured`], so that a release before this one running
+    /// beside it (a rolling update) counts the same creates; once no such
+    /// release runs, it never refuses a claim the other ledger took (each
+    /// of its slots came later and leaves sooner). With an
+    /// operator-managed topology it is used only if it exists.
+    pub fn legacy(request_queue: &str, tag: &str, quota: CreateQuota) -> Self {
         Self {
             name: format!(
                 "{request_queue}.quota.{tag}.{}-per-{}s",
@@ -66,8 +96,9 @@ impl Ledger {
             // A name is shared by every release that runs the deployment,
             // and RabbitMQ refuses a second declaration with other
             // arguments: this ledger keeps the arguments its name has
-            // always had (slots of exactly the window).
+            // always had.
             slot_ttl: quota.window,
+            legacy: true,
         }
     }
 
@@ -86,11 +117,13 @@ impl Ledger {
             },
             expires: Some(learned_expiry(window)),
             slot_ttl: slot_lifetime(window),
+            legacy: false,
         }
     }
 
-    /// Whether it keeps a learned quota (and expires when unused).
-    pub fn is_learned(&self) -> bool {
+    /// Whether it expires when unused (and must be declared again every
+    /// window while in use).
+    pub fn expires_unused(&self) -> bool {
         self.expires.is_some()
     }
 
@@ -202,6 +235,14 @@ impl Ledger {
     }
 }
 
+/// How much longer than the window a configured quota's slot stays: a
+/// quarter of the window, at most a second (at least the hundredth a
+/// learned slot has). A create that reaches the upstream later than this
+/// after its claim may meet a 429, which is waited out like any other.
+pub fn claim_margin(window: Duration) -> Duration {
+    (window / 4).min(Duration::from_secs(1)).max(window / 100)
+}
+
 /// How long a claimed slot stays in a learned ledger: the window and a little
 /// more (a hundredth of it, at least 100 ms), because the create reaches
 /// the upstream a moment after its claim, and the next claim's create may
@@ -219,6 +260,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_configured_slot_outlasts_its_window_by_a_bounded_margin() {
+        for (window_ms, margin_ms) in [
+            (100, 25),
+            (1_000, 250),
+            (4_000, 1_000),
+            (10_000, 1_000),
+            (60_000, 1_000),
+            (3_600_000, 36_000),
+        ] {
+            assert_eq!(
+                claim_margin(Duration::from_millis(window_ms)),
+                Duration::from_millis(margin_ms),
+                "{window_ms} ms"
+            );
+        }
+    }
+
+    #[test]
     fn ledgers_are_named_for_the_deployment_its_secret_and_the_quota() {
         let configured = Ledger::configured(
             "vidu.requests",
@@ -227,16 +286,35 @@ mod tests {
         );
         assert_eq!(
             configured.name,
+            "vidu.requests.quota.0123456789abcdef.set.20-per-60000ms"
+        );
+        let args = configured.arguments();
+        assert_eq!(
+            args.inner().get("x-message-ttl").cloned(),
+            Some(AMQPValue::LongLongInt(61_000))
+        );
+        assert_eq!(
+            args.inner().get("x-expires").cloned(),
+            Some(AMQPValue::LongLongInt(600_000))
+        );
+        let legacy = Ledger::legacy(
+            "vidu.requests",
+            "0123456789abcdef",
+            CreateQuota::parse("20/min").expect("quota"),
+        );
+        assert_eq!(
+            legacy.name,
             "vidu.requests.quota.0123456789abcdef.20-per-60s"
         );
-        assert_eq!(configured.expires, None);
-        // The arguments the configured ledger's name has had since it
-        // carried the tag: releases side by side share it.
-        let args = configured.arguments();
+        assert_eq!(legacy.expires, None);
+        // The arguments the earlier releases' ledger has always had:
+        // releases side by side share it.
+        let args = legacy.arguments();
         assert_eq!(
             args.inner().get("x-message-ttl").cloned(),
             Some(AMQPValue::LongLongInt(60_000))
         );
+        assert_eq!(args.inner().get("x-expires"), None);
         assert_eq!(
             slot_lifetime(Duration::from_secs(1)),
             Duration::from_millis(1_100)

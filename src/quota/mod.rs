@@ -78,6 +78,16 @@ pub enum SlotError {
     Ledger(#[from] BrokerError),
 }
 
+/// What a claim in one ledger came to.
+enum Claim {
+    /// A slot is taken.
+    Taken,
+    /// The window is full.
+    Full,
+    /// The ledger is gone (declared again at the next claim).
+    Gone,
+}
+
 /// The pause after 429s.
 #[derive(Debug, Default)]
 struct Pause {
@@ -116,6 +126,8 @@ pub struct Budget {
     /// Ledgers this worker declared, and when (learned ones are declared
     /// again every window, so that they do not expire while in use).
     declared: Mutex<HashMap<String, Instant>>,
+    /// Whether the earlier releases' ledger existed when last looked for.
+    legacy: Mutex<Option<(Instant, bool)>>,
     /// The learned quota last reported (metrics, the log).
     reported: Mutex<Option<LearnedQuota>>,
     /// Wakes waiters when a pause is shortened or ends early.
@@ -133,6 +145,7 @@ impl Budget {
             pause: Mutex::new(Pause::default()),
             learner: Mutex::new(learn::Learner::default()),
             declared: Mutex::new(HashMap::new()),
+            legacy: Mutex::new(None),
             reported: Mutex::new(None),
             changed: tokio::sync::Notify::new(),
         };
@@ -235,25 +248,26 @@ impl Budget {
                 tracing::debug!("no quota known: a slot without a ledger");
                 return Ok(Slot::now());
             };
-            self.keep_declared(publisher, &ledger).await?;
-            match publisher.claim_slot(&ledger.name).await {
-                Ok(()) => {
-                    tracing::debug!(ledger = %ledger.name, "claimed a slot");
-                    return Ok(Slot::now());
-                }
-                Err(PublishError::Nacked) => {
+            let taken = match self.claim(publisher, &ledger).await? {
+                Claim::Taken => true,
+                Claim::Full => {
                     self.metrics.create_wait(crate::metrics::WaitReason::Quota);
                     self.cap_bound(publisher).await;
+                    false
                 }
-                Err(PublishError::Unroutable(_)) => {
-                    tracing::warn!(
-                        ledger = %ledger.name,
-                        "the quota ledger is gone (expired, or its broker node?); declaring it again"
-                    );
-                    self.forget_declared(&ledger.name);
-                    continue;
+                Claim::Gone => continue,
+            };
+            if taken {
+                let Some(legacy) = self.legacy_ledger(publisher).await? else {
+                    return Ok(Slot::now());
+                };
+                // An earlier release beside this one counts its creates
+                // there only: a window it filled waits like any other (the
+                // claim just taken stays, erring on the safe side).
+                match self.claim(publisher, &legacy).await? {
+                    Claim::Taken | Claim::Gone => return Ok(Slot::now()),
+                    Claim::Full => self.metrics.create_wait(crate::metrics::WaitReason::Quota),
                 }
-                Err(e) => return Err(SlotError::Broker(e)),
             }
             let spacing =
                 ledger.quota.window.as_secs_f64() / f64::from(ledger.quota.creates.max(1));
@@ -270,14 +284,73 @@ impl Budget {
         }
     }
 
-    /// Declares a ledger this worker has not declared yet (and a learned
-    /// one again each window, so that it does not expire while used).
+    /// Claims one slot in `ledger`, declaring it first if need be.
+    async fn claim(&self, publisher: &Publisher, ledger: &Ledger) -> Result<Claim, SlotError> {
+        // The earlier releases' ledger is only ever looked for, never
+        // declared ([`Budget::legacy_ledger`]).
+        if !ledger.legacy {
+            self.keep_declared(publisher, ledger).await?;
+        }
+        match publisher.claim_slot(&ledger.name).await {
+            Ok(()) => {
+                tracing::debug!(ledger = %ledger.name, "claimed a slot");
+                Ok(Claim::Taken)
+            }
+            Err(PublishError::Nacked) => Ok(Claim::Full),
+            Err(PublishError::Unroutable(_)) => {
+                tracing::warn!(
+                    ledger = %ledger.name,
+                    "the quota ledger is gone (expired, or its broker node?); declaring it again"
+                );
+                self.forget_declared(&ledger.name);
+                if ledger.legacy {
+                    *self.legacy.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                }
+                Ok(Claim::Gone)
+            }
+            Err(e) => Err(SlotError::Broker(e)),
+        }
+    }
+
+    /// The configured quota's ledger of earlier releases, if it exists
+    /// (looked for once a window): a release before this one beside it
+    /// counts its creates there.
+    async fn legacy_ledger(&self, publisher: &Publisher) -> Result<Option<Ledger>, SlotError> {
+        let (Some(quota), Some(tag)) = (self.settings.configured, self.tag.get()) else {
+            return Ok(None);
+        };
+        let legacy = Ledger::legacy(&self.settings.request_queue, tag, quota);
+        let known = *self.legacy.lock().unwrap_or_else(PoisonError::into_inner);
+        let exists = match known {
+            Some((at, exists)) if at.elapsed() < quota.window => exists,
+            _ => {
+                let exists = match legacy.declare(publisher, true, &self.settings.vhost).await {
+                    Ok(()) => true,
+                    Err(BrokerError::Missing { .. }) => false,
+                    Err(e) => return Err(SlotError::Ledger(e)),
+                };
+                if exists && known.is_none_or(|(_, was)| !was) {
+                    tracing::info!(
+                        ledger = %legacy.name,
+                        "an earlier release's quota ledger exists: claiming in it too"
+                    );
+                }
+                *self.legacy.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((Instant::now(), exists));
+                exists
+            }
+        };
+        Ok(exists.then_some(legacy))
+    }
+
+    /// Declares a ledger this worker has not declared yet (and one that
+    /// expires unused again each window, so that it does not while used).
     async fn keep_declared(&self, publisher: &Publisher, ledger: &Ledger) -> Result<(), SlotError> {
         let due = {
             let declared = self.declared.lock().unwrap_or_else(PoisonError::into_inner);
             match declared.get(&ledger.name) {
                 None => true,
-                Some(at) => ledger.is_learned() && at.elapsed() >= ledger.quota.window,
+                Some(at) => ledger.expires_unused() && at.elapsed() >= ledger.quota.window,
             }
         };
         if !due {
@@ -287,7 +360,7 @@ impl Budget {
         // named by the value learned, so nobody can create it ahead: the
         // workers always declare it (configure permission on
         // `<request_queue>.quota.*`).
-        let passive = !self.settings.declares && !ledger.is_learned();
+        let passive = !self.settings.declares && !ledger.expires_unused();
         ledger
             .declare(publisher, passive, &self.settings.vhost)
             .await?;
@@ -604,7 +677,7 @@ mod tests {
         b.name_with("abcdef0123456789");
         let ledger = b.current_ledger().expect("the configured ledger");
         assert_eq!(ledger.quota, quota);
-        assert_eq!(ledger.name, "q.quota.abcdef0123456789.2-per-60s");
+        assert_eq!(ledger.name, "q.quota.abcdef0123456789.set.2-per-60000ms");
         b.refused(None, Instant::now(), Utc::now(), None).await;
         b.refused(None, Instant::now(), Utc::now(), None).await;
         assert_eq!(b.journal.learned_quota(), None);

@@ -41,8 +41,7 @@ pub const TASK_RESULT_PATH: &str = "/v3/async/task-result";
 /// `task.task_type` reported for `vidu-q3-pro-i2v` tasks (other models':
 /// [`task_type`](super::task_type)).
 pub const TASK_TYPE: &str = "VIDU_Q3_PRO_I2V";
-/// Prefix of the video URLs handed out: `<prefix><task_id>.mp4`.
-pub const VIDEO_URL_PREFIX: &str = "https://sim.novita.local/videos/";
+pub use super::config::VIDEO_URL_PREFIX;
 
 /// How long a bare `hang` fault sleeps (unless the server shuts down first).
 const DEFAULT_HANG: Duration = Duration::from_secs(300);
@@ -115,12 +114,18 @@ impl Simulator {
         if let Some(resp) = self.check_auth(Endpoint::Create, headers) {
             return self.finish(&call, resp);
         }
+        self.arrive_late(Endpoint::Create).await;
         if let Some(resp) = self.check_quota(headers) {
             return self.finish(&call, resp);
         }
         let after = match self.next_fault(Endpoint::Create) {
             Some(Fault::AcceptThenDrop) => AfterCreate::Drop,
             Some(Fault::AcceptThenGarbage) => AfterCreate::Garbage,
+            // Drawn from a mix, lateness is only a delay before the answer.
+            Some(Fault::Late(d)) => {
+                tokio::time::sleep(d).await;
+                AfterCreate::Answer
+            }
             Some(fault) => return self.serve_fault(&call, fault, release).await,
             None => AfterCreate::Answer,
         };
@@ -185,8 +190,11 @@ impl Simulator {
         if let Some(resp) = self.check_auth(Endpoint::Poll, headers) {
             return self.finish(&call, resp);
         }
-        if let Some(fault) = self.next_fault(Endpoint::Poll) {
-            return self.serve_fault(&call, fault, release).await;
+        self.arrive_late(Endpoint::Poll).await;
+        match self.next_fault(Endpoint::Poll) {
+            Some(Fault::Late(d)) => tokio::time::sleep(d).await,
+            Some(fault) => return self.serve_fault(&call, fault, release).await,
+            None => {}
         }
         let Some(task_id) = task_id else {
             let resp = api_error(
@@ -287,7 +295,7 @@ impl Simulator {
                 hostile
                     .video_url
                     .clone()
-                    .unwrap_or_else(|| format!("{VIDEO_URL_PREFIX}{task_id}.mp4"))
+                    .unwrap_or_else(|| self.video_url(task_id))
                     .into(),
             );
             video.insert(
@@ -379,6 +387,20 @@ impl Simulator {
         }
     }
 
+    /// Waits as long as the script says the call reaches the upstream late.
+    async fn arrive_late(&self, endpoint: Endpoint) {
+        let late = {
+            let mut faults = lock(&self.inner.faults);
+            match endpoint {
+                Endpoint::Create => faults.create.take_late(),
+                Endpoint::Poll => faults.poll.take_late(),
+            }
+        };
+        if let Some(d) = late {
+            tokio::time::sleep(d).await;
+        }
+    }
+
     fn next_fault(&self, endpoint: Endpoint) -> Option<Fault> {
         let mut faults = lock(&self.inner.faults);
         match endpoint {
@@ -439,6 +461,18 @@ impl Simulator {
             Fault::Drop | Fault::AcceptThenDrop => {
                 self.record(call, Outcome::Drop);
                 drop_connection()
+            }
+            // Callers serve lateness themselves; here it is a 504 late.
+            Fault::Late(d) => {
+                tokio::time::sleep(d).await;
+                self.finish(
+                    call,
+                    api_error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "GATEWAY_TIMEOUT",
+                        "upstream timed out",
+                    ),
+                )
             }
         }
     }
@@ -713,13 +747,21 @@ mod tests {
         assert_eq!(last["task"]["status"], "TASK_STATUS_SUCCEED");
         assert_eq!(last["task"]["eta"], 0);
         assert_eq!(last["task"]["progress_percent"], 100);
+        let videos = last["videos"].as_array().expect("videos");
+        assert_eq!(videos.len(), 1);
+        assert_eq!(videos[0]["video_url_ttl"], "3600");
+        assert_eq!(videos[0]["video_type"], "mp4");
+        // Served by the simulator itself, with an expiry.
+        let url = videos[0]["video_url"].as_str().expect("url");
+        assert!(
+            url.starts_with(&format!("{}/videos/{id}.mp4?expires=", sim.base_url())),
+            "{url}"
+        );
+        let video = c.get(url).send().await.expect("video");
+        assert_eq!(video.status(), 200);
         assert_eq!(
-            last["videos"],
-            json!([{
-                "video_url": format!("https://sim.novita.local/videos/{id}.mp4"),
-                "video_url_ttl": "3600",
-                "video_type": "mp4",
-            }])
+            video.bytes().await.expect("bytes").len() as u64,
+            sim.video_plan().bytes
         );
 
         let view = sim.task(&id).expect("view");

@@ -1,10 +1,11 @@
 //! How a simulator is set up: its static [`SimulatorConfig`] (key, task
 //! timing, `eta` reporting, video URL lifetime, starting quota), the
-//! [`EtaMode`] it reports with, and the [`AuthMode`] that decides how it
-//! treats credentials (switchable while it runs).
+//! [`EtaMode`] it reports with, the [`AuthMode`] that decides how it
+//! treats credentials, and the [`VideoPlan`] its videos are served by (both
+//! switchable while it runs).
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -120,4 +121,47 @@ mod tests {
         assert_eq!(cfg.video_url_ttl, 3600);
         assert!(!format!("{cfg:?}").contains("\"k\""));
     }
+}
+
+/// Prefix of the video URLs handed out before the simulator serves on an
+/// address: `<prefix><task_id>.mp4` (not served).
+pub const VIDEO_URL_PREFIX: &str = "https://sim.novita.local/videos/";
+
+/// How the simulator's videos are served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VideoPlan {
+    /// Size of every video in bytes (default 256 KiB).
+    pub bytes: u64,
+    /// Bytes per second at most (`None`: as fast as it goes).
+    pub bytes_per_second: Option<u64>,
+    /// Every video URL answers 503.
+    pub down: bool,
+    /// Every video URL answers 403, as if expired.
+    pub expired: bool,
+    /// Announce this many bytes more (or, negative, fewer) than are sent.
+    pub length_error: i64,
+    /// Serve `text/html` error pages instead of videos (with 200).
+    pub not_a_video: bool,
+}
+
+impl Default for VideoPlan {
+    fn default() -> Self {
+        Self {
+            bytes: 256 * 1024,
+            bytes_per_second: None,
+            down: false,
+            expired: false,
+            length_error: 0,
+            not_a_video: false,
+        }
+    }
+}
+
+/// Unix seconds now.
+pub(super) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
 }

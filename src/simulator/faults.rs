@@ -14,7 +14,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// One injected fault. Serialized as a string: `"429"`, `"429:<secs>"`,
 /// `"500"`, `"502"`, `"503"`, `"504"`, `"hang"`, `"hang:<duration>"`,
-/// `"garbage"`, `"drop"`, `"accept-then-drop"`, `"accept-then-garbage"`.
+/// `"garbage"`, `"drop"`, `"accept-then-drop"`, `"accept-then-garbage"`,
+/// `"late:<duration>"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// 429 `RATE_LIMIT_EXCEEDED` with a `Retry-After: <secs>` header.
@@ -39,6 +40,10 @@ pub enum Fault {
     /// HTTP 200 with an HTML body instead of the task id (an unreadable
     /// success). On polls it acts as [`Fault::Garbage`].
     AcceptThenGarbage,
+    /// The call reaches the upstream this much late (latency on the way
+    /// in: it is counted against the quota only then), and is then served
+    /// as usual.
+    Late(Duration),
 }
 
 impl fmt::Display for Fault {
@@ -55,6 +60,7 @@ impl fmt::Display for Fault {
             Self::Drop => f.write_str("drop"),
             Self::AcceptThenDrop => f.write_str("accept-then-drop"),
             Self::AcceptThenGarbage => f.write_str("accept-then-garbage"),
+            Self::Late(d) => write!(f, "late:{}", humantime::format_duration(*d)),
         }
     }
 }
@@ -63,7 +69,7 @@ impl fmt::Display for Fault {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "invalid fault {input:?}: expected 429, 429:<secs>, 500, 502, 503, 504, hang, \
-     hang:<duration>, garbage, drop, accept-then-drop or accept-then-garbage"
+     hang:<duration>, garbage, drop, accept-then-drop, accept-then-garbage or late:<duration>"
 )]
 pub struct FaultParseError {
     input: String,
@@ -99,6 +105,8 @@ impl FromStr for Fault {
                     Self::Hang(Some(
                         humantime::parse_duration(dur.trim()).map_err(|_| err())?,
                     ))
+                } else if let Some(dur) = s.strip_prefix("late:") {
+                    Self::Late(humantime::parse_duration(dur.trim()).map_err(|_| err())?)
                 } else {
                     return Err(err());
                 }
@@ -222,6 +230,19 @@ impl EndpointFaultState {
             rate: self.rate,
             mix: self.mix.clone(),
             seed: self.seed,
+        }
+    }
+
+    /// How late the next call arrives, if the script says so (taking that
+    /// entry).
+    pub(super) fn take_late(&mut self) -> Option<Duration> {
+        match self.script.front() {
+            Some(Fault::Late(d)) => {
+                let d = *d;
+                self.script.pop_front();
+                Some(d)
+            }
+            _ => None,
         }
     }
 
@@ -533,6 +554,7 @@ mod tests {
             "garbage",
             "drop",
             "accept-then-drop",
+            "late:150ms",
         ] {
             let fault: Fault = s.parse().expect("parse");
             assert_eq!(fault.to_string(), s);
@@ -546,7 +568,8 @@ mod tests {
                 retry_after_secs: 30
             }
         );
-        for bad in ["418", "hang:soon", "429:x", "", "dropp"] {
+        assert_eq!(f("late:150ms"), Fault::Late(Duration::from_millis(150)));
+        for bad in ["418", "hang:soon", "429:x", "", "dropp", "late:"] {
             assert!(bad.parse::<Fault>().is_err(), "{bad}");
         }
         let plan: FaultPlan =

@@ -8,7 +8,8 @@
 //! the real service, and adds deterministic fault injection: per task
 //! directives embedded in the prompt (`[sim:fail]`, `[sim:gen=20s]`, ...)
 //! and call-level fault plans (scripted or seeded-random 429/5xx, hangs,
-//! garbage bodies, dropped connections); unauthenticated `/sim/*` admin
+//! garbage bodies, dropped connections), and serves real video bytes at
+//! the URLs its results name (`/videos/…`, see [`VideoPlan`]); unauthenticated `/sim/*` admin
 //! endpoints expose counters (calls, billed tasks, duplicate creates, peak
 //! calls per second) and the same controls as [`RunningSimulator`]. It must
 //! never contact the real Novita API or any other network service, never
@@ -29,6 +30,7 @@ mod state;
 mod tasks;
 #[cfg(test)]
 mod test_support;
+mod videos;
 
 use std::fmt;
 use std::io;
@@ -43,12 +45,13 @@ use tracing::info;
 use api::AppState;
 
 pub use api::{CREATE_PATH, TASK_RESULT_PATH, TASK_TYPE, VIDEO_URL_PREFIX};
-pub use config::{AuthMode, EtaMode, SimulatorConfig};
+pub use config::{AuthMode, EtaMode, SimulatorConfig, VideoPlan};
 pub use faults::{EndpointFaults, Fault, FaultParseError, FaultPlan};
 pub use models::{create_path, task_type, MODELS};
 pub use quota::AccountQuota;
 pub use state::{CallRecord, SimStats, Simulator};
 pub use tasks::TaskView;
+pub use videos::{video_body, video_sha256};
 
 impl Simulator {
     /// The API and `/sim/*` admin routes. `hang` faults served through this
@@ -61,6 +64,7 @@ impl Simulator {
     fn router_with_release(&self, release: CancellationToken) -> Router {
         api::routes()
             .merge(admin::routes())
+            .merge(videos::routes())
             .fallback(api::not_found)
             .with_state(AppState {
                 sim: self.clone(),
@@ -73,6 +77,12 @@ impl Simulator {
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "novita simulator listening");
+            let host = if addr.ip().is_unspecified() {
+                SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+            } else {
+                addr
+            };
+            self.serve_videos_at(format!("http://{host}/videos/"));
         }
         let router = self.router_with_release(shutdown.clone());
         axum::serve(listener, router)
@@ -135,7 +145,22 @@ impl RunningSimulator {
         self.sim.stats()
     }
 
-    /// Replaces the fault plan; see [`Simulator::set_faults`].
+    /// Sets how videos are served from now on.
+    pub fn set_video_plan(&self, plan: VideoPlan) {
+        self.sim.set_video_plan(plan);
+    }
+
+    /// How videos are served.
+    pub fn video_plan(&self) -> VideoPlan {
+        self.sim.video_plan()
+    }
+
+    /// Requests for video URLs so far.
+    pub fn video_gets(&self) -> u64 {
+        self.sim.video_gets()
+    }
+
+    /// Replaces the fault plan (see [`Simulator::set_faults`]).
     pub fn set_faults(&self, plan: FaultPlan) {
         self.sim.set_faults(plan);
     }

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::debug;
 use uuid::Uuid;
 
-use super::config::{AuthMode, SimulatorConfig};
+use super::config::{unix_now, AuthMode, SimulatorConfig, VideoPlan, VIDEO_URL_PREFIX};
 use super::faults::{FaultPlan, FaultState};
 use super::quota::{AccountQuota, QuotaLog};
 use super::tasks::{TaskRecord, TaskSnapshot, TaskView};
@@ -96,6 +96,10 @@ pub(super) struct Inner {
     pub(super) quota: Mutex<Option<AccountQuota>>,
     pub(super) faults: Mutex<FaultState>,
     pub(super) state: Mutex<SimState>,
+    pub(super) videos: Mutex<VideoPlan>,
+    /// Where its videos are served (`http://<addr>/videos/`), once serving.
+    pub(super) video_base: std::sync::OnceLock<String>,
+    pub(super) video_gets: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Simulator {
@@ -116,8 +120,56 @@ impl Simulator {
                 auth: Mutex::new(AuthMode::Accept),
                 faults: Mutex::new(FaultState::default()),
                 state: Mutex::new(SimState::default()),
+                videos: Mutex::new(VideoPlan::default()),
+                video_base: std::sync::OnceLock::new(),
+                video_gets: std::sync::atomic::AtomicU64::new(0),
             }),
         }
+    }
+
+    /// How videos are served from now on.
+    pub fn set_video_plan(&self, plan: VideoPlan) {
+        *lock(&self.inner.videos) = plan;
+    }
+
+    /// How videos are served.
+    pub fn video_plan(&self) -> VideoPlan {
+        *lock(&self.inner.videos)
+    }
+
+    /// Requests for video URLs so far.
+    pub fn video_gets(&self) -> u64 {
+        self.inner
+            .video_gets
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(super) fn count_video_get(&self) {
+        self.inner
+            .video_gets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Serves videos under `base` (`http://<addr>/videos/`); the first call
+    /// wins.
+    pub(super) fn serve_videos_at(&self, base: String) {
+        let _ = self.inner.video_base.set(base);
+    }
+
+    /// The URL of a task's video as a poll now names it.
+    pub(super) fn video_url(&self, task_id: &str) -> String {
+        match self.inner.video_base.get() {
+            Some(base) => format!(
+                "{base}{task_id}.mp4?expires={}",
+                unix_now().saturating_add(self.inner.config.video_url_ttl)
+            ),
+            None => format!("{VIDEO_URL_PREFIX}{task_id}.mp4"),
+        }
+    }
+
+    /// Whether a task of this id exists.
+    pub(super) fn has_task(&self, task_id: &str) -> bool {
+        Uuid::parse_str(task_id).is_ok_and(|id| lock(&self.inner.state).tasks.contains_key(&id))
     }
 
     /// The configuration this simulator was built with.

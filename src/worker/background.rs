@@ -1,5 +1,6 @@
 //! Background tasks of a worker, beside the deliveries: the upstream probe
-//! that reopens the gate without spending money, and the sample of how many
+//! that reopens the gate without spending money, the storage probe that
+//! reopens it once the bucket accepts again, and the sample of how many
 //! tickets the deployment tracks.
 
 use std::{sync::Arc, time::Duration};
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     gate::{self, GateState, Refusal},
     pipeline::context::Context,
+    storage::CopyError,
     upstream::{UpstreamError, KEY_PROBE_TASK_ID},
 };
 
@@ -91,6 +93,52 @@ pub(super) async fn probe_key(ctx: Arc<Context>) {
                 drop(claim);
                 ctx.gate.open();
             }
+        }
+    }
+}
+
+/// Probes the video storage while the gate is closed for it (a small
+/// object written, read back and deleted; a rotated secret file is read
+/// again first), and once at start so that refused credentials or a
+/// missing bucket show before the first video.
+pub(super) async fn probe_storage(ctx: Arc<Context>) {
+    let Some(storage) = ctx.storage.clone() else {
+        return;
+    };
+    match storage.check().await {
+        Err(e @ CopyError::StoreRefused(_)) => ctx.gate.close(Refusal::Storage, &e.to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, bucket = storage.bucket(), "the storage check failed; copies will be tried as videos come")
+        }
+        Ok(()) => tracing::info!(bucket = storage.bucket(), "the storage accepts writes"),
+    }
+    let mut changes = ctx.gate.subscribe();
+    loop {
+        let due = match ctx.gate.state() {
+            GateState::Closed {
+                refusal: Refusal::Storage,
+                retry_at,
+                ..
+            } => Some(retry_at),
+            _ => None,
+        };
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            _ = changes.changed() => continue,
+            () = gate::sleep_until(due) => {}
+        }
+        let (Some(_), Some(claim)) = (due, ctx.gate.try_claim_probe()) else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        match storage.check().await {
+            Ok(()) => {
+                drop(claim);
+                ctx.gate.storage_accepts();
+            }
+            Err(e) => ctx
+                .gate
+                .probe_failed(claim, Refusal::Storage, &e.to_string()),
         }
     }
 }

@@ -78,6 +78,10 @@ pub async fn run_with_listener(
         },
         metrics.clone(),
     );
+    let env: std::collections::HashMap<String, String> = std::env::vars().collect();
+    let storage = crate::storage::Storage::from_settings(&settings.storage, &env, metrics.clone())
+        .map_err(|e| ConfigError::new("storage", e.to_string()))?
+        .map(Arc::new);
     let health = Health::new(gate.clone());
     let ops_stop = CancellationToken::new();
     let ops_task = tokio::spawn(ops::serve(
@@ -93,6 +97,7 @@ pub async fn run_with_listener(
         broker = %settings.amqp.display_url(),
         upstream = %settings.upstream.base_url,
         create_quota = %settings.upstream.create_quota.map_or_else(|| "learned from 429s".to_owned(), |q| q.to_string()),
+        storage = %settings.storage.bucket.as_deref().unwrap_or("none (videos are not copied)"),
         ops = %listen,
         "vidu-worker starting"
     );
@@ -153,6 +158,7 @@ pub async fn run_with_listener(
         topology,
         settings,
         upstream,
+        storage,
         metrics,
         gate,
         health,
@@ -160,10 +166,12 @@ pub async fn run_with_listener(
         publisher: watch::Sender::new(None),
     });
     let prober = tokio::spawn(background::probe_key(ctx.clone()));
+    let storage_prober = tokio::spawn(background::probe_storage(ctx.clone()));
     let result = session::supervise(ctx.clone())
         .await
         .map_err(RunError::from);
     prober.abort();
+    storage_prober.abort();
     ops_stop.cancel();
     let _ = ops_task.await;
     tracing::info!("vidu-worker stopped");

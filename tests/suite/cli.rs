@@ -109,7 +109,11 @@ async fn the_demo_prints_a_succeeded_event_with_a_video_url() {
 /// What the demo prints when every sample ended as expected.
 fn assert_demo_succeeded(stdout: &str) {
     assert!(stdout.contains(&format!("── {SUCCEEDED}")), "{stdout}");
-    assert!(stdout.contains("\"video_url\": \"https://"), "{stdout}");
+    // The simulator serves the video at the URL it names.
+    assert!(
+        stdout.contains("\"video_url\": \"http://127.0.0.1:"),
+        "{stdout}"
+    );
     assert!(stdout.contains(&format!("── {FAILED}")), "{stdout}");
     assert!(stdout.contains("invalid_request"), "{stdout}");
     assert!(stdout.contains("upstream_failed"), "{stdout}");
@@ -356,7 +360,7 @@ async fn submit_publishes_and_waits_for_the_terminal_event() {
     assert_eq!(event["subject"], lines[0]);
     assert!(event["data"]["video_url"]
         .as_str()
-        .is_some_and(|u| u.starts_with("https://")));
+        .is_some_and(|u| u.starts_with("http://127.0.0.1:") && u.contains("/videos/")));
     assert!(stderr.contains("submitted: task"), "{stderr}");
     assert!(
         stderr.contains("processing") || stderr.contains("queued"),
@@ -488,6 +492,62 @@ async fn check_reports_each_part() {
     let (code, stdout, _) = output(cmd, Duration::from_secs(30)).await;
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("FAIL broker"), "{stdout}");
+}
+
+/// `check` writes, reads back and deletes a small object in the bucket;
+/// refused credentials fail it, without the secret in the output; a
+/// rotated secret file is what it uses.
+#[tokio::test]
+async fn check_writes_reads_and_deletes_an_object_in_the_bucket() {
+    let env = TestEnv::new("checkstore", sim(Duration::from_millis(100))).await;
+    let s3 = S3Server::start().await;
+    let mut cmd = binary();
+    cmd.arg("check")
+        .envs(env.worker_env())
+        .envs(s3.worker_env());
+    let (code, stdout, _) = output(cmd, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("ok   storage bucket videos accepts a write, a read and a delete"),
+        "{stdout}"
+    );
+    assert!(s3.keys().is_empty(), "the check object is deleted");
+
+    s3.accept_only("AKIAOTHERKEY00000000", "another-secret-entirely");
+    let mut cmd = binary();
+    cmd.arg("check")
+        .envs(env.worker_env())
+        .envs(s3.worker_env());
+    let (code, stdout, stderr) = output(cmd, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("FAIL storage bucket videos"), "{stdout}");
+    assert!(
+        stdout.contains("refuses the storage credentials"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(SECRET_KEY) && !stderr.contains(SECRET_KEY));
+
+    // Credentials from settings and a file, rotated to what the store accepts.
+    let dir = tempdir();
+    let secret = dir.join("s3-secret");
+    std::fs::write(&secret, "another-secret-entirely\n").expect("secret file");
+    let mut cmd = binary();
+    cmd.arg("check")
+        .envs(env.worker_env())
+        .envs(
+            s3.worker_env()
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("AWS_")),
+        )
+        .env(
+            "VIDU_WORKER__STORAGE__ACCESS_KEY_ID",
+            "AKIAOTHERKEY00000000",
+        )
+        .env("VIDU_WORKER__STORAGE__SECRET_ACCESS_KEY_FILE", &secret);
+    let (code, stdout, _) = output(cmd, Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(stdout.contains("ok   storage"), "{stdout}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 fn tempdir() -> std::path::PathBuf {

@@ -13,7 +13,7 @@ use vidu_test_kit::*;
 use vidu_worker::{
     broker::ERROR_HEADER,
     events::{CONTENT_TYPE, FAILED, PROGRESS, SUBMITTED, SUCCEEDED},
-    simulator::{EndpointFaults, FaultPlan},
+    simulator::{video_sha256, EndpointFaults, FaultPlan},
 };
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -92,8 +92,23 @@ async fn happy_path_publishes_submitted_progress_and_succeeded_events() {
     assert_eq!(data["task_id"], task_id.as_str());
     let url = data["video_url"].as_str().expect("video url");
     assert!(
-        url.starts_with("https://") && url.contains(&task_id),
+        url.starts_with(&format!("{}/videos/", env.sim.base_url())) && url.contains(&task_id),
         "{url}"
+    );
+    // The simulator serves the video itself: real, deterministic bytes.
+    let body = reqwest::get(url)
+        .await
+        .expect("video")
+        .bytes()
+        .await
+        .expect("body");
+    let plan = env.sim.video_plan();
+    assert_eq!(body.len() as u64, plan.bytes);
+    assert_eq!(&body[4..8], b"ftyp");
+    let digest = ring::digest::digest(&ring::digest::SHA256, &body);
+    assert_eq!(
+        hex::encode(digest.as_ref()),
+        video_sha256(&task_id, plan.bytes)
     );
     assert_eq!(data["videos"][0]["url"], url);
     assert_eq!(data["videos"][0]["ttl_seconds"], 3600);

@@ -37,3 +37,4 @@ mod monitoring;
 mod quota;
 mod request_parser;
 mod rotation;
+mod storage;

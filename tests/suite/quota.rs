@@ -168,6 +168,58 @@ async fn three_workers_stay_within_a_configured_account_quota() {
     three_workers_share_one_quota("quotaset", true, false).await;
 }
 
+/// A create that reaches the upstream late (latency on the way in) is
+/// counted there late. The slot a configured quota keeps for it must
+/// outlast the window by more than that, or the next window's create
+/// arrives while it still counts and is refused (seen in CI: 2 429s of 62
+/// creates with three workers and a configured quota). One create per 4 s;
+/// the first reaches the upstream 400 ms after its claim; the next request
+/// is published 3.5 s after the first create arrived, so that the worker
+/// claims its slot as soon as the ledger lets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_reaches_the_upstream_late_does_not_overrun_a_configured_quota() {
+    let window = Duration::from_secs(4);
+    let account = SimulatorConfig {
+        quota: Some(AccountQuota {
+            creates: 1,
+            window,
+            retry_after: false,
+        }),
+        ..sim(Duration::from_millis(200))
+    };
+    let env = TestEnv::with("quotalate", account, |s| {
+        s.upstream.quota_window = window;
+        s.upstream.create_quota = Some(CreateQuota { creates: 1, window });
+    })
+    .await;
+    env.sim.set_faults(FaultPlan {
+        create: EndpointFaults {
+            script: vec![Fault::Late(Duration::from_millis(400))],
+            ..EndpointFaults::default()
+        },
+        ..FaultPlan::default()
+    });
+    let tap = env.tap().await;
+    let _worker = env.start_worker().await;
+    env.publish(&request("late-0", "late create")).await;
+    eventually(Duration::from_secs(30), "the first create", || async {
+        (env.sim.stats().tasks_created == 1).then_some(())
+    })
+    .await;
+    let arrived = tokio::time::Instant::now();
+    tokio::time::sleep_until(arrived + Duration::from_millis(3_500)).await;
+    env.publish(&request("late-1", "on time")).await;
+    tap.wait_finished(2, Duration::from_secs(60)).await;
+    tap.assert_all_succeeded();
+    let stats = env.sim.stats();
+    assert_eq!(stats.tasks_created, 2);
+    assert_eq!(
+        stats.answered("create:429"),
+        0,
+        "a configured quota is never exceeded where the upstream counts"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_learn_the_account_quota_from_429s_without_retry_after() {
     three_workers_share_one_quota("quotalearn", false, false).await;

@@ -13,4 +13,5 @@ pub(crate) mod quota;
 pub(crate) mod quota_change;
 pub(crate) mod ratelimit;
 pub(crate) mod scaleout;
+pub(crate) mod storage;
 pub(crate) mod throughput;

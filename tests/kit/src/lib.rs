@@ -4,12 +4,14 @@
 //! HTTP, everything deleted on drop), worker child processes, an event tap,
 //! the broker the tests share (the machine's on 127.0.0.1:5672, or one
 //! private node for the whole run) and private nodes and clusters for tests
-//! that break a broker. Waits are on conditions with deadlines
+//! that break a broker, and a real S3-compatible server ([`S3Server`]).
+//! Waits are on conditions with deadlines
 //! ([`eventually`]), never fixed sleeps. Test code: failures panic with
 //! what was expected.
 
 mod broker;
 mod deployment;
+mod s3;
 mod tap;
 mod worker;
 
@@ -27,6 +29,7 @@ pub use deployment::{
     assert_succeeded_once, one_terminal_id_each, publish_through, queue_args, refuse_events,
     Deployment, TestEnv,
 };
+pub use s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
 pub use tap::{EventTap, SeenEvent};
 pub use vidu_worker::local_broker::{LocalNode, NodeOptions, NodeTls};
 pub use worker::{worker_binary, WorkerProcess};
