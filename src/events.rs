@@ -50,6 +50,11 @@ pub enum FailureCode {
     /// The task succeeded upstream but its video could not be stored (the
     /// event carries the upstream's videos).
     StorageFailed,
+    /// A cancel for the request arrived: never created, or created and no
+    /// longer tracked.
+    Canceled,
+    /// Its `deadline` passed before its create was sent.
+    Expired,
 }
 
 impl FailureCode {
@@ -62,6 +67,8 @@ impl FailureCode {
             Self::UpstreamUnconfirmed => "upstream_unconfirmed",
             Self::TimedOut => "timed_out",
             Self::StorageFailed => "storage_failed",
+            Self::Canceled => "canceled",
+            Self::Expired => "expired",
         }
     }
 }

@@ -303,16 +303,22 @@ impl Gate {
     /// storage reopens it ([`Gate::storage_accepts`]).
     pub fn open(&self) {
         self.unconfirmed.store(0, Ordering::Release);
-        self.reopen(|refusal| refusal != Refusal::Storage);
+        self.reopen(
+            |refusal| refusal != Refusal::Storage,
+            "the upstream accepts requests again; resuming intake",
+        );
     }
 
     /// Records that the storage accepted a write: reopens a gate closed
     /// for the storage.
     pub fn storage_accepts(&self) {
-        self.reopen(|refusal| refusal == Refusal::Storage);
+        self.reopen(
+            |refusal| refusal == Refusal::Storage,
+            "the storage accepts writes again; resuming intake",
+        );
     }
 
-    fn reopen(&self, this_side: impl Fn(Refusal) -> bool) {
+    fn reopen(&self, this_side: impl Fn(Refusal) -> bool, message: &str) {
         let was = match &*self.state.borrow() {
             GateState::Open => return,
             GateState::Closed { refusal, .. } => *refusal,
@@ -325,7 +331,7 @@ impl Gate {
         self.metrics.set_upstream_refusing_key(false);
         self.metrics.set_storage_refused(false);
         self.metrics.set_upstream_paused(false);
-        tracing::info!(was = was.describe(), "accepted again; resuming intake");
+        tracing::info!(was = was.describe(), "{message}");
     }
 
     /// Claims the probe if the gate is closed and a probe is due.

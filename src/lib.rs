@@ -6,17 +6,18 @@
 //!
 //! Modules import only modules below them, never one above:
 //!
-//! - [`cli`] — the commands (`run`, `check`, `submit`, `simulate`, `demo`);
+//! - [`cli`] — the commands (`run`, `check`, `submit`, `cancel`, `simulate`, `demo`);
 //!   the one place that starts anything.
 //! - [`worker`] — wires one worker together: broker sessions, `basic.get`
 //!   intake once a create could follow, the tracking consumer, background
 //!   probes.
 //! - [`pipeline`] — what happens to one delivery: a request (intake, the
-//!   fleet-wide claim on its id) or a ticket (tracking); every decision as a
-//!   plain function in [`pipeline::decisions`].
+//!   fleet-wide claim on its id, the lane it came from), a ticket (tracking,
+//!   the copy into the bucket) or a cancel; every decision as a plain
+//!   function in [`pipeline::decisions`].
 //! - [`quota`] (the create budget: pauses, the deployment's window, the
 //!   learned quota), [`journal`] (the deployment's stream: keys, created
-//!   ids, the learned quota), [`events`] (CloudEvents), [`ops`] (health and
+//!   and canceled ids, the learned quota), [`events`] (CloudEvents), [`ops`] (health and
 //!   metrics endpoint).
 //! - [`broker`] (topology, connecting, confirmed publishing, headers),
 //!   [`upstream`] (the Novita client), [`storage`] (videos copied into the

@@ -57,6 +57,10 @@ label_values! {
         Poison = "poison",
         /// A worker of the deployment created its id already.
         Duplicate = "duplicate",
+        /// Canceled by its producer before its create: never created.
+        Canceled = "canceled",
+        /// Its deadline passed before its create: never created.
+        Expired = "expired",
     }
 }
 
@@ -153,6 +157,13 @@ pub struct CopyLabels {
     pub outcome: &'static str,
 }
 
+/// Labels of the per-lane metrics (lane names come from `amqp.lanes`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    /// The lane (`default` for the request queue).
+    pub lane: String,
+}
+
 /// Labels of `requests_received_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
@@ -231,6 +242,10 @@ struct Inner {
     copy_seconds: Histogram,
     copies_in_flight: Gauge,
     storage_refused: Gauge,
+    cancels: Counter,
+    lane_taken: Family<LaneLabels, Counter>,
+    lane_waiting: Family<LaneLabels, Gauge>,
+    lane_wait: Family<LaneLabels, Histogram>,
     untracked_tasks: Counter,
     creates: Family<CreateLabels, Counter>,
     create_waits: Family<WaitLabels, Counter>,
@@ -429,9 +444,41 @@ impl Metrics {
             "1 while the video storage refuses the credentials or has no such bucket (intake paused), else 0",
             storage_refused.clone(),
         );
+        let cancels = Counter::default();
+        registry.register(
+            "cancels_recorded",
+            "Request ids canceled by producers that this worker read from the cancel queue and recorded for the fleet",
+            cancels.clone(),
+        );
+        let lane_taken = Family::<LaneLabels, Counter>::default();
+        registry.register(
+            "lane_taken",
+            "Requests this worker took, by lane",
+            lane_taken.clone(),
+        );
+        let lane_waiting = Family::<LaneLabels, Gauge>::default();
+        registry.register(
+            "lane_waiting",
+            "Requests waiting in each lane's queue when this worker last looked",
+            lane_waiting.clone(),
+        );
+        let lane_wait = Family::<LaneLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+            ])
+        });
+        registry.register(
+            "lane_wait_seconds",
+            "Seconds a request waited in its lane, from its AMQP timestamp (when the producer set one) to its take, by lane",
+            lane_wait.clone(),
+        );
         Self {
             inner: Arc::new(Inner {
                 registry,
+                cancels,
+                lane_taken,
+                lane_waiting,
+                lane_wait,
                 storage_refused,
                 copies,
                 copy_bytes,
@@ -496,6 +543,37 @@ impl Metrics {
             .events
             .get_or_create(&TypeLabels { r#type })
             .inc();
+    }
+
+    /// A request was taken from `lane`, leaving `left` waiting there, after
+    /// waiting `waited` seconds (when its producer stamped it).
+    pub fn lane_taken(&self, lane: &str, left: u32, waited: Option<f64>) {
+        let labels = LaneLabels {
+            lane: lane.to_owned(),
+        };
+        self.inner.lane_taken.get_or_create(&labels).inc();
+        self.inner
+            .lane_waiting
+            .get_or_create(&labels)
+            .set(i64::from(left));
+        if let Some(secs) = waited {
+            self.inner.lane_wait.get_or_create(&labels).observe(secs);
+        }
+    }
+
+    /// Requests waiting in `lane` as last seen.
+    pub fn lane_waiting(&self, lane: &str, waiting: u32) {
+        self.inner
+            .lane_waiting
+            .get_or_create(&LaneLabels {
+                lane: lane.to_owned(),
+            })
+            .set(i64::from(waiting));
+    }
+
+    /// Counts request ids recorded as canceled.
+    pub fn cancels_recorded(&self, ids: usize) {
+        self.inner.cancels.inc_by(ids as u64);
     }
 
     /// Whether the storage refuses us.

@@ -30,7 +30,7 @@ pub const MAX_PROPERTY_BYTES: usize = 255;
 /// The one `amq.` name a `reply_to` may use: RabbitMQ's direct reply-to.
 pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-const TOP_LEVEL_FIELDS: [&str; 4] = ["request_id", "model", "input", "metadata"];
+const TOP_LEVEL_FIELDS: [&str; 5] = ["request_id", "model", "input", "metadata", "deadline"];
 
 /// A request id: 1–128 characters of `[A-Za-z0-9._:-]`. Deserializing one
 /// (from a ticket) checks the same rules.
@@ -218,9 +218,16 @@ pub struct GenerationRequest {
     pub input: ViduInput,
     /// The producer's metadata, byte for byte.
     pub metadata: Option<Box<RawValue>>,
+    /// When the request stops being worth creating (`deadline`).
+    pub deadline: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 impl GenerationRequest {
+    /// Whether its deadline has passed at `now`.
+    pub fn expired(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.deadline.is_some_and(|d| d <= now)
+    }
+
     /// The id, when the producer chose it (so a redelivered copy of this
     /// message carries the same one).
     pub fn stable_id(&self) -> Option<&RequestId> {
@@ -404,7 +411,7 @@ impl Ctx<'_> {
             return Err(problem(
                 name.clone(),
                 format!(
-                    "unknown field {name:?}; allowed fields are request_id, model, input, metadata"
+                    "unknown field {name:?}; allowed fields are request_id, model, input, metadata, deadline"
                 ),
             ));
         }
@@ -426,6 +433,31 @@ impl Ctx<'_> {
             },
         };
 
+        let deadline = match fields.get("deadline").filter(|r| r.get() != "null") {
+            None => None,
+            Some(raw) => match serde_json::from_str::<String>(raw.get()) {
+                Ok(text) if text.len() <= 64 => Some(
+                    chrono::DateTime::parse_from_rfc3339(&text)
+                        .map_err(|_| {
+                            problem(
+                                "deadline",
+                                format!(
+                                    "{:?} is not an RFC 3339 time like 2026-12-08T10:00:00Z",
+                                    excerpt(&text)
+                                ),
+                            )
+                        })?
+                        .with_timezone(&chrono::Utc),
+                ),
+                _ => {
+                    return Err(problem(
+                        "deadline",
+                        "must be an RFC 3339 time string like 2026-12-08T10:00:00Z",
+                    ))
+                }
+            },
+        };
+
         let input = match fields.get("input").filter(|r| r.get() != "null") {
             None => return Err(problem("input", "is required")),
             Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
@@ -441,6 +473,7 @@ impl Ctx<'_> {
             model,
             input,
             metadata: self.metadata.take(),
+            deadline,
         })
     }
 }
@@ -623,9 +656,120 @@ fn json_problem(body: &[u8], err: &serde_json::Error) -> String {
     }
 }
 
+/// Most ids one cancel message names.
+pub const MAX_CANCEL_IDS: usize = 1000;
+/// Largest cancel message read (1,000 ids of 128 characters fit).
+pub const MAX_CANCEL_BYTES: usize = 256 * 1024;
+
+/// Reads a cancel message (`{"cancel": "id"}` or `{"cancel": ["id", …]}`,
+/// at most [`MAX_CANCEL_IDS`] valid request ids, nothing else): the ids, or
+/// why it is not one (for the dead-letter reason; nothing of the body is
+/// quoted beyond a short excerpt).
+pub fn parse_cancel(body: &[u8]) -> Result<Vec<RequestId>, String> {
+    if body.len() > MAX_CANCEL_BYTES {
+        return Err(format!(
+            "{} bytes is larger than the limit of {MAX_CANCEL_BYTES} bytes",
+            body.len()
+        ));
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Cancel {
+        cancel: OneOrMany,
+    }
+    let cancel: Cancel = serde_json::from_slice(body).map_err(|_| {
+        "not a cancel: expected {\"cancel\": \"<request id>\"} or {\"cancel\": [\"<request id>\", …]}"
+            .to_owned()
+    })?;
+    let ids = match cancel.cancel {
+        OneOrMany::One(id) => vec![id],
+        OneOrMany::Many(ids) => ids,
+    };
+    if ids.is_empty() || ids.len() > MAX_CANCEL_IDS {
+        return Err(format!(
+            "cancel must name 1 to {MAX_CANCEL_IDS} request ids"
+        ));
+    }
+    ids.iter()
+        .map(|id| {
+            RequestId::parse(id)
+                .map_err(|why| format!("cancel: request id {:?} {why}", excerpt(id)))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cancels_name_request_ids_and_nothing_else() {
+        let ids = |body: &str| parse_cancel(body.as_bytes()).map(|v| v.len());
+        assert_eq!(ids(r#"{"cancel": "order-1"}"#), Ok(1));
+        assert_eq!(ids(r#"{"cancel": ["a", "b", "c"]}"#), Ok(3));
+        let many: Vec<String> = (0..1000).map(|i| format!("id-{i}")).collect();
+        assert_eq!(
+            ids(&serde_json::json!({ "cancel": many }).to_string()),
+            Ok(1000)
+        );
+        let too_many: Vec<String> = (0..1001).map(|i| format!("id-{i}")).collect();
+        for bad in [
+            String::new(),
+            "null".to_owned(),
+            r#"{"cancel": []}"#.to_owned(),
+            r#"{"cancel": 42}"#.to_owned(),
+            r#"{"cancel": "has space"}"#.to_owned(),
+            r#"{"cancel": "a", "also": 1}"#.to_owned(),
+            r#"{"cancel": ["ok", ""]}"#.to_owned(),
+            serde_json::json!({ "cancel": too_many }).to_string(),
+            format!(r#"{{"cancel": "{}"}}"#, "x".repeat(200)),
+            "x".repeat(MAX_CANCEL_BYTES + 1),
+        ] {
+            assert!(
+                parse_cancel(bad.as_bytes()).is_err(),
+                "{}",
+                bad.chars().take(60).collect::<String>()
+            );
+        }
+    }
+
+    #[test]
+    fn a_deadline_is_an_rfc_3339_time() {
+        let req = |deadline: serde_json::Value| {
+            let body = serde_json::json!({
+                "request_id": "d-1",
+                "input": {"images": ["https://example.com/cat.png"], "duration": 5},
+                "deadline": deadline,
+            });
+            parse(body.to_string().as_bytes(), MessageProps::default())
+        };
+        let ok = req(serde_json::json!("2026-12-08T10:00:00Z")).expect("valid");
+        assert!(ok.deadline.is_some());
+        assert!(ok.expired(chrono::Utc::now() + chrono::Duration::days(3650)));
+        assert!(!ok.expired(
+            chrono::DateTime::parse_from_rfc3339("2026-12-08T09:59:59Z")
+                .expect("time")
+                .with_timezone(&chrono::Utc)
+        ));
+        assert!(req(serde_json::Value::Null)
+            .expect("valid")
+            .deadline
+            .is_none());
+        for bad in [
+            serde_json::json!("tomorrow"),
+            serde_json::json!(1765000000),
+            serde_json::json!("2026-13-01T00:00:00Z"),
+        ] {
+            let err = req(bad).expect_err("refused");
+            assert_eq!(err.field, "deadline");
+        }
+    }
     use serde_json::json;
 
     fn parse_json(v: serde_json::Value) -> Result<GenerationRequest, Box<InvalidRequest>> {

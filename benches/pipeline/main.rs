@@ -77,8 +77,8 @@ use config::BenchConfig;
 use machine::machine_line;
 use report::{render, Findings, Row};
 use scenarios::{
-    ceiling, cluster, dedup, latency, memory, noisy, polling, quota, quota_change, ratelimit,
-    scaleout, storage, throughput,
+    ceiling, cluster, dedup, lanes, latency, memory, noisy, polling, quota, quota_change,
+    ratelimit, scaleout, storage, throughput,
 };
 
 pub(crate) type BenchResult<T> = Result<T, Box<dyn Error + Send + Sync>>;
@@ -165,6 +165,11 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         about:
             "remembered request ids: a joining worker's catch-up and memory, no create for copies",
         run: |cfg, _| Box::pin(dedup::scenario_dedup(cfg)),
+    },
+    Scenario {
+        name: "lanes",
+        about: "interactive requests behind a bulk backlog under a small quota: FIFO against lanes 8:1",
+        run: |cfg, _| Box::pin(lanes::scenario_lanes(cfg)),
     },
     Scenario {
         name: "storage",

@@ -33,5 +33,5 @@ pub use headers::{
 pub use publisher::{short_string, PublishError, Publisher, MAX_SHORT_STRING};
 pub(crate) use topology::declare_error;
 pub use topology::{
-    ready_messages, Topology, JOURNAL_MAX_BYTES, JOURNAL_SEGMENT_BYTES, WAIT_TIERS_SECS,
+    ready_messages, Lane, Topology, JOURNAL_MAX_BYTES, JOURNAL_SEGMENT_BYTES, WAIT_TIERS_SECS,
 };

@@ -55,6 +55,22 @@ pub struct Topology {
     /// How long the journal keeps records (`x-max-age`): a day beyond
     /// `polling.max_off_peak_task_age`.
     pub journal_max_age: Duration,
+    /// Where producers publish cancels (`<request_queue>.cancel`).
+    pub cancel_queue: String,
+    /// The lanes, `default` (the request queue) first: (name, queue,
+    /// weight).
+    pub lanes: Vec<Lane>,
+}
+
+/// One lane: a request queue of its own with a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lane {
+    /// Its name (`default` for the request queue).
+    pub name: String,
+    /// Its queue: the request queue, or `<request_queue>.lane.<name>`.
+    pub queue: String,
+    /// Its share of the creates when several lanes wait.
+    pub weight: u32,
 }
 
 /// Most bytes the journal keeps (`x-max-length-bytes`); older segments go
@@ -91,7 +107,28 @@ impl Topology {
             journal_queue: format!("{rq}.journal"),
             journal_max_age: settings.polling.max_off_peak_task_age
                 + Duration::from_secs(24 * 3600),
+            cancel_queue: format!("{rq}.cancel"),
+            lanes: settings
+                .amqp
+                .lanes
+                .lanes()
+                .into_iter()
+                .map(|(name, weight)| Lane {
+                    queue: if name == crate::config::DEFAULT_LANE {
+                        rq.clone()
+                    } else {
+                        format!("{rq}.lane.{name}")
+                    },
+                    name,
+                    weight,
+                })
+                .collect(),
         }
+    }
+
+    /// The lane queues besides the request queue itself.
+    pub fn extra_lanes(&self) -> impl Iterator<Item = &Lane> {
+        self.lanes.iter().filter(|l| l.queue != self.request_queue)
     }
 
     /// The journal's declaration: a stream (every reader sees every record)
@@ -136,6 +173,8 @@ impl Topology {
         ];
         names.extend(self.wait_queues.iter().map(|(_, n)| n.clone()));
         names.push(self.journal_queue.clone());
+        names.push(self.cancel_queue.clone());
+        names.extend(self.extra_lanes().map(|l| l.queue.clone()));
         names
     }
 
@@ -211,6 +250,19 @@ impl Topology {
             );
             self.dead_letter_to(&mut wait, &self.tracking_queue, true);
             out.push((name.clone(), wait));
+        }
+        // Public, like the request queue: a cancel that cannot be read is
+        // dead-lettered with the reason.
+        let mut cancel = self.base_args();
+        self.dead_letter_to(&mut cancel, &self.dead_queue, true);
+        self.limit_deliveries(&mut cancel);
+        out.push((self.cancel_queue.clone(), cancel));
+
+        for lane in self.extra_lanes() {
+            let mut args = self.base_args();
+            self.dead_letter_to(&mut args, &self.dead_queue, true);
+            self.limit_deliveries(&mut args);
+            out.push((lane.queue.clone(), args));
         }
         out.push((self.journal_queue.clone(), self.journal_arguments()));
         out
@@ -414,7 +466,8 @@ mod tests {
         let mut settings = Settings::default();
         settings.amqp.quorum_initial_group_size = Some(3);
         let mut declarations = Topology::new(&settings).queue_declarations();
-        assert_eq!(declarations.len(), 3 + WAIT_TIERS_SECS.len() + 1);
+        // Dead, tracking, request, the wait tiers, cancel, the journal.
+        assert_eq!(declarations.len(), 3 + WAIT_TIERS_SECS.len() + 2);
         // The last is the journal, a stream (x-initial-cluster-size).
         declarations.pop();
         for (name, args) in &declarations {

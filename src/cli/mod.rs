@@ -1,4 +1,4 @@
-//! The command line: `run`, `submit`, `simulate`, `demo`, `check`.
+//! The command line: `run`, `submit`, `simulate`, `demo`, `check`, `cancel`.
 //!
 //! Parses arguments with clap, loads the layered configuration (a bad value
 //! exits 2 with one line naming the key), sets up logging and dispatches to
@@ -18,6 +18,7 @@ use crate::{
     worker::{self, RunError},
 };
 
+pub mod cancel;
 pub mod demo;
 pub mod exit;
 pub mod submit;
@@ -50,6 +51,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Validate the configuration and reach the broker (and the upstream when a key is set).
     Check,
+    /// Cancel requests by id: never created if not yet, no longer tracked if so.
+    Cancel(cancel::CancelArgs),
 }
 
 #[derive(Args, Debug)]
@@ -102,6 +105,7 @@ async fn dispatch(command: Command, settings: Settings) -> ExitCode {
         Command::Simulate(args) => simulate(args).await,
         Command::Demo(args) => demo::demo(settings, args).await,
         Command::Check => check(settings).await,
+        Command::Cancel(args) => cancel::cancel(settings, args).await,
     }
 }
 

@@ -35,9 +35,9 @@ mod uri;
 pub use env::env_vars;
 pub use schema::{
     AcceptUnsigned, AmqpSettings, AmqpTlsSettings, CreateQuota, DurationLimit, EventSettings,
-    HttpSettings, LogFormat, LogSettings, PollingSettings, QueueArgument, QueueType,
-    ShutdownSettings, StorageSettings, TicketSettings, UpstreamSettings, DEFAULT_REPLY_TO_ALLOWED,
-    DURATION_LIMITS, MANAGED_QUEUE_ARGUMENTS, MIB,
+    HttpSettings, Lanes, LogFormat, LogSettings, PollingSettings, QueueArgument, QueueType,
+    ShutdownSettings, StorageSettings, TicketSettings, UpstreamSettings, DEFAULT_LANE,
+    DEFAULT_REPLY_TO_ALLOWED, DURATION_LIMITS, MANAGED_QUEUE_ARGUMENTS, MIB,
 };
 pub use uri::{redact_url, split_urls, NodeUri, MAX_NODES};
 
@@ -274,6 +274,10 @@ impl Settings {
             ));
         }
         self.amqp.validate_nodes()?;
+        self.amqp
+            .lanes
+            .validate()
+            .map_err(|problem| ConfigError::new("amqp.lanes", problem))?;
         self.storage.validate()?;
         self.validate_quorum_group_size()?;
         self.validate_broker_access()?;
@@ -921,6 +925,7 @@ mod tests {
                     .with_timezone(&chrono::Utc),
             ),
         };
+        s.amqp.lanes = Lanes::parse("interactive=8,bulk=1").expect("lanes");
         let secret = dir.join("s3-secret");
         std::fs::write(&secret, "s3-secret-value").expect("write the storage secret");
         s.storage = StorageSettings {

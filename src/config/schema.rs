@@ -224,6 +224,9 @@ pub struct AmqpSettings {
     /// shaped like another deployment's internal ones are refused whatever
     /// this says.
     pub reply_to_allowed: Vec<String>,
+    /// Named lanes with weights (`{ interactive = 8, bulk = 1 }`, or in
+    /// the environment `interactive=8,bulk=1`); none: one request queue.
+    pub lanes: Lanes,
     /// Whether a layer (a configuration file or the environment) set
     /// `url`, even to the built-in default; false when it is the built-in
     /// default. Set by [`Settings::load_with_env`], not a key.
@@ -274,7 +277,103 @@ impl Default for AmqpSettings {
                 .iter()
                 .map(|p| (*p).to_owned())
                 .collect(),
+            lanes: Lanes::default(),
             url_configured: false,
+        }
+    }
+}
+
+/// `amqp.lanes`: lane names and their weights. The request queue itself is
+/// the lane `default` (weight 1 unless listed). Serialized as
+/// `name=weight,…` (the environment's form); read from that or a table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lanes(pub BTreeMap<String, u32>);
+
+/// The lane the request queue itself is.
+pub const DEFAULT_LANE: &str = "default";
+/// Most lanes (each is a queue the worker looks at).
+pub const MAX_LANES: usize = 16;
+/// The largest weight.
+pub const MAX_LANE_WEIGHT: u32 = 1000;
+
+impl Lanes {
+    /// Reads `name=weight,…`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut lanes = BTreeMap::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, weight) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not name=weight"))?;
+            let weight: u32 = weight
+                .trim()
+                .parse()
+                .map_err(|_| format!("the weight of {:?} is not a whole number", name.trim()))?;
+            lanes.insert(name.trim().to_owned(), weight);
+        }
+        Ok(Self(lanes))
+    }
+
+    /// Checks names (1–32 of `[a-z0-9-]`), weights (1 to
+    /// [`MAX_LANE_WEIGHT`]) and the count ([`MAX_LANES`] with `default`).
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, weight) in &self.0 {
+            if name.is_empty()
+                || name.len() > 32
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return Err(format!(
+                    "lane name {:?} must be 1 to 32 characters of a-z, 0-9 and -",
+                    name.chars().take(40).collect::<String>()
+                ));
+            }
+            if !(1..=MAX_LANE_WEIGHT).contains(weight) {
+                return Err(format!(
+                    "the weight of lane {name} must be 1 to {MAX_LANE_WEIGHT}"
+                ));
+            }
+        }
+        if self.lanes().len() > MAX_LANES {
+            return Err(format!("at most {MAX_LANES} lanes, default included"));
+        }
+        Ok(())
+    }
+
+    /// Every lane with its weight, `default` first.
+    pub fn lanes(&self) -> Vec<(String, u32)> {
+        let mut out = vec![(
+            DEFAULT_LANE.to_owned(),
+            self.0.get(DEFAULT_LANE).copied().unwrap_or(1),
+        )];
+        out.extend(
+            self.0
+                .iter()
+                .filter(|(name, _)| name.as_str() != DEFAULT_LANE)
+                .map(|(name, weight)| (name.clone(), *weight)),
+        );
+        out
+    }
+}
+
+impl Serialize for Lanes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let text: Vec<String> = self.0.iter().map(|(n, w)| format!("{n}={w}")).collect();
+        serializer.serialize_str(&text.join(","))
+    }
+}
+
+impl<'de> Deserialize<'de> for Lanes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum TextOrTable {
+            Text(String),
+            Table(BTreeMap<String, u32>),
+        }
+        match TextOrTable::deserialize(d)? {
+            TextOrTable::Text(text) => Lanes::parse(&text).map_err(serde::de::Error::custom),
+            TextOrTable::Table(table) => Ok(Lanes(table)),
         }
     }
 }

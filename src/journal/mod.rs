@@ -35,6 +35,10 @@
 //! - **refused** records (`vidu-worker.refused.v1`): a create the upstream
 //!   answered 429 (when it was sent, when the answer came), so that the
 //!   quota learner sees the fleet's refusals, not one worker's.
+//! - **canceled** records (`vidu-worker.canceled.v1`): request ids a
+//!   producer canceled (read from `<request_queue>.cancel` by any worker),
+//!   which no worker creates and whose tasks no worker tracks any more
+//!   ([`canceled::CanceledIds`]).
 //! - **quota** records (`vidu-worker.quota.v1`): what the fleet learned of
 //!   the account's create quota ([`LearnedQuota`]); the latest one counts,
 //!   so every worker, and every worker that joins later, paces by it.
@@ -59,8 +63,10 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub mod canceled;
 pub mod created;
 
+use self::canceled::{Canceled, CanceledIds};
 use self::created::{CreatedIndex, Remembered};
 use crate::{
     broker::{PublishError, Publisher},
@@ -80,6 +86,8 @@ pub const SYNC_RECORD: &str = "vidu-worker.sync.v1";
 pub const CREATED_RECORD: &str = "vidu-worker.created.v1";
 /// AMQP `type` of a learned quota record.
 pub const QUOTA_RECORD: &str = "vidu-worker.quota.v1";
+/// AMQP `type` of a canceled record.
+pub const CANCELED_RECORD: &str = "vidu-worker.canceled.v1";
 /// AMQP `type` of a refused-create record.
 pub const REFUSED_RECORD: &str = "vidu-worker.refused.v1";
 /// Header RabbitMQ puts on every message a stream delivers: its offset.
@@ -157,6 +165,10 @@ impl Record for Refused {
     const KIND: &'static str = REFUSED_RECORD;
 }
 
+impl Record for Canceled {
+    const KIND: &'static str = CANCELED_RECORD;
+}
+
 impl Record for LearnedQuota {
     const KIND: &'static str = QUOTA_RECORD;
 }
@@ -226,6 +238,8 @@ struct State {
     quota: Option<LearnedQuota>,
     /// The request ids the fleet created.
     created: CreatedIndex,
+    /// The request ids producers canceled.
+    canceled: CanceledIds,
     /// Records applied.
     applied: u64,
 }
@@ -405,6 +419,9 @@ impl Journal {
                 Some(REFUSED_RECORD) if self.authentic(properties, body) => {
                     self.apply_refused(body);
                 }
+                Some(CANCELED_RECORD) if self.authentic(properties, body) => {
+                    self.apply_canceled(body);
+                }
                 _ => {}
             }
         }
@@ -477,6 +494,27 @@ impl Journal {
         while state.accepts.front().is_some_and(|t| *t < horizon) {
             state.accepts.pop_front();
         }
+    }
+
+    fn apply_canceled(&self, body: &[u8]) {
+        let Ok(record) = serde_json::from_slice::<Canceled>(body) else {
+            return;
+        };
+        if record.v != 1 {
+            return;
+        }
+        let at = record.at.min(Utc::now());
+        let kept_since = Utc::now() - to_chrono(self.created_max_age);
+        let mut state = self.state();
+        for id in &record.request_ids {
+            state.canceled.remember(created::digest(id), at, kept_since);
+        }
+    }
+
+    /// Whether a producer canceled request `id` (as far as the journal has
+    /// been read).
+    pub fn canceled(&self, id: &RequestId) -> bool {
+        self.state().canceled.contains(&created::digest(id))
     }
 
     fn apply_refused(&self, body: &[u8]) {

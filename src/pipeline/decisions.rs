@@ -560,14 +560,49 @@ pub enum CreateError {
     NotSent,
     /// Shutdown while waiting for a slot.
     Cancelled,
+    /// Before the call, the request was canceled or its deadline passed:
+    /// never created.
+    Unwanted(FailureCode),
 }
 
 impl retry::Transient for CreateError {
     fn retry_hint(&self) -> retry::RetryHint {
         match self {
             Self::Upstream(e) => e.retry_hint(),
-            Self::NotSent | Self::Cancelled => retry::RetryHint::Never,
+            Self::NotSent | Self::Cancelled | Self::Unwanted(_) => retry::RetryHint::Never,
         }
+    }
+}
+
+/// Whether a request still wants its create at `now`: `None`, or the code
+/// it ends with instead (a cancel first, then its deadline). Asked when the
+/// request is taken, after the fleet's journal was read up to now, and
+/// right before each create call.
+pub fn unwanted(
+    canceled: bool,
+    deadline: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Option<FailureCode> {
+    if canceled {
+        Some(FailureCode::Canceled)
+    } else if deadline.is_some_and(|d| d <= now) {
+        Some(FailureCode::Expired)
+    } else {
+        None
+    }
+}
+
+/// The message of a request that ends without a create.
+pub fn unwanted_message(code: FailureCode, deadline: Option<DateTime<Utc>>) -> String {
+    match (code, deadline) {
+        (FailureCode::Expired, Some(d)) => format!(
+            "its deadline {} passed before it was created; nothing was created",
+            d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        (FailureCode::Canceled, _) => {
+            "canceled by its producer before it was created; nothing was created".to_owned()
+        }
+        _ => "ended before it was created; nothing was created".to_owned(),
     }
 }
 
@@ -594,6 +629,9 @@ pub enum CreateStep {
         /// The upstream's words.
         detail: String,
     },
+    /// Canceled or past its deadline before the call: end it with this
+    /// code, nothing created.
+    Unwanted(FailureCode),
     /// Fail the request and dead-letter it; the upstream served the call,
     /// so the gate opens.
     Refuse {
@@ -649,6 +687,8 @@ pub fn after_create(failure: RetryError<CreateError>) -> CreateStep {
         RetryError::Cancelled(_)
         | RetryError::Fatal(CreateError::Cancelled)
         | RetryError::Exhausted(CreateError::Cancelled) => CreateStep::Abandon,
+        RetryError::Fatal(CreateError::Unwanted(code))
+        | RetryError::Exhausted(CreateError::Unwanted(code)) => CreateStep::Unwanted(code),
         // Still failing after the retry budget: back to the queue. A plain
         // outage also closes the gate, so that nothing more is taken until
         // a probe works; a rate limit only slows the pacer.
@@ -918,6 +958,34 @@ mod tests {
         for (gate, want) in cases {
             assert_eq!(at_copy(&gate, now), want, "{gate:?}");
         }
+    }
+
+    #[test]
+    fn a_canceled_or_expired_request_is_not_created() {
+        let now = at(100);
+        for (canceled, deadline, want) in [
+            (false, None, None),
+            (false, Some(at(101)), None),
+            (false, Some(at(100)), Some(FailureCode::Expired)),
+            (false, Some(at(50)), Some(FailureCode::Expired)),
+            (true, None, Some(FailureCode::Canceled)),
+            (true, Some(at(50)), Some(FailureCode::Canceled)),
+        ] {
+            assert_eq!(
+                unwanted(canceled, deadline, now),
+                want,
+                "{canceled} {deadline:?}"
+            );
+        }
+        assert_eq!(
+            after_create(RetryError::Fatal(CreateError::Unwanted(
+                FailureCode::Expired
+            ))),
+            CreateStep::Unwanted(FailureCode::Expired)
+        );
+        assert!(
+            unwanted_message(FailureCode::Expired, Some(at(50))).contains("2026-01-01T00:00:50Z")
+        );
     }
 
     #[test]

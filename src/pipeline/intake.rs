@@ -150,6 +150,52 @@ async fn refuse(ctx: &Context, delivery: &Delivery, r: Refused<'_>) -> Dispositi
     }
 }
 
+/// Ends a request that was canceled or whose deadline passed before its
+/// create: its one terminal event (`failed`, `canceled` or `expired`, no
+/// task), then the acknowledgement; nothing is created and no quota slot
+/// spent. Not dead-lettered: nothing is wrong with the message.
+async fn end_unwanted(
+    ctx: &Context,
+    delivery: &Delivery,
+    req: &GenerationRequest,
+    code: FailureCode,
+    traceparent: Option<&TraceParent>,
+) -> Disposition {
+    let message = decisions::unwanted_message(code, req.deadline);
+    let request = RequestContext {
+        request_id: &req.request_id,
+        metadata: req.metadata.as_deref(),
+        correlation_id: correlation_id(delivery),
+        reply_to: reply_to(ctx, delivery),
+        traceparent,
+    };
+    let event = events::build(
+        &ctx.settings.events.source,
+        &request,
+        &EventKind::Failed {
+            task_id: None,
+            code,
+            message: &message,
+            videos: &[],
+        },
+    );
+    match ctx.publish_event(&event).await {
+        Ok(()) => {
+            tracing::info!(code = code.as_str(), "{message}");
+            ctx.metrics.request(if code == FailureCode::Canceled {
+                RequestOutcome::Canceled
+            } else {
+                RequestOutcome::Expired
+            });
+            Disposition::Ack
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not publish the end of a request not created; handing it back");
+            Disposition::Requeue
+        }
+    }
+}
+
 async fn poisoned(
     ctx: &Context,
     delivery: &Delivery,
@@ -195,6 +241,13 @@ async fn submit(
     prepaid: Prepaid,
 ) -> Disposition {
     let received_at = Utc::now();
+    // Canceled (as far as this worker has read the journal) or past its
+    // deadline: ended without a create, its slot left for the next one.
+    let canceled =
+        |req: &GenerationRequest| req.stable_id().is_some_and(|id| ctx.journal.canceled(id));
+    if let Some(code) = decisions::unwanted(canceled(&req), req.deadline, received_at) {
+        return end_unwanted(ctx, delivery, &req, code, traceparent.as_ref()).await;
+    }
     let mut remembered = match req.stable_id() {
         Some(id) => match ctx.recent.begin(id, delivery.redelivered).await {
             Begin::Recorded => {
@@ -221,6 +274,10 @@ async fn submit(
         },
         None => None,
     };
+    // The journal was read up to now: a cancel any worker read is known.
+    if let Some(code) = decisions::unwanted(canceled(&req), req.deadline, Utc::now()) {
+        return end_unwanted(ctx, delivery, &req, code, traceparent.as_ref()).await;
+    }
     // The intake loop took this request's first slot; each retry takes
     // another from the same budget. Unspent (no create sent), a slot goes
     // to the next request.
@@ -246,6 +303,9 @@ async fn submit(
         };
         match decisions::after_create(failure) {
             CreateStep::NotSent => return abandoned(ctx, req.model),
+            CreateStep::Unwanted(code) => {
+                return end_unwanted(ctx, delivery, &req, code, traceparent.as_ref()).await
+            }
             CreateStep::Abandon => return Disposition::Abandon,
             CreateStep::HandBack { close, detail } => {
                 if let Some(refusal) = close {
@@ -546,6 +606,12 @@ async fn create_once(
     slots: &CreateSlots,
 ) -> Result<TaskId, CreateError> {
     let slot = slots.take(ctx, lease).await?;
+    // The wait for the slot may have outlasted the deadline, or a cancel
+    // may have come: the slot is not spent then (it serves the next one).
+    let canceled = req.stable_id().is_some_and(|id| ctx.journal.canceled(id));
+    if let Some(code) = decisions::unwanted(canceled, req.deadline, Utc::now()) {
+        return Err(CreateError::Unwanted(code));
+    }
     let sent_at = Instant::now();
     let sent_at_wall = Utc::now();
     let result = ctx

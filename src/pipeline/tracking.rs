@@ -79,6 +79,17 @@ pub(crate) async fn handle(ctx: &Context, delivery: &Delivery) -> Disposition {
         return poisoned(ctx, delivery, &ticket, count).await;
     }
 
+    if ctx.journal.canceled(&ticket.request_id) {
+        // Novita has no cancel: the task runs on and is paid for; the
+        // request ends here, with the task's id, and is polled no more.
+        tracing::info!("canceled by its producer after its create; no longer tracking the task");
+        let terminal = Terminal::Failed {
+            code: FailureCode::Canceled,
+            message: "canceled by its producer after it was created: the task (paid for) is no longer tracked".to_owned(),
+        };
+        return finish(ctx, &ticket, terminal, &[], &[]).await;
+    }
+
     if let Some(disposition) = wait_until_due(ctx, &mut ticket).await {
         return disposition;
     }

@@ -102,6 +102,25 @@ impl Ledger {
         }
     }
 
+    /// The pace of a quota (with lanes): one create per `window / creates`
+    /// across the fleet, so that each create slot is chosen when it comes
+    /// rather than a window's worth at once:
+    /// `<rq>.quota.<tag>.pace.<ms>ms`, holding one slot that lasts the
+    /// spacing. Declared by the workers, expiring when unused.
+    pub fn pace(request_queue: &str, tag: &str, quota: CreateQuota) -> Self {
+        let spacing = pace_spacing(quota);
+        Self {
+            name: format!("{request_queue}.quota.{tag}.pace.{}ms", spacing.as_millis()),
+            quota: CreateQuota {
+                creates: 1,
+                window: spacing,
+            },
+            expires: Some(learned_expiry(quota.window)),
+            slot_ttl: spacing,
+            legacy: false,
+        }
+    }
+
     /// The ledger of a learned quota:
     /// `<rq>.quota.<tag>.learned.<N>-per-<ms>ms`.
     pub fn learned(request_queue: &str, tag: &str, learned: &LearnedQuota) -> Self {
@@ -235,6 +254,13 @@ impl Ledger {
     }
 }
 
+/// The spacing of paced creates: the window over the creates it allows
+/// (at least 1 ms).
+pub fn pace_spacing(quota: CreateQuota) -> Duration {
+    let ms = quota.window.as_millis() / u128::from(quota.creates.max(1));
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX).max(1))
+}
+
 /// How much longer than the window a configured quota's slot stays: a
 /// quarter of the window, at most a second (at least the hundredth a
 /// learned slot has). A create that reaches the upstream later than this
@@ -258,6 +284,29 @@ fn millis(d: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paced_quota_holds_one_slot_for_its_spacing() {
+        let pace = Ledger::pace(
+            "rq",
+            "0123456789abcdef",
+            CreateQuota::parse("30/min").expect("quota"),
+        );
+        assert_eq!(pace.name, "rq.quota.0123456789abcdef.pace.2000ms");
+        let args = pace.arguments();
+        assert_eq!(
+            args.inner().get("x-max-length").cloned(),
+            Some(AMQPValue::LongInt(1))
+        );
+        assert_eq!(
+            args.inner().get("x-message-ttl").cloned(),
+            Some(AMQPValue::LongLongInt(2000))
+        );
+        assert_eq!(
+            pace_spacing(CreateQuota::parse("3/s").expect("quota")),
+            Duration::from_millis(333)
+        );
+    }
 
     #[test]
     fn a_configured_slot_outlasts_its_window_by_a_bounded_margin() {

@@ -109,6 +109,9 @@ pub struct BudgetSettings {
     pub window: Duration,
     /// Whether the worker declares ledgers (`amqp.declare_topology`).
     pub declares: bool,
+    /// Whether creates are also spaced evenly over the window (with lanes,
+    /// so that each slot is chosen when it comes).
+    pub paced: bool,
     /// The vhost, for messages.
     pub vhost: String,
 }
@@ -248,6 +251,28 @@ impl Budget {
                 tracing::debug!("no quota known: a slot without a ledger");
                 return Ok(Slot::now());
             };
+            // Paced: first the fleet's one slot of the spacing.
+            if self.settings.paced {
+                if let Some(tag) = self.tag.get() {
+                    let pace = Ledger::pace(&self.settings.request_queue, tag, ledger.quota);
+                    match self.claim(publisher, &pace).await? {
+                        Claim::Taken => {}
+                        Claim::Gone => continue,
+                        Claim::Full => {
+                            self.metrics.create_wait(crate::metrics::WaitReason::Quota);
+                            let spacing = ledger::pace_spacing(ledger.quota);
+                            let wait =
+                                (spacing / 4).clamp(MIN_CLAIM_BACKOFF / 2, MAX_CLAIM_BACKOFF);
+                            tokio::select! {
+                                () = cancel.cancelled() => return Err(SlotError::Cancelled),
+                                () = tokio::time::sleep(wait.mul_f64(0.5 + rand::random::<f64>() * 0.5)) => {}
+                            }
+                            self.wait_pause(cancel).await?;
+                            continue;
+                        }
+                    }
+                }
+            }
             let taken = match self.claim(publisher, &ledger).await? {
                 Claim::Taken => true,
                 Claim::Full => {
@@ -625,6 +650,7 @@ mod tests {
                 configured,
                 window: Duration::from_secs(60),
                 declares: true,
+                paced: false,
                 vhost: "/".into(),
             },
             journal,

@@ -6,8 +6,8 @@
 //! the deployment's window made, comes first. A request that turns out to
 //! need no create (invalid, poison, already created) or a queue found
 //! empty would waste it; the [`SlotBank`] keeps it for the next request
-//! instead, as long as it is young enough to stay inside the window its
-//! claim opened. [`Prepaid`] carries a slot with its request and gives it
+//! instead, as long as it is young enough that its create still arrives
+//! while the ledger counts its claim. [`Prepaid`] carries a slot with its request and gives it
 //! back on every path that does not send the create.
 
 use std::{
@@ -18,6 +18,7 @@ use std::{
 
 use tokio::time::Instant;
 
+use super::ledger::{claim_margin, slot_lifetime};
 use crate::{config::CreateQuota, metrics::Metrics};
 
 /// A create slot, taken before a request is: the pause passed and, with a
@@ -37,17 +38,17 @@ impl Slot {
     }
 }
 
-/// The longest an unused slot is kept for the next request.
-pub const MAX_SPARE_LIFETIME: Duration = Duration::from_secs(5);
-
-/// How long an unused slot may serve another request: a quarter of the
-/// quota's window (the ledger keeps counting the claim for the whole
-/// window, so the create it serves stays inside the window the claim
-/// opened), at most [`MAX_SPARE_LIFETIME`].
-pub fn spare_lifetime(quota: Option<CreateQuota>) -> Duration {
-    quota.map_or(MAX_SPARE_LIFETIME, |q| {
-        (q.window / 4).min(MAX_SPARE_LIFETIME)
-    })
+/// How long an unused slot may serve another request: half of how much
+/// longer than the window the ledger keeps its claim (a configured quota's
+/// [`claim_margin`], a learned one's [`slot_lifetime`] past its window).
+/// The upstream counts the create the slot serves from when that create
+/// arrives, so it must arrive while the claim still counts, with room for
+/// its way there.
+pub fn spare_lifetime(configured: Option<CreateQuota>, learned_window: Duration) -> Duration {
+    match configured {
+        Some(q) => claim_margin(q.window) / 2,
+        None => slot_lifetime(learned_window).saturating_sub(learned_window) / 2,
+    }
 }
 
 /// Whether a spare slot taken at `taken_at` may still serve a request at
@@ -65,11 +66,12 @@ pub struct SlotBank {
 }
 
 impl SlotBank {
-    /// An empty bank for a deployment with `quota` (none: learned).
-    pub fn new(quota: Option<CreateQuota>, metrics: Metrics) -> Self {
+    /// An empty bank whose slots serve another request for `lifetime`
+    /// ([`spare_lifetime`]).
+    pub fn new(lifetime: Duration, metrics: Metrics) -> Self {
         Self {
             spare: Mutex::new(VecDeque::new()),
-            lifetime: spare_lifetime(quota),
+            lifetime,
             metrics,
         }
     }
@@ -144,26 +146,30 @@ mod tests {
     }
 
     #[test]
-    fn a_spare_slot_serves_another_request_only_early_in_its_window() {
+    fn a_spare_slot_serves_another_request_only_while_its_claim_counts() {
         let q = |t: &str| Some(CreateQuota::parse(t).expect("quota"));
-        // Table: quota, how long ago the slot was taken, usable.
-        let cases: &[(Option<CreateQuota>, f64, bool)] = &[
-            (q("5/10s"), 0.0, true),
-            (q("5/10s"), 2.4, true),
-            (q("5/10s"), 2.5, false),
-            (q("20/min"), 4.9, true),
-            (q("20/min"), 5.0, false),
-            (q("2/s"), 0.2, true),
-            (q("2/s"), 0.3, false),
-            (None, 4.9, true),
-            (None, 5.0, false),
+        let minute = Duration::from_secs(60);
+        // Table: configured quota, learned window, how long ago the slot
+        // was taken, usable.
+        let cases: &[(Option<CreateQuota>, Duration, f64, bool)] = &[
+            (q("5/10s"), minute, 0.0, true),
+            (q("5/10s"), minute, 0.49, true),
+            (q("5/10s"), minute, 0.5, false),
+            (q("20/min"), minute, 0.49, true),
+            (q("20/min"), minute, 0.5, false),
+            (q("2/s"), minute, 0.12, true),
+            (q("2/s"), minute, 0.125, false),
+            (None, minute, 0.29, true),
+            (None, minute, 0.3, false),
+            (None, Duration::from_secs(10), 0.049, true),
+            (None, Duration::from_secs(10), 0.05, false),
         ];
-        for &(quota, ago, usable) in cases {
+        for &(quota, window, ago, usable) in cases {
             let now = Instant::now() + secs(100.0);
             assert_eq!(
-                spare_usable(now - secs(ago), now, spare_lifetime(quota)),
+                spare_usable(now - secs(ago), now, spare_lifetime(quota, window)),
                 usable,
-                "{quota:?} taken {ago} s ago"
+                "{quota:?} ({window:?}) taken {ago} s ago"
             );
         }
     }
@@ -171,7 +177,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_unspent_slot_goes_back_to_the_bank_and_expires_there() {
         let bank = Arc::new(SlotBank::new(
-            Some(CreateQuota::parse("5/10s").expect("quota")),
+            spare_lifetime(
+                Some(CreateQuota::parse("5/10s").expect("quota")),
+                Duration::from_secs(60),
+            ),
             Metrics::new(),
         ));
         let slot = Slot::now();
@@ -181,7 +190,7 @@ mod tests {
         assert_eq!(bank.withdraw(), Some(slot), "an unspent one comes back");
         assert_eq!(bank.withdraw(), None);
         drop(Prepaid::new(bank.clone(), slot));
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(bank.withdraw(), None, "too late in its window");
     }
 }

@@ -132,20 +132,17 @@ pub async fn run_with_listener(
                 configured: settings.upstream.create_quota,
                 window: settings.upstream.quota_window,
                 declares: settings.amqp.declare_topology,
+                paced: settings.amqp.lanes.lanes().len() > 1,
                 vhost: settings.amqp.vhost(),
             },
             journal.clone(),
             metrics.clone(),
         ),
         slots: Arc::new(SlotBank::new(
-            // A learned quota's window when none is configured.
-            settings
-                .upstream
-                .create_quota
-                .or(Some(crate::config::CreateQuota {
-                    creates: 1,
-                    window: settings.upstream.quota_window,
-                })),
+            crate::quota::slots::spare_lifetime(
+                settings.upstream.create_quota,
+                settings.upstream.quota_window,
+            ),
             metrics.clone(),
         )),
         journal,

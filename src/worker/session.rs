@@ -27,7 +27,7 @@ use crate::{
     broker::{self, BrokerError, PublishError, Publisher},
     gate::{self, IntakeTurn},
     metrics::GaugeGuard,
-    pipeline::{self, context::Context, lease::Lease},
+    pipeline::{self, context::Context, lanes::LanePicker, lease::Lease},
     quota::{Prepaid, Slot, SlotError},
     retry::RetryPolicy,
 };
@@ -37,6 +37,8 @@ const WATCHDOG_PERIOD: Duration = Duration::from_millis(500);
 /// Shortest and longest wait before looking again at an empty request queue.
 const IDLE_MIN: Duration = Duration::from_millis(20);
 const IDLE_MAX: Duration = Duration::from_millis(250);
+/// Longest a new session records waiting cancels before it takes requests.
+const CANCEL_DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 /// Keeps a session alive until shutdown.
 pub(super) async fn supervise(ctx: Arc<Context>) -> Result<(), BrokerError> {
@@ -309,6 +311,39 @@ impl Session {
         Ok(follower)
     }
 
+    /// Handles cancels as they come until their queue has none ready (at
+    /// most [`CANCEL_DRAIN_LIMIT`]; what is left is recorded as it comes).
+    async fn record_waiting_cancels(
+        &self,
+        ctx: &Arc<Context>,
+        cancels: &mut Consumer,
+    ) -> Result<(), Lost> {
+        let until = Instant::now() + CANCEL_DRAIN_LIMIT;
+        loop {
+            tokio::select! {
+                biased;
+                () = ctx.shutdown.cancelled() => return Err(Lost::Stopping),
+                delivery = cancels.next() => match delivery {
+                    Some(Ok(d)) => pipeline::handle_cancel(ctx, &d).await,
+                    Some(Err(e)) => return Err(Lost::Consumer(e)),
+                    None => return Err(Lost::Cancelled),
+                },
+                () = tokio::time::sleep(Duration::from_millis(50)) => {
+                    let ready = broker::ready_messages(&self.intake_channel, &ctx.topology.cancel_queue)
+                        .await
+                        .map_err(Lost::LookAtQueue)?;
+                    if ready == 0 {
+                        return Ok(());
+                    }
+                    if Instant::now() >= until {
+                        tracing::warn!(ready, "cancels are still waiting in their queue; taking requests while they are recorded");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
     async fn consume(&self, ctx: &Arc<Context>, tracker: &TaskTracker) -> SessionEnd {
         let tag_base = format!("vidu-worker.{}.{}", broker::host_name(), std::process::id());
         let mut follower = match self.join_journal(ctx, &tag_base).await {
@@ -325,6 +360,24 @@ impl Session {
             Ok(c) => c,
             Err(e) => return SessionEnd::Lost(Lost::Consume(e)),
         };
+        let mut cancels = match start_consumer(
+            &self.tracking_channel,
+            &ctx.topology.cancel_queue,
+            &format!("{tag_base}.cancel"),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Lost(Lost::Consume(e)),
+        };
+        // Cancels waiting in their queue (a fleet that starts, or was
+        // down) are recorded before this worker takes a request, so that
+        // none of them is created first.
+        match self.record_waiting_cancels(ctx, &mut cancels).await {
+            Ok(()) => {}
+            Err(Lost::Stopping) => return SessionEnd::Shutdown,
+            Err(reason) => return SessionEnd::Lost(reason),
+        }
         ctx.health.set_consuming(true);
         let intake = intake_loop(ctx, self, tracker);
         tokio::pin!(intake);
@@ -354,6 +407,11 @@ impl Session {
                     Some(Err(e)) => return SessionEnd::Lost(Lost::Consumer(e)),
                     None => return SessionEnd::Lost(Lost::Cancelled),
                 },
+                delivery = cancels.next() => match delivery {
+                    Some(Ok(d)) => spawn_cancel(tracker, ctx.clone(), d),
+                    Some(Err(e)) => return SessionEnd::Lost(Lost::Consumer(e)),
+                    None => return SessionEnd::Lost(Lost::Cancelled),
+                },
             }
         }
     }
@@ -361,16 +419,14 @@ impl Session {
 
 /// Takes requests, one at a time, once a create could follow at once: a
 /// free handler slot, the gate and the create budget (the pause after a
-/// 429, a slot in the deployment's window) come first, the delivery last.
+/// 429, a slot in the deployment's window) come first, the delivery last,
+/// from the lane [`LanePicker`] chooses among those with waiting requests.
 /// Returns why it stopped: [`Lost::Stopping`] at its next wait once the
 /// worker is told to stop, or why the session cannot serve it any more.
 async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracker) -> Lost {
     let channel = &session.intake_channel;
-    let queue = ctx.topology.request_queue.as_str();
     let mut idle = IDLE_MIN;
-    // Ready requests the last look reported; with a quota a slot is only
-    // claimed when some are known to be there.
-    let mut known_ready: u32 = 0;
+    let mut lanes = LaneView::new(ctx);
     let mut gate_changes = ctx.gate.subscribe();
     loop {
         let Ok(held) = unless_stopped(ctx, ctx.held.clone().acquire_owned()).await else {
@@ -393,25 +449,58 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
         }
         let slot = match ctx.slots.withdraw() {
             Some(spare) => spare,
-            None => match take_slot(ctx, session, &mut known_ready, &mut idle).await {
+            None => match take_slot(ctx, session, &mut lanes, &mut idle).await {
                 Ok(Some(slot)) => slot,
                 Ok(None) => continue,
                 Err(reason) => return reason,
             },
         };
-        match channel
-            .basic_get(queue.into(), BasicGetOptions::default())
-            .await
-        {
-            Ok(Some(message)) => {
+        // The lanes believed empty are looked at again (at most every
+        // LOOK_AGAIN), so that a lane that fills is seen beside a backlog.
+        if let Err(e) = lanes.refresh(channel, false).await {
+            return Lost::LookAtQueue(e);
+        }
+        let mut taken = None;
+        while let Some(lane) = lanes.pick() {
+            match channel
+                .basic_get(lanes.queue(lane).into(), BasicGetOptions::default())
+                .await
+            {
+                Ok(Some(message)) => {
+                    lanes.took(lane, message.message_count, &message.delivery);
+                    taken = Some(message);
+                    break;
+                }
+                Ok(None) => lanes.empty(lane),
+                Err(e) => return Lost::Take(e),
+            }
+        }
+        // Every lane believed empty: a last look at each (a request may
+        // have come since its count was taken).
+        for lane in 0..lanes.len() {
+            if taken.is_some() {
+                break;
+            }
+            match channel
+                .basic_get(lanes.queue(lane).into(), BasicGetOptions::default())
+                .await
+            {
+                Ok(Some(message)) => {
+                    lanes.took(lane, message.message_count, &message.delivery);
+                    taken = Some(message);
+                }
+                Ok(None) => lanes.empty(lane),
+                Err(e) => return Lost::Take(e),
+            }
+        }
+        match taken {
+            Some(message) => {
                 idle = IDLE_MIN;
-                known_ready = message.message_count;
                 let lease = Lease::new(message.delivery.acker.clone(), session.token.clone());
                 let prepaid = Prepaid::new(ctx.slots.clone(), slot);
                 spawn_request(tracker, ctx.clone(), message.delivery, held, lease, prepaid);
             }
-            Ok(None) => {
-                known_ready = 0;
+            None => {
                 // Kept for the next request, if one comes soon enough.
                 ctx.slots.deposit(slot);
                 drop(held);
@@ -420,8 +509,93 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
                 }
                 idle = (idle * 2).min(IDLE_MAX);
             }
-            Err(e) => return Lost::Take(e),
         }
+    }
+}
+
+/// How stale the count of a lane believed empty may be before a pick.
+const LOOK_AGAIN: Duration = IDLE_MAX;
+
+/// What the intake loop knows of its lanes: their queues, the requests
+/// each had waiting when last seen (from `basic.get`'s message count, or a
+/// passive declaration), and the picker.
+struct LaneView {
+    queues: Vec<String>,
+    names: Vec<String>,
+    ready: Vec<u32>,
+    looked: Vec<Option<Instant>>,
+    picker: LanePicker,
+    metrics: crate::metrics::Metrics,
+}
+
+impl LaneView {
+    fn new(ctx: &Context) -> Self {
+        let lanes = &ctx.topology.lanes;
+        Self {
+            queues: lanes.iter().map(|l| l.queue.clone()).collect(),
+            names: lanes.iter().map(|l| l.name.clone()).collect(),
+            ready: vec![0; lanes.len()],
+            looked: vec![None; lanes.len()],
+            picker: LanePicker::new(&lanes.iter().map(|l| l.weight).collect::<Vec<_>>()),
+            metrics: ctx.metrics.clone(),
+        }
+    }
+
+    fn queue(&self, lane: usize) -> &str {
+        &self.queues[lane]
+    }
+
+    fn len(&self) -> usize {
+        self.queues.len()
+    }
+
+    fn any_ready(&self) -> bool {
+        self.ready.iter().any(|n| *n > 0)
+    }
+
+    /// Looks at the lanes believed empty (all of them with `all`) whose
+    /// count is older than [`LOOK_AGAIN`]: one passive declaration each.
+    async fn refresh(&mut self, channel: &Channel, all: bool) -> Result<(), lapin::Error> {
+        if !all && self.queues.len() == 1 {
+            // One lane: no choice to make, `basic.get` looks itself.
+            return Ok(());
+        }
+        let now = Instant::now();
+        for lane in 0..self.queues.len() {
+            let stale = self.looked[lane].is_none_or(|at| now.duration_since(at) >= LOOK_AGAIN);
+            if (all || self.ready[lane] == 0) && stale {
+                self.ready[lane] = broker::ready_messages(channel, &self.queues[lane]).await?;
+                self.looked[lane] = Some(now);
+                self.metrics
+                    .lane_waiting(&self.names[lane], self.ready[lane]);
+            }
+        }
+        Ok(())
+    }
+
+    fn pick(&mut self) -> Option<usize> {
+        let waiting: Vec<bool> = self.ready.iter().map(|n| *n > 0).collect();
+        self.picker.pick(&waiting)
+    }
+
+    fn empty(&mut self, lane: usize) {
+        self.ready[lane] = 0;
+        self.looked[lane] = Some(Instant::now());
+    }
+
+    /// A request was taken from `lane`, which has `left` more waiting.
+    fn took(&mut self, lane: usize, left: u32, delivery: &Delivery) {
+        self.ready[lane] = left;
+        self.looked[lane] = Some(Instant::now());
+        let waited = delivery
+            .properties
+            .timestamp()
+            .and_then(|sent| {
+                let now = u64::try_from(chrono::Utc::now().timestamp()).ok()?;
+                now.checked_sub(sent)
+            })
+            .map(|secs| secs as f64);
+        self.metrics.lane_taken(&self.names[lane], left, waited);
     }
 }
 
@@ -436,25 +610,25 @@ async fn unless_stopped<F: std::future::Future>(ctx: &Context, f: F) -> Result<F
 
 /// Takes a new create slot from the budget: the pause after a 429 and,
 /// when the quota is known, a claim in the deployment's window, claimed
-/// only once requests are known to be waiting (a slot claimed for an empty
-/// queue is kept for a short while, then wasted). `Ok(None)`: look again.
+/// only once requests are known to be waiting in some lane (a slot claimed
+/// for empty queues is kept for a short while, then wasted). `Ok(None)`:
+/// look again.
 async fn take_slot(
     ctx: &Arc<Context>,
     session: &Session,
-    known_ready: &mut u32,
+    lanes: &mut LaneView,
     idle: &mut Duration,
 ) -> Result<Option<Slot>, Lost> {
     let channel = &session.intake_channel;
-    let queue = ctx.topology.request_queue.as_str();
     if ctx.budget.current_ledger().is_some() {
-        while *known_ready == 0 {
-            match broker::ready_messages(channel, queue).await {
-                Ok(0) => {
-                    unless_stopped(ctx, tokio::time::sleep(*idle)).await?;
-                    *idle = (*idle * 2).min(IDLE_MAX);
-                }
-                Ok(n) => *known_ready = n,
-                Err(e) => return Err(Lost::LookAtQueue(e)),
+        while !lanes.any_ready() {
+            lanes
+                .refresh(channel, true)
+                .await
+                .map_err(Lost::LookAtQueue)?;
+            if !lanes.any_ready() {
+                unless_stopped(ctx, tokio::time::sleep(*idle)).await?;
+                *idle = (*idle * 2).min(IDLE_MAX);
             }
         }
     }
@@ -504,6 +678,12 @@ fn spawn_request(
         let taken = Instant::now();
         pipeline::handle_request(&ctx, &delivery, &lease, prepaid).await;
         ctx.metrics.observe_hold(taken.elapsed().as_secs_f64());
+    });
+}
+
+fn spawn_cancel(tracker: &TaskTracker, ctx: Arc<Context>, delivery: Delivery) {
+    tracker.spawn(async move {
+        pipeline::handle_cancel(&ctx, &delivery).await;
     });
 }
 

@@ -265,6 +265,7 @@ pub(crate) fn worker_permissions(
                 format!("{rq}\\.tracking"),
                 format!("{rq}\\.wait\\..+"),
                 format!("{rq}\\.journal"),
+                format!("{rq}\\.cancel"),
             ],
         ],
         Mode::Managed => [
@@ -276,6 +277,7 @@ pub(crate) fn worker_permissions(
                 rq.clone(),
                 format!("{rq}\\.tracking"),
                 format!("{rq}\\.journal"),
+                format!("{rq}\\.cancel"),
             ],
         ],
     }
@@ -742,7 +744,7 @@ async fn managed_topology_from_the_shipped_definitions_runs_with_least_privilege
     let (code, stdout, stderr) = cli(&["check"], &check_env).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
     assert!(
-        stdout.contains("exchange vidu.events and 14 queues exist"),
+        stdout.contains("exchange vidu.events and 15 queues exist"),
         "{stdout}"
     );
 
@@ -866,6 +868,7 @@ async fn every_documented_permission_is_needed() {
             d if d.ends_with("\\.tracking") => format!("queue '{}'", t.tracking_queue),
             d if d.ends_with("\\.wait\\..+") => format!("queue '{}'", t.wait_queues[0].1),
             d if d.ends_with("\\.journal") => format!("queue '{}'", t.journal_queue),
+            d if d.ends_with("\\.cancel") => format!("queue '{}'", t.cancel_queue),
             d if d.contains("(claim|quota)") => format!("queue '{}.claim.", t.request_queue),
             _ => format!("queue '{}'", t.request_queue),
         };
@@ -961,7 +964,7 @@ async fn every_documented_permission_is_needed() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
-    assert_eq!(results.len(), 8 + 6 + 5, "every alternative was tried");
+    assert_eq!(results.len(), 9 + 6 + 6, "every alternative was tried");
 }
 
 // ---------------------------------------------------------------------------

@@ -32,6 +32,7 @@ mod faults;
 mod hostile;
 mod infrastructure;
 mod interface_docs;
+mod lanes;
 mod models;
 mod monitoring;
 mod quota;

@@ -5,6 +5,7 @@
 pub(crate) mod ceiling;
 pub(crate) mod cluster;
 pub(crate) mod dedup;
+pub(crate) mod lanes;
 pub(crate) mod latency;
 pub(crate) mod memory;
 pub(crate) mod noisy;

@@ -268,6 +268,28 @@ impl Deployment {
             .expect("publish request");
     }
 
+    /// Publishes a JSON message to `queue` (a lane, the cancel queue),
+    /// persistent and stamped with the time (AMQP `timestamp`).
+    pub async fn publish_to(&self, queue: &str, body: &Value) {
+        let bytes = serde_json::to_vec(body).expect("json");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.publisher
+            .publish(
+                "",
+                queue,
+                &bytes,
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_timestamp(now),
+                true,
+            )
+            .await
+            .expect("publish");
+    }
+
     /// Publishes a JSON request.
     pub async fn publish(&self, body: &Value) {
         self.publish_with(body, BasicProperties::default()).await;

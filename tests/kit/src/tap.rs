@@ -23,6 +23,8 @@ pub struct SeenEvent {
     pub delivery_mode: Option<u8>,
     pub headers: HashMap<String, String>,
     pub body: Value,
+    /// When the tap received it.
+    pub at: std::time::Instant,
 }
 
 impl SeenEvent {
@@ -64,6 +66,7 @@ pub(crate) fn seen(routing_key: &str, props: &BasicProperties, data: &[u8]) -> S
         delivery_mode: *props.delivery_mode(),
         headers: header_strings(props),
         body: serde_json::from_slice(data).unwrap_or(Value::Null),
+        at: std::time::Instant::now(),
     }
 }
 
