@@ -220,6 +220,40 @@ async fn a_create_that_reaches_the_upstream_late_does_not_overrun_a_configured_q
     );
 }
 
+/// A slot taken for a request that needed no create (here an invalid one)
+/// serves the next request only while the ledger still counts its claim:
+/// the create it serves arrives at the upstream later than the claim, and
+/// counts there for a window from then. Two creates per 10 s; an invalid
+/// request takes a slot at 0 s; three valid ones come 2 s later. The first
+/// takes the second slot; the version before let the second one go out on
+/// the invalid request's slot of 0 s (a spare served for a quarter of the
+/// window), so at 11 s, when both claims had left the ledger, the third
+/// went out while the upstream still counted two creates of 2 s, and was
+/// refused (seen in CI as one or two 429s of 61 creates, three workers
+/// sharing 20/10 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spare_slot_never_serves_a_create_the_ledger_no_longer_counts() {
+    let env = deployment("quotaspare", 2, false, true).await;
+    let tap = env.tap().await;
+    let _worker = env.start_worker().await;
+    env.publish(&serde_json::json!({"request_id": "bad-0", "input": {"duration": 5}}))
+        .await;
+    tap.wait_terminal("bad-0", Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 1..=3 {
+        env.publish(&request(&format!("spare-{i}"), "after an invalid one"))
+            .await;
+    }
+    tap.wait_finished(4, Duration::from_secs(90)).await;
+    let stats = env.sim.stats();
+    assert_eq!(stats.tasks_created, 3);
+    assert_eq!(
+        stats.answered("create:429"),
+        0,
+        "a configured quota is never exceeded by a spare slot used late"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_learn_the_account_quota_from_429s_without_retry_after() {
     three_workers_share_one_quota("quotalearn", false, false).await;

@@ -53,6 +53,8 @@ pub struct WorkerProcess {
     /// The operations endpoint, when it was given (`VIDU_WORKER__HTTP__LISTEN`
     /// with a port); otherwise read from the start-up log line.
     ops: Option<String>,
+    /// The output readers, done at the end of the output.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl WorkerProcess {
@@ -77,10 +79,11 @@ impl WorkerProcess {
             child.stdout.take().map(|s| Box::new(s) as _),
             child.stderr.take().map(|s| Box::new(s) as _),
         ];
+        let mut readers = Vec::new();
         for pipe in pipes.into_iter().flatten() {
             let logs = logs.clone();
             let lines = lines.clone();
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut reader = BufReader::new(pipe).lines();
                 while let Ok(Some(line)) = reader.next_line().await {
                     lines.fetch_add(1, Ordering::Relaxed);
@@ -90,13 +93,14 @@ impl WorkerProcess {
                     }
                     logs.push_back(line);
                 }
-            });
+            }));
         }
         Ok(Self {
             child,
             logs,
             lines,
             ops,
+            readers,
         })
     }
 
@@ -226,10 +230,15 @@ impl WorkerProcess {
 
     /// Waits for exit; returns the status code.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        tokio::time::timeout(timeout, self.child.wait())
+        let code = tokio::time::timeout(timeout, self.child.wait())
             .await
             .ok()?
             .ok()?
-            .code()
+            .code();
+        // Its last lines are read before anyone looks at them.
+        for reader in std::mem::take(&mut self.readers) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
+        }
+        code
     }
 }
