@@ -192,18 +192,7 @@ pub const KEY_REFUSED_DEFER: (Duration, Duration) =
 /// Only a refused key defers it: a refused balance or an upstream outage
 /// still lets a finished task be collected.
 pub fn at_poll(gate: &GateState, now: tokio::time::Instant) -> AtPoll {
-    match gate {
-        GateState::Closed {
-            refusal: Refusal::Key,
-            retry_at,
-            ..
-        } => AtPoll::Defer(
-            retry_at
-                .saturating_duration_since(now)
-                .clamp(KEY_REFUSED_DEFER.0, KEY_REFUSED_DEFER.1),
-        ),
-        _ => AtPoll::Poll,
-    }
+    defer_while(gate, Refusal::Key, now)
 }
 
 /// What the gate's state does to a succeeded task's copy that is due:
@@ -211,12 +200,18 @@ pub fn at_poll(gate: &GateState, now: tokio::time::Instant) -> AtPoll {
 /// parks until about the gate's next probe (1 to 60 s), keeping its place
 /// and counting no error.
 pub fn at_copy(gate: &GateState, now: tokio::time::Instant) -> AtPoll {
+    defer_while(gate, Refusal::Storage, now)
+}
+
+/// Defers a due step while the gate is closed for `refusal`: until about
+/// the gate's next probe, within [`KEY_REFUSED_DEFER`].
+fn defer_while(gate: &GateState, refusal: Refusal, now: tokio::time::Instant) -> AtPoll {
     match gate {
         GateState::Closed {
-            refusal: Refusal::Storage,
+            refusal: closed,
             retry_at,
             ..
-        } => AtPoll::Defer(
+        } if *closed == refusal => AtPoll::Defer(
             retry_at
                 .saturating_duration_since(now)
                 .clamp(KEY_REFUSED_DEFER.0, KEY_REFUSED_DEFER.1),

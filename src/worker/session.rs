@@ -461,17 +461,9 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
             return Lost::LookAtQueue(e);
         }
         let mut taken = None;
-        while let Some(lane) = lanes.pick() {
-            match channel
-                .basic_get(lanes.queue(lane).into(), BasicGetOptions::default())
-                .await
-            {
-                Ok(Some(message)) => {
-                    lanes.took(lane, message.message_count, &message.delivery);
-                    taken = Some(message);
-                    break;
-                }
-                Ok(None) => lanes.empty(lane),
+        while let (None, Some(lane)) = (&taken, lanes.pick()) {
+            match lanes.take(channel, lane).await {
+                Ok(message) => taken = message,
                 Err(e) => return Lost::Take(e),
             }
         }
@@ -481,15 +473,8 @@ async fn intake_loop(ctx: &Arc<Context>, session: &Session, tracker: &TaskTracke
             if taken.is_some() {
                 break;
             }
-            match channel
-                .basic_get(lanes.queue(lane).into(), BasicGetOptions::default())
-                .await
-            {
-                Ok(Some(message)) => {
-                    lanes.took(lane, message.message_count, &message.delivery);
-                    taken = Some(message);
-                }
-                Ok(None) => lanes.empty(lane),
+            match lanes.take(channel, lane).await {
+                Ok(message) => taken = message,
                 Err(e) => return Lost::Take(e),
             }
         }
@@ -541,10 +526,6 @@ impl LaneView {
         }
     }
 
-    fn queue(&self, lane: usize) -> &str {
-        &self.queues[lane]
-    }
-
     fn len(&self) -> usize {
         self.queues.len()
     }
@@ -576,6 +557,25 @@ impl LaneView {
     fn pick(&mut self) -> Option<usize> {
         let waiting: Vec<bool> = self.ready.iter().map(|n| *n > 0).collect();
         self.picker.pick(&waiting)
+    }
+
+    /// One `basic.get` from `lane`, noting what it found.
+    async fn take(
+        &mut self,
+        channel: &Channel,
+        lane: usize,
+    ) -> Result<Option<lapin::message::BasicGetMessage>, lapin::Error> {
+        let message = channel
+            .basic_get(
+                self.queues[lane].as_str().into(),
+                BasicGetOptions::default(),
+            )
+            .await?;
+        match &message {
+            Some(m) => self.took(lane, m.message_count, &m.delivery),
+            None => self.empty(lane),
+        }
+        Ok(message)
     }
 
     fn empty(&mut self, lane: usize) {
